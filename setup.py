@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ijepa-scale",
+    version="0.1.0",
+    description="Launcher and pipeline for large-scale I-JEPA pretraining",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch",
+        "pyyaml",
+        "webdataset",
+        "fsspec",
+        "pandas",
+        "numpy",
+        "pillow",
+        "submitit",
+        "aiohttp",
+    ],
+    extras_require={
+        "s3": ["s3fs"],
+        "gcs": ["gcsfs"],
+        "dev": ["pytest", "pytest-timeout", "scikit-image", "scikit-learn"],
+    },
+    entry_points={"console_scripts": ["ijepa-scale=ijepa_scale.cli:main"]},
+)
