@@ -1,0 +1,161 @@
+"""Atomic checkpoint files in the official naming scheme, with retention.
+
+Files in `logging.folder`:
+- `{tag}-latest.pth.tar`: the newest checkpoint (always kept);
+- `{tag}-ep{N}.pth.tar`: state after N completed epochs (the official files hold N-1);
+- `{tag}-step{S}.pth.tar`: state after S global steps (logging.checkpoint_every_steps).
+
+A file is written under a temporary name, fsynced, then renamed, so a crash
+mid-write never leaves a truncated file under a final name.  The periodic file
+and `latest` are the same bytes: latest is a hard link when the filesystem
+allows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TMP_MARK = ".tmp-"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path: Path) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + TMP_MARK, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _atomic_link_or_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + TMP_MARK + "link")
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+class CheckpointFiles:
+    def __init__(self, folder: str | Path, tag: str, keep_last: int = 0):
+        self.folder = Path(folder)
+        self.tag = tag
+        self.keep_last = keep_last
+        self._periodic = re.compile(rf"^{re.escape(tag)}-(ep|step)(\d+)\.pth\.tar$")
+
+    @property
+    def latest(self) -> Path:
+        return self.folder / f"{self.tag}-latest.pth.tar"
+
+    def epoch_path(self, epochs_done: int) -> Path:
+        return self.folder / f"{self.tag}-ep{epochs_done}.pth.tar"
+
+    def step_path(self, step: int) -> Path:
+        return self.folder / f"{self.tag}-step{step}.pth.tar"
+
+    def save(self, state: dict, periodic: Optional[Path]) -> Path:
+        """Write `state` to `periodic` (if given) and to latest; apply retention."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if periodic is None:
+            atomic_save(state, self.latest)
+        else:
+            atomic_save(state, periodic)
+            _atomic_link_or_copy(periodic, self.latest)
+            self._apply_retention(keep=periodic)
+        self.remove_stale_temporaries()
+        return periodic or self.latest
+
+    def periodic_files(self) -> list[Path]:
+        found = []
+        for path in self.folder.glob(f"{self.tag}-*.pth.tar"):
+            match = self._periodic.match(path.name)
+            if match:
+                found.append((path.stat().st_mtime_ns, path.name, path))
+        return [p for _, _, p in sorted(found)]
+
+    def _apply_retention(self, keep: Path) -> None:
+        if self.keep_last <= 0:
+            return
+        files = [p for p in self.periodic_files() if p != keep]
+        excess = len(files) + 1 - self.keep_last
+        for path in files[: max(0, excess)]:
+            logger.info("retention: removing %s", path.name)
+            path.unlink(missing_ok=True)
+
+    def remove_stale_temporaries(self) -> None:
+        for path in self.folder.glob(f"{self.tag}-*{TMP_MARK}*"):
+            path.unlink(missing_ok=True)
+
+    def resolve_resume(self, read_checkpoint: Optional[str], required: bool) -> Optional[Path]:
+        """The file to resume from, or None for a fresh start.
+
+        `read_checkpoint` names a file inside the folder (or a path); without it,
+        latest is used when present.  `required` (meta.load_checkpoint) turns a
+        missing file into an error instead of a fresh start.
+        """
+        if read_checkpoint:
+            path = Path(read_checkpoint)
+            if not path.is_absolute() and not path.exists():
+                path = self.folder / read_checkpoint
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"meta.read_checkpoint={read_checkpoint!r}: no such checkpoint (looked for {path})"
+                )
+            return path
+        if self.latest.is_file():
+            return self.latest
+        if required:
+            raise FileNotFoundError(
+                f"meta.load_checkpoint=true but there is no {self.latest.name} in {self.folder}; "
+                f"set meta.read_checkpoint or meta.load_checkpoint=false to start from scratch"
+            )
+        return None
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise RuntimeError(
+            f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}. Refusing to start from scratch: "
+            f"pick another file with meta.read_checkpoint or move this folder away"
+        ) from exc

@@ -1,0 +1,368 @@
+"""Typed configuration tree for a pretraining run.
+
+The YAML schema is the official I-JEPA one (sections data, logging, mask, meta,
+optimization); every key added by ijepa-scale is optional and its default keeps
+the official behaviour.  A config is validated when it is loaded: an unknown key,
+a wrong type or an out-of-range value raises :class:`ConfigError` with one line
+naming the file, the key and (for unknown keys) the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+PLACEHOLDER_PREFIX = "$replace_this"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or a command-line override."""
+
+
+@dataclass
+class DataConfig:
+    SECTION = "data"
+
+    batch_size: int = 128
+    """Per-rank (per-GPU) batch size, as in the official code."""
+    color_jitter_strength: float = 0.0
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    crop_size: int = 224
+    image_folder: str = "imagenet_full_size/061417/"
+    """ImageFolder sub-directory under root_path (used when `shards` is not set)."""
+    num_workers: int = 10
+    pin_mem: bool = True
+    root_path: str = ""
+    use_color_distortion: bool = False
+    use_gaussian_blur: bool = False
+    use_horizontal_flip: bool = False
+    shards: Optional[str] = None
+    """Webdataset URL or brace pattern of tar shards (local path or fsspec URL); replaces root_path/image_folder."""
+    shards_index: Optional[str] = None
+    """Index JSON written by make_shards; default: `{prefix}-index.json` or `index.json` beside the shards."""
+    shuffle_buffer: int = 1000
+    """Samples shuffled together inside a worker's stream (shards are also shuffled per epoch)."""
+    on_error: str = "skip"
+    """What a corrupt sample or truncated shard does: `skip` (skipped and counted) or `fail`."""
+
+    def validate(self) -> None:
+        _positive(self, "batch_size", "crop_size", "shuffle_buffer")
+        _non_negative(self, "num_workers", "color_jitter_strength")
+        _range_pair(self, "crop_scale", high=1.0)
+        _choice(self, "on_error", ("skip", "fail"))
+
+
+@dataclass
+class LoggingConfig:
+    SECTION = "logging"
+
+    folder: str = "logs/run"
+    """Output folder for CSVs, checkpoints and params-ijepa.yaml (created if missing)."""
+    write_tag: str = "jepa"
+    log_freq: int = 10
+    """Rank 0 prints a progress line every log_freq steps."""
+    checkpoint_freq: int = 50
+    """Keep a `{tag}-ep{N}.pth.tar` every checkpoint_freq epochs (latest is written every epoch)."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every N global steps (0 = at epoch end only)."""
+    keep_last: int = 0
+    """Keep only the newest N `-ep`/`-step` checkpoints (0 = keep all); `latest` is always kept."""
+
+    def validate(self) -> None:
+        _positive(self, "log_freq", "checkpoint_freq")
+        _non_negative(self, "checkpoint_every_steps", "keep_last")
+        if not self.write_tag or "/" in self.write_tag:
+            raise ConfigError(f"logging.write_tag={self.write_tag!r} must be a non-empty file-name prefix")
+
+
+@dataclass
+class MaskConfig:
+    SECTION = "mask"
+
+    allow_overlap: bool = False
+    aspect_ratio: tuple[float, float] = (0.3, 3.0)
+    enc_mask_scale: tuple[float, float] = (0.2, 0.8)
+    min_keep: int = 4
+    num_enc_masks: int = 1
+    num_pred_masks: int = 2
+    patch_size: int = 16
+    pred_mask_scale: tuple[float, float] = (0.2, 0.8)
+    legacy_sampler: bool = False
+    """Reproduce the official sampler's bounds and raster-order truncation."""
+
+    def validate(self) -> None:
+        _positive(self, "num_enc_masks", "num_pred_masks", "patch_size")
+        _non_negative(self, "min_keep")
+        _range_pair(self, "enc_mask_scale", high=1.0)
+        _range_pair(self, "pred_mask_scale", high=1.0)
+        _range_pair(self, "aspect_ratio", high=None)
+
+
+@dataclass
+class MetaConfig:
+    SECTION = "meta"
+
+    copy_data: bool = False
+    load_checkpoint: bool = False
+    """Require a resume from read_checkpoint (or latest); a run also resumes whenever latest exists."""
+    model_name: str = "vit_base"
+    pred_depth: int = 6
+    pred_emb_dim: int = 384
+    read_checkpoint: Optional[str] = None
+    use_bfloat16: bool = False
+    seed: int = 0
+    dtype: Optional[str] = None
+    """Autocast dtype: bfloat16, float16 or float32 (default: bfloat16 if use_bfloat16 else float32)."""
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+
+    def validate(self) -> None:
+        _positive(self, "pred_depth", "pred_emb_dim")
+        for name in ("embed_dim", "depth", "num_heads"):
+            if getattr(self, name) is not None:
+                _positive(self, name)
+        if self.dtype is not None:
+            _choice(self, "dtype", ("bfloat16", "float16", "float32"))
+        if self.copy_data:
+            raise ConfigError(
+                "meta.copy_data=true copies a tarball to the official cluster's scratch disk and is not "
+                "supported; stream tar shards with data.shards instead"
+            )
+
+    @property
+    def resolved_dtype(self) -> str:
+        if self.dtype is not None:
+            return self.dtype
+        return "bfloat16" if self.use_bfloat16 else "float32"
+
+
+@dataclass
+class OptimizationConfig:
+    SECTION = "optimization"
+
+    ema: tuple[float, float] = (0.996, 1.0)
+    epochs: int = 100
+    final_lr: float = 0.0
+    final_weight_decay: float = 0.4
+    ipe_scale: float = 1.0
+    lr: float = 0.001
+    start_lr: float = 0.0002
+    warmup: float = 40
+    """Warmup length in epochs."""
+    weight_decay: float = 0.04
+    loss: str = "smooth_l1"
+    """smooth_l1 (official code) or l2 (as in the paper)."""
+    clip_grad: Optional[float] = None
+    """Clip the global gradient norm to this value (None = no clipping)."""
+    max_consecutive_nonfinite: int = 10
+    """Stop the run after this many consecutive steps skipped for a non-finite loss or gradient."""
+
+    def validate(self) -> None:
+        _positive(self, "epochs", "ipe_scale", "max_consecutive_nonfinite")
+        _non_negative(self, "final_lr", "lr", "start_lr", "warmup", "weight_decay", "final_weight_decay")
+        _range_pair(self, "ema", high=1.0, allow_zero=True)
+        _choice(self, "loss", ("smooth_l1", "l2"))
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ConfigError(f"optimization.clip_grad={self.clip_grad} must be > 0 (or null to disable)")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+
+    def validate(self) -> None:
+        for section in SECTIONS:
+            getattr(self, section).validate()
+        if self.data.crop_size % self.mask.patch_size != 0:
+            raise ConfigError(
+                f"data.crop_size={self.data.crop_size} is not a multiple of mask.patch_size={self.mask.patch_size}"
+            )
+        for key, value in (("data.root_path", self.data.root_path), ("logging.folder", self.logging.folder)):
+            if value.startswith(PLACEHOLDER_PREFIX) and not (key == "data.root_path" and self.data.shards):
+                raise ConfigError(
+                    f"{key} is still the official placeholder {value!r}: set it in the YAML or override it "
+                    f"on the command line ({key}=/your/path)"
+                )
+        if not self.data.shards and not self.data.root_path:
+            raise ConfigError("no training data: set data.shards (tar shards) or data.root_path (ImageFolder root)")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for section in SECTIONS:
+            values = dataclasses.asdict(getattr(self, section))
+            out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        return out
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def _key(obj, name: str) -> str:
+    return f"{obj.SECTION}.{name}"
+
+
+def _positive(obj, *names):
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ConfigError(f"{_key(obj, name)}={value} must be > 0")
+
+
+def _non_negative(obj, *names):
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0:
+            raise ConfigError(f"{_key(obj, name)}={value} must be >= 0")
+
+
+def _range_pair(obj, name, high, allow_zero=False):
+    lo, hi = getattr(obj, name)
+    low_ok = lo >= 0 if allow_zero else lo > 0
+    if not low_ok or lo > hi or (high is not None and hi > high):
+        lower = "0 <=" if allow_zero else "0 <"
+        upper = f" <= {high}" if high is not None else ""
+        raise ConfigError(f"{_key(obj, name)}=[{lo}, {hi}] must satisfy {lower} low <= high{upper}")
+
+
+def _choice(obj, name, choices):
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ConfigError(f"{_key(obj, name)}={value!r} must be one of {', '.join(choices)}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert lossless cases (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key} must be a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads `1e-6` (no dot) as a string.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise AssertionError(f"unsupported annotation {tp!r} for {key}")
+    raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _section_types(section_cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _closest(name: str, candidates) -> str:
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.0)
+    return match[0] if match else ""
+
+
+def _build_section(section: str, values: Any, where: str):
+    section_cls = type(getattr(Config(), section))
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: section '{section}' must be a mapping, got {type(values).__name__}")
+    types_ = _section_types(section_cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_:
+            raise ConfigError(
+                f"{where}: unknown key '{section}.{key}' (did you mean '{section}.{_closest(str(key), types_)}'?)"
+            )
+        kwargs[key] = _coerce(value, types_[key], f"{where}: {section}.{key}")
+    return section_cls(**kwargs)
+
+
+def config_from_dict(raw: Any, where: str = "<config>") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: top level must be a mapping of sections ({', '.join(SECTIONS)})")
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"{where}: unknown section '{section}' (did you mean '{_closest(str(section), SECTIONS)}'?)"
+            )
+    cfg = Config(**{s: _build_section(s, raw.get(s), where) for s in SECTIONS})
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return cfg
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings (values parsed as YAML) to a raw config dict."""
+    raw = {k: dict(v or {}) for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optimization.epochs=2)")
+        section, name = parts
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"override {item!r}: unknown section '{section}' (did you mean '{_closest(section, SECTIONS)}'?)"
+            )
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+        raw.setdefault(section, {})[name] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{line} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    raw = raw or {}
+    if overrides:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw, where=str(path))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

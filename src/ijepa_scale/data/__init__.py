@@ -1,0 +1,1 @@
+"""Data pipeline: tar shards, their writers, and image transforms."""

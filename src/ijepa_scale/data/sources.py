@@ -1,0 +1,260 @@
+"""Sample sources: tar shards (webdataset layout, any fsspec URL) and the official ImageFolder tree.
+
+A source knows how many samples it holds and can read any contiguous range of
+positions of an epoch's sample order.  The epoch order is a pure function of
+(seed, epoch): shards are shuffled as a whole for tar shards (samples are then
+shuffled inside a worker's stream by the shuffle buffer), and samples are
+shuffled individually for ImageFolder, like DistributedSampler.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import posixpath
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import braceexpand
+import fsspec
+import torch
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+FOLDER_IMAGE_SUFFIXES = tuple("." + e for e in IMAGE_EXTENSIONS)
+
+
+@dataclass
+class RawSample:
+    key: str
+    data: bytes
+    label: int
+    source: str
+
+
+@dataclass
+class ReadError:
+    """A sample that could not be read (corrupt member, truncated or unreadable shard)."""
+
+    source: str
+    message: str
+
+
+def _epoch_generator(seed: int, epoch: int, salt: int) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed((seed * 1_000_003 + epoch * 7_919 + salt) % (2**63))
+    return gen
+
+
+class ShardSource:
+    """Tar shards listed with their sample counts.
+
+    Epoch order: the shard list permuted by (seed, epoch); positions index the
+    concatenation of the permuted shards.
+    """
+
+    shuffle_in_stream = True
+
+    def __init__(self, urls: Sequence[str], counts: Sequence[int]):
+        if len(urls) != len(counts):
+            raise ValueError("urls and counts must have the same length")
+        self.urls = list(urls)
+        self.counts = [int(c) for c in counts]
+        self.num_samples = sum(self.counts)
+
+    def describe(self) -> str:
+        return f"{len(self.urls)} shards, {self.num_samples} samples"
+
+    def epoch_order(self, seed: int, epoch: int) -> list[int]:
+        return torch.randperm(len(self.urls), generator=_epoch_generator(seed, epoch, 1)).tolist()
+
+    def read_range(self, seed: int, epoch: int, start: int, stop: int) -> Iterator[RawSample | ReadError]:
+        """Yield exactly `stop - start` items for positions start..stop-1 of the epoch order."""
+        base = 0
+        for shard in self.epoch_order(seed, epoch):
+            count = self.counts[shard]
+            lo, hi = max(start, base), min(stop, base + count)
+            if lo < hi:
+                yield from self._read_shard(self.urls[shard], lo - base, hi - base)
+            base += count
+            if base >= stop:
+                break
+
+    def _read_shard(self, url: str, first: int, stop: int) -> Iterator[RawSample | ReadError]:
+        index = 0
+        try:
+            with fsspec.open(url, "rb") as stream:
+                for sample in group_by_keys(tar_file_iterator(stream)):
+                    if index >= stop:
+                        break
+                    if index >= first:
+                        yield _decode_member(sample, url)
+                    index += 1
+        except Exception as exc:  # truncated tar, network error, bad member: skipped and counted
+            missing = stop - max(index, first)
+            message = f"{type(exc).__name__}: {exc}"
+            for _ in range(missing):
+                yield ReadError(url, f"shard ended after {index} samples ({message})")
+            return
+        # A shard shorter than its index says: the missing samples are counted as errors.
+        for _ in range(stop - max(index, first)):
+            yield ReadError(url, f"shard has {index} samples, the index says at least {stop}")
+
+
+def _decode_member(sample: dict, url: str) -> RawSample | ReadError:
+    key = sample.get("__key__", "?")
+    data = None
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            data = sample[ext]
+            break
+    if data is None:
+        return ReadError(url, f"sample {key!r} has no image member (.jpg/.png/.webp)")
+    label = -1
+    if "cls" in sample:
+        try:
+            label = int(sample["cls"].decode().strip())
+        except (ValueError, UnicodeDecodeError):
+            return ReadError(url, f"sample {key!r} has an unreadable .cls member")
+    return RawSample(key=key, data=data, label=label, source=url)
+
+
+class ImageFolderSource:
+    """The official layout: root/<class>/<image>, classes sorted by name."""
+
+    shuffle_in_stream = False
+
+    def __init__(self, root: str):
+        fs, path = fsspec.core.url_to_fs(root)
+        if not fs.isdir(path):
+            raise FileNotFoundError(
+                f"ImageFolder root {root!r} does not exist: set data.root_path and data.image_folder "
+                f"(expects <root_path>/<image_folder>/train/<class>/<image>) or use data.shards"
+            )
+        self.fs = fs
+        classes = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False) if fs.isdir(p))
+        if not classes:
+            raise FileNotFoundError(f"ImageFolder root {root!r} has no class sub-directories")
+        files: list[str] = []
+        labels: list[int] = []
+        for label, name in enumerate(classes):
+            found = sorted(
+                p for p in fs.find(posixpath.join(path, name)) if p.lower().endswith(FOLDER_IMAGE_SUFFIXES)
+            )
+            files.extend(found)
+            labels.extend([label] * len(found))
+        if not files:
+            raise FileNotFoundError(f"ImageFolder root {root!r} holds no .jpg/.jpeg/.png/.webp images")
+        self.root = root
+        self.classes = classes
+        self.files = files
+        self.labels = labels
+        self.num_samples = len(files)
+
+    def describe(self) -> str:
+        return f"ImageFolder {self.root}: {len(self.classes)} classes, {self.num_samples} images"
+
+    def read_range(self, seed: int, epoch: int, start: int, stop: int) -> Iterator[RawSample | ReadError]:
+        order = torch.randperm(self.num_samples, generator=_epoch_generator(seed, epoch, 2))
+        for index in order[start:stop].tolist():
+            path = self.files[index]
+            try:
+                with self.fs.open(path, "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                yield ReadError(path, f"{type(exc).__name__}: {exc}")
+                continue
+            yield RawSample(key=path, data=data, label=self.labels[index], source=path)
+
+
+def expand_urls(pattern: str) -> list[str]:
+    urls: list[str] = []
+    for part in pattern.split("::"):
+        urls.extend(braceexpand.braceexpand(part.strip()))
+    return [u for u in urls if u]
+
+
+def _index_candidates(urls: list[str]) -> list[str]:
+    first = urls[0]
+    directory = posixpath.dirname(first)
+    name = posixpath.basename(first)
+    stem = name.rsplit("-", 1)[0] if "-" in name else name.rsplit(".", 1)[0]
+    return [posixpath.join(directory, f"{stem}-index.json"), posixpath.join(directory, "index.json")]
+
+
+def _read_json(url: str) -> Optional[dict]:
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return json.load(io.TextIOWrapper(f, encoding="utf-8"))
+
+
+def count_samples(url: str) -> int:
+    with fsspec.open(url, "rb") as stream:
+        return sum(1 for _ in group_by_keys(tar_file_iterator(stream)))
+
+
+def open_shards(pattern: str, index_url: Optional[str] = None) -> ShardSource:
+    """Expand `pattern`, check every shard exists and find each shard's sample count.
+
+    Counts come from the index written by make_shards; shards it does not list are
+    scanned once (slow for remote storage, so a warning says so).
+    """
+    urls = expand_urls(pattern)
+    if not urls:
+        raise ValueError(f"data.shards={pattern!r} expands to no URL")
+    missing = []
+    for url in urls:
+        fs, path = fsspec.core.url_to_fs(url)
+        try:
+            if not fs.exists(path):
+                missing.append(url)
+        except Exception as exc:
+            raise FileNotFoundError(f"cannot access shard {url}: {type(exc).__name__}: {exc}") from exc
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"shard not found: {missing[0]}{more}; check data.shards={pattern!r}")
+
+    if index_url is not None:
+        index = _read_json(index_url)
+        if index is None:
+            raise FileNotFoundError(f"data.shards_index {index_url!r} does not exist")
+    else:
+        index = None
+        for candidate in _index_candidates(urls):
+            index = _read_json(candidate)
+            if index is not None:
+                break
+    known = {}
+    if index is not None:
+        known = {posixpath.basename(entry["url"]): int(entry["num_samples"]) for entry in index.get("shards", [])}
+    counts = []
+    unindexed = [u for u in urls if posixpath.basename(u) not in known]
+    if unindexed:
+        warnings.warn(
+            f"{len(unindexed)} of {len(urls)} shards are not in a shard index; counting their samples by "
+            f"reading them (write an index with `ijepa-scale make-shards` to skip this)",
+            stacklevel=2,
+        )
+    for url in urls:
+        name = posixpath.basename(url)
+        if name in known:
+            counts.append(known[name])
+        else:
+            try:
+                counts.append(count_samples(url))
+            except Exception as exc:
+                raise OSError(f"cannot read shard {url}: {type(exc).__name__}: {exc}") from exc
+    return ShardSource(urls, counts)
+
+
+def build_source(data_cfg) -> ShardSource | ImageFolderSource:
+    if data_cfg.shards:
+        return open_shards(data_cfg.shards, data_cfg.shards_index)
+    root = posixpath.join(data_cfg.root_path, data_cfg.image_folder, "train")
+    return ImageFolderSource(root)

@@ -1,0 +1,261 @@
+"""The per-rank batch stream: exactly-once epochs, equal steps per rank, exact resume.
+
+Epoch plan (a pure function of seed, epoch, world size, batch size, workers):
+- the source's epoch order is cut into `world` contiguous slices of
+  `steps_per_epoch * batch_size` samples, one per rank; the remainder
+  (fewer than world * batch_size samples, different each epoch) is dropped,
+  like DistributedSampler with drop_last;
+- a rank's slice is cut into `num_workers` contiguous runs of whole batches;
+  worker w owns the batches k = w, w + W, w + 2W, ... of the rank's epoch, which
+  is exactly the order in which torch's DataLoader takes batches from its
+  workers, so batch k is always the same samples whatever the process timing;
+- inside a worker's run, samples are shuffled in blocks of `shuffle_buffer`
+  (the block permutation depends on the absolute position only).
+
+The state is (epoch, batches consumed in the epoch).  On resume each worker
+restarts at its own next batch, re-reading at most one shuffle block.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .sources import RawSample, ReadError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    num_samples: int
+    world_size: int
+    batch_size: int
+    num_workers: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // (self.world_size * self.batch_size)
+
+    @property
+    def logical_workers(self) -> int:
+        return max(1, self.num_workers)
+
+    def worker_batches(self, worker: int) -> range:
+        """Indices (in the rank's epoch) of the batches produced by `worker`."""
+        return range(worker, self.steps_per_epoch, self.logical_workers)
+
+    def worker_first_batch(self, worker: int) -> int:
+        """Index, inside the rank slice, of the first batch of the worker's contiguous run."""
+        return sum(len(self.worker_batches(w)) for w in range(worker))
+
+    def rank_start(self, rank: int) -> int:
+        return rank * self.steps_per_epoch * self.batch_size
+
+
+class BadBatchError(RuntimeError):
+    pass
+
+
+class _EpochDataset(IterableDataset):
+    """Yields the batches of one epoch for one rank, starting after `start_batch`."""
+
+    def __init__(self, stream: "DataStream", epoch: int, start_batch: int):
+        self.source = stream.source
+        self.plan = stream.plan
+        self.transform = stream.transform
+        self.collator = stream.collator
+        self.seed = stream.seed
+        self.rank = stream.rank
+        self.shuffle_buffer = stream.shuffle_buffer
+        self.on_error = stream.on_error
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __iter__(self):
+        info = get_worker_info()
+        loader_worker = info.id if info is not None else 0
+        # The loader asks its worker 0 first; rotate so that it is the worker owning start_batch.
+        worker = (loader_worker + self.start_batch) % self.plan.logical_workers
+        return self._worker_batches(worker)
+
+    def _worker_batches(self, worker: int) -> Iterator[dict]:
+        plan = self.plan
+        batch_size = plan.batch_size
+        batches = plan.worker_batches(worker)
+        done = len(range(worker, self.start_batch, plan.logical_workers))
+        run_start = plan.rank_start(self.rank) + plan.worker_first_batch(worker) * batch_size
+        run_length = len(batches) * batch_size
+        samples = self._shuffled_run(run_start, run_length, skip=done * batch_size)
+        last_good: Optional[torch.Tensor] = None
+        for local_index in range(done, len(batches)):
+            k = batches[local_index]
+            images, labels, errors = [], [], []
+            for _ in range(batch_size):
+                position, item = next(samples)
+                image = None
+                if isinstance(item, RawSample):
+                    try:
+                        image = self._decode(item, position)
+                    except Exception as exc:
+                        item = ReadError(item.source, f"cannot decode sample {item.key!r}: {type(exc).__name__}: {exc}")
+                if image is None:
+                    if self.on_error == "fail":
+                        raise BadBatchError(f"bad sample in {item.source}: {item.message} (data.on_error=fail)")
+                    errors.append((item.source, item.message))
+                    images.append(None)
+                    labels.append(-1)
+                else:
+                    images.append(image)
+                    labels.append(item.label)
+            good = [i for i, img in enumerate(images) if img is not None]
+            if errors:
+                # Keep the batch shape (every rank must run the same step): skipped samples are
+                # replaced by copies of good ones and counted.
+                fill = [images[i] for i in good] or ([last_good] if last_good is not None else [])
+                if not fill:
+                    raise BadBatchError(f"no decodable sample in batch {k} of epoch {self.epoch}: {errors[0]}")
+                for j, i in enumerate(i for i, img in enumerate(images) if img is None):
+                    images[i] = fill[j % len(fill)]
+                    labels[i] = labels[good[j % len(good)]] if good else -1
+            batch_images = torch.stack(images)
+            last_good = batch_images[good[-1]] if good else last_good
+            step = self.epoch * plan.steps_per_epoch + k
+            masks_enc, masks_pred = self.collator.sample(batch_size, step=step, rank=self.rank)
+            yield {
+                "images": batch_images,
+                "labels": torch.tensor(labels, dtype=torch.long),
+                "masks_enc": masks_enc,
+                "masks_pred": masks_pred,
+                "epoch": self.epoch,
+                "batch": k,
+                "errors": errors,
+            }
+
+    def _decode(self, item: RawSample, position: int) -> torch.Tensor:
+        from .transforms import open_image
+
+        rng = random.Random(f"{self.seed}/{self.epoch}/{position}")
+        return self.transform(open_image(item.data), rng)
+
+    def _shuffled_run(self, run_start: int, run_length: int, skip: int):
+        """Yield (position, item) for the worker's run in shuffled order, skipping the first `skip`."""
+        block = self.shuffle_buffer if self.source.shuffle_in_stream else run_length
+        block = max(1, block)
+        first_block = skip // block
+        for block_start in range(run_start + first_block * block, run_start + run_length, block):
+            block_stop = min(block_start + block, run_start + run_length)
+            items = list(self.source.read_range(self.seed, self.epoch, block_start, block_stop))
+            assert len(items) == block_stop - block_start, "source returned a wrong number of samples"
+            order = list(range(len(items)))
+            if self.source.shuffle_in_stream:
+                random.Random(f"{self.seed}/{self.epoch}/block/{block_start}").shuffle(order)
+            begin = skip - first_block * block if block_start == run_start + first_block * block else 0
+            for i in order[begin:]:
+                yield block_start + i, items[i]
+
+
+class DataStream:
+    """Batches for one rank, with `state_dict`/`load_state_dict` for exact resume."""
+
+    def __init__(self, source, transform, collator, *, batch_size: int, num_workers: int, rank: int,
+                 world_size: int, seed: int, shuffle_buffer: int = 1000, on_error: str = "skip",
+                 pin_memory: bool = False):
+        self.source = source
+        self.transform = transform
+        self.collator = collator
+        self.rank = rank
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.on_error = on_error
+        self.pin_memory = pin_memory
+        self.plan = EpochPlan(source.num_samples, world_size, batch_size, num_workers)
+        if self.plan.steps_per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {source.num_samples} samples, fewer than one global batch "
+                f"(world size {world_size} x data.batch_size {batch_size}); lower data.batch_size"
+            )
+        self.epoch = 0
+        self.batch_in_epoch = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    def epoch_batches(self) -> Iterator[dict]:
+        """Yield the remaining batches of the current epoch, then move to the next epoch."""
+        dataset = _EpochDataset(self, self.epoch, self.batch_in_epoch)
+        workers = self.plan.num_workers
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=2 if workers > 0 else None,
+            persistent_workers=False,
+        )
+        iterator = iter(loader)
+        try:
+            while self.batch_in_epoch < self.steps_per_epoch:
+                batch = next(iterator)
+                assert batch["batch"] == self.batch_in_epoch and batch["epoch"] == self.epoch, (
+                    f"stream out of order: got batch {batch['batch']} of epoch {batch['epoch']}, "
+                    f"expected {self.batch_in_epoch} of {self.epoch}"
+                )
+                self.batch_in_epoch += 1
+                yield batch
+        finally:
+            del iterator
+        self.epoch += 1
+        self.batch_in_epoch = 0
+
+    def state_dict(self) -> dict:
+        plan = self.plan
+        epoch, done = self.epoch, self.batch_in_epoch
+        if done >= plan.steps_per_epoch:
+            epoch, done = epoch + 1, 0
+        return {
+            "epoch": epoch,
+            "batch_in_epoch": done,
+            "worker_batches_done": [len(range(w, done, plan.logical_workers)) for w in range(plan.logical_workers)],
+            "rank": self.rank,
+            "world_size": plan.world_size,
+            "num_workers": plan.num_workers,
+            "batch_size": plan.batch_size,
+            "num_samples": plan.num_samples,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        plan = self.plan
+        mid_epoch = state["batch_in_epoch"] != 0
+        if state["num_samples"] != plan.num_samples or state["seed"] != self.seed:
+            raise ValueError(
+                f"the checkpoint's data stream had {state['num_samples']} samples and seed {state['seed']}; "
+                f"this run has {plan.num_samples} samples and seed {self.seed}. Resume with the same data "
+                f"and meta.seed, or start a new logging.folder"
+            )
+        changed = [
+            f"{name} {state[key]} -> {now}"
+            for name, key, now in (
+                ("world size", "world_size", plan.world_size),
+                ("data.batch_size", "batch_size", plan.batch_size),
+                ("data.num_workers", "num_workers", plan.num_workers),
+            )
+            if state[key] != now
+        ]
+        if changed and mid_epoch:
+            raise ValueError(
+                f"cannot resume mid-epoch (epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}) with a "
+                f"different {', '.join(changed)}: the remaining samples of this epoch were assigned to the old "
+                f"layout. Resume with the original settings, or from an epoch-end checkpoint"
+            )
+        if changed:
+            logger.warning("resuming at an epoch boundary with %s", ", ".join(changed))
+        self.epoch = state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]

@@ -1,0 +1,63 @@
+"""Per-rank CSV metrics: `{folder}/{tag}_r{rank}.csv`, one row per step.
+
+The first six columns are the official ones; the rest are ijepa-scale's.  On
+resume the file is cut back to the rows of steps <= the resumed step, so it
+keeps one header and has no duplicated or missing step.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+COLUMNS = (
+    "epoch", "itr", "loss", "mask-A", "mask-B", "time (ms)",
+    "step", "lr", "wd", "momentum", "grad_norm", "img_per_s", "data_ms",
+    "skipped", "skipped_steps", "max_mem_mb",
+)
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return repr(value)  # shortest repr that round-trips: full precision
+    return str(value)
+
+
+class CSVMetrics:
+    def __init__(self, path: str | Path, resume_step: int | None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None or not self.path.exists():
+            self._file = open(self.path, "w", newline="")
+            self._file.write(",".join(COLUMNS) + "\n")
+        else:
+            self._truncate_after(resume_step)
+            self._file = open(self.path, "a", newline="")
+        self._file.flush()
+
+    def _truncate_after(self, step: int) -> None:
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or tuple(rows[0]) != COLUMNS:
+            raise ValueError(f"{self.path} does not have the expected header; move it away to resume")
+        step_col = COLUMNS.index("step")
+        kept = [r for r in rows[1:] if len(r) == len(COLUMNS) and int(r[step_col]) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            f.write(",".join(COLUMNS) + "\n")
+            for row in kept:
+                f.write(",".join(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def log(self, **values) -> None:
+        missing = set(COLUMNS) - set(values)
+        assert not missing, f"missing metric columns: {sorted(missing)}"
+        self._file.write(",".join(_format(values[c]) for c in COLUMNS) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()

@@ -1,0 +1,416 @@
+"""The I-JEPA pretraining loop, as small pieces: build, train_step, train, state_dict, close."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import resource
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import distributed as dist_utils
+from .checkpoint import CheckpointFiles, load_checkpoint_file
+from .config import Config, dump_config
+from .data.sources import build_source
+from .data.stream import DataStream
+from .data.transforms import ImageTransform, normalize
+from .masks import MultiBlockMaskCollator
+from .metrics import CSVMetrics
+from .models import build_encoder, build_predictor
+from .objectives import build_objective
+from .parallel import autocast_context, make_grad_scaler, unwrap, wrap_data_parallel
+from .schedules import build_schedules
+
+logger = logging.getLogger("ijepa_scale")
+
+CHECKPOINT_VERSION = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def add_module_prefix(state_dict: dict) -> dict:
+    return {f"module.{k}": v for k, v in state_dict.items()}
+
+
+def strip_module_prefix(state_dict: dict) -> dict:
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def official_param_groups(encoder: torch.nn.Module, predictor: torch.nn.Module) -> list[dict]:
+    """AdamW groups as official: weight decay on >=2-D non-bias weights only (flag WD_exclude)."""
+
+    def decayed(module):
+        return [p for n, p in module.named_parameters() if "bias" not in n and p.ndim != 1]
+
+    def excluded(module):
+        return [p for n, p in module.named_parameters() if "bias" in n or p.ndim == 1]
+
+    return [
+        {"params": decayed(encoder)},
+        {"params": decayed(predictor)},
+        {"params": excluded(encoder), "WD_exclude": True, "weight_decay": 0},
+        {"params": excluded(predictor), "WD_exclude": True, "weight_decay": 0},
+    ]
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def max_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: dist_utils.DistEnv, objective=None):
+        self.cfg = cfg
+        self.env = env
+        self.device = env.device
+        self.dtype = cfg.meta.resolved_dtype
+        self.folder = Path(cfg.logging.folder)
+        if env.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / "params-ijepa.yaml").write_text(dump_config(cfg))
+        dist_utils.barrier()
+
+        torch.manual_seed(cfg.meta.seed)
+        encoder = build_encoder(
+            cfg.meta.model_name, img_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size,
+            embed_dim=cfg.meta.embed_dim, depth=cfg.meta.depth, num_heads=cfg.meta.num_heads,
+        )
+        predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim)
+        self.target_encoder = copy.deepcopy(encoder).to(self.device)
+        for p in self.target_encoder.parameters():
+            p.requires_grad_(False)
+        self.encoder = wrap_data_parallel(encoder, self.device, env.world_size)
+        self.predictor = wrap_data_parallel(predictor, self.device, env.world_size)
+        self.optimizer = torch.optim.AdamW(official_param_groups(encoder, predictor))
+        self.scaler = make_grad_scaler(self.device, self.dtype)
+        self.objective = objective if objective is not None else build_objective(cfg.optimization)
+
+        self.collator = MultiBlockMaskCollator(
+            input_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size,
+            enc_mask_scale=cfg.mask.enc_mask_scale, pred_mask_scale=cfg.mask.pred_mask_scale,
+            aspect_ratio=cfg.mask.aspect_ratio, nenc=cfg.mask.num_enc_masks, npred=cfg.mask.num_pred_masks,
+            min_keep=cfg.mask.min_keep, allow_overlap=cfg.mask.allow_overlap,
+            legacy_sampler=cfg.mask.legacy_sampler, seed=cfg.meta.seed, rank=env.rank,
+        )
+        transform = ImageTransform(
+            crop_size=cfg.data.crop_size, crop_scale=cfg.data.crop_scale,
+            horizontal_flip=cfg.data.use_horizontal_flip, color_distortion=cfg.data.use_color_distortion,
+            color_jitter_strength=cfg.data.color_jitter_strength, gaussian_blur=cfg.data.use_gaussian_blur,
+        )
+        source = build_source(cfg.data)
+        self.stream = DataStream(
+            source, transform, self.collator, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+            rank=env.rank, world_size=env.world_size, seed=cfg.meta.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+            on_error=cfg.data.on_error, pin_memory=cfg.data.pin_mem and self.device.type == "cuda",
+        )
+        self.steps_per_epoch = self.stream.steps_per_epoch
+        self.lr_schedule, self.wd_schedule, self.momentum_schedule = build_schedules(
+            cfg.optimization, self.steps_per_epoch
+        )
+        self.checkpoints = CheckpointFiles(self.folder, cfg.logging.write_tag, cfg.logging.keep_last)
+
+        self.step = 0
+        self.skipped_samples = 0
+        self.skipped_steps = 0
+        self.consecutive_nonfinite = 0
+        self.epoch_loss_sum = 0.0
+        self.epoch_loss_count = 0
+        self.stop_requested = False
+        self._saved_step: Optional[int] = None
+
+        resume_path = self.checkpoints.resolve_resume(cfg.meta.read_checkpoint, cfg.meta.load_checkpoint)
+        if resume_path is not None:
+            self.load_state_dict(load_checkpoint_file(resume_path))
+            self._saved_step = self.step
+            if env.is_main:
+                logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, self.step,
+                            self.stream.epoch + 1, self.stream.batch_in_epoch)
+        self.metrics = CSVMetrics(self.folder / f"{cfg.logging.write_tag}_r{env.rank}.csv",
+                                  resume_step=self.step if resume_path is not None else None)
+        if env.is_main:
+            logger.info("data: %s; %d steps per epoch of %d x %d images", source.describe(),
+                        self.steps_per_epoch, env.world_size, cfg.data.batch_size)
+
+    # ---------------------------------------------------------------- step
+    def _set_optimizer_hyperparameters(self, lr: float, wd: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if not group.get("WD_exclude", False):
+                group["weight_decay"] = wd
+
+    def _ema_update(self, momentum: float) -> None:
+        with torch.no_grad():
+            target = list(self.target_encoder.parameters())
+            online = list(unwrap(self.encoder).parameters())
+            torch._foreach_mul_(target, momentum)
+            torch._foreach_add_(target, online, alpha=1.0 - momentum)
+
+    def train_step(self, batch: dict) -> dict:
+        """One optimisation step on one batch; returns the logged metrics."""
+        lr = self.lr_schedule.step()
+        wd = self.wd_schedule.step()
+        momentum = self.momentum_schedule.step()
+        self._set_optimizer_hyperparameters(lr, wd)
+
+        start = time.perf_counter()
+        images = normalize(batch["images"].to(self.device, non_blocking=True))
+        masks_enc = [m.to(self.device, non_blocking=True) for m in batch["masks_enc"]]
+        masks_pred = [m.to(self.device, non_blocking=True) for m in batch["masks_pred"]]
+        with autocast_context(self.device, self.dtype):
+            loss = self.objective(self.encoder, self.predictor, self.target_encoder, images, masks_enc, masks_pred)
+
+        # One collective decides for every rank: the global mean loss, which ranks saw a
+        # non-finite loss, and whether any rank was asked to stop.
+        world = self.env.world_size
+        local_finite = bool(torch.isfinite(loss.detach()).item())
+        shared = torch.zeros(world + 2, dtype=torch.float64, device=self.device)
+        shared[0] = loss.detach().double() / world if local_finite else 0.0
+        shared[1 + self.env.rank] = 0.0 if local_finite else 1.0
+        shared[world + 1] = 1.0 if self.stop_requested else 0.0
+        dist_utils.all_reduce_sum(shared)
+        shared = shared.cpu()
+        bad_ranks = [r for r in range(world) if shared[1 + r] > 0]
+        self.stop_requested = bool(shared[world + 1] > 0)
+
+        grad_norm = float("nan")
+        skipped = bool(bad_ranks)
+        if not skipped:
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            max_norm = self.cfg.optimization.clip_grad or float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if self.scaler is not None:
+                # The scaler skips the update itself on inf/nan gradients and lowers its scale.
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self._ema_update(momentum)
+            elif math.isfinite(grad_norm):
+                self.optimizer.step()
+                self._ema_update(momentum)
+            else:
+                skipped = True
+                bad_ranks = ["all (non-finite gradient)"]
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        compute_ms = (time.perf_counter() - start) * 1000.0
+
+        self.step += 1
+        global_loss = float(shared[0])
+        if skipped:
+            self.skipped_steps += 1
+            self.consecutive_nonfinite += 1
+            logger.warning("step %d: non-finite loss on rank(s) %s; update skipped on every rank (%d in a row)",
+                           self.step, bad_ranks, self.consecutive_nonfinite)
+            if self.consecutive_nonfinite >= self.cfg.optimization.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.consecutive_nonfinite} consecutive non-finite steps ending at step {self.step} "
+                    f"(epoch {batch['epoch'] + 1}, itr {batch['batch']}); last on rank(s) {bad_ranks}. "
+                    f"Lower optimization.lr, set optimization.clip_grad, or resume from an earlier checkpoint"
+                )
+            global_loss = float("nan")
+        else:
+            self.consecutive_nonfinite = 0
+            self.epoch_loss_sum += global_loss
+            self.epoch_loss_count += 1
+
+        if batch["errors"]:
+            self.skipped_samples += len(batch["errors"])
+            by_source = defaultdict(list)
+            for source, message in batch["errors"]:
+                by_source[source].append(message)
+            for source, messages in by_source.items():
+                logger.warning("rank %d: skipped %d sample(s) from %s: %s", self.env.rank, len(messages), source,
+                               messages[0])
+        return {
+            "epoch": batch["epoch"] + 1,
+            "itr": batch["batch"],
+            "loss": global_loss,
+            "mask-A": int(masks_enc[0].shape[1]),
+            "mask-B": int(masks_pred[0].shape[1]),
+            "time (ms)": round(compute_ms, 3),
+            "step": self.step,
+            "lr": lr,
+            "wd": wd,
+            "momentum": momentum,
+            "grad_norm": grad_norm,
+            "skipped": self.skipped_samples,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    # ---------------------------------------------------------------- loop
+    def _log_progress(self, metrics: dict) -> None:
+        avg = self.epoch_loss_sum / max(1, self.epoch_loss_count)
+        logger.info(
+            "[ep %d, itr %d/%d, step %d] loss %.4f (avg %.4f) | masks %d/%d | lr %.3g wd %.3g m %.5f | "
+            "%.0f ms/step %.1f img/s data %.0f ms | mem %.0f MB",
+            metrics["epoch"], metrics["itr"] + 1, self.steps_per_epoch, metrics["step"], metrics["loss"], avg,
+            metrics["mask-A"], metrics["mask-B"], metrics["lr"], metrics["wd"], metrics["momentum"],
+            metrics["time (ms)"], metrics["img_per_s"], metrics["data_ms"], metrics["max_mem_mb"],
+        )
+
+    def train(self) -> bool:
+        """Train to the configured number of epochs; returns False if stopped early by a signal."""
+        epochs = self.cfg.optimization.epochs
+        every_steps = self.cfg.logging.checkpoint_every_steps
+        global_batch = self.env.world_size * self.cfg.data.batch_size
+        while self.stream.epoch < epochs:
+            if self.stream.batch_in_epoch == 0:
+                self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
+            wait_start = time.perf_counter()
+            for batch in self.stream.epoch_batches():
+                data_ms = (time.perf_counter() - wait_start) * 1000.0
+                metrics = self.train_step(batch)
+                step_s = time.perf_counter() - wait_start
+                metrics.update(data_ms=round(data_ms, 3), img_per_s=round(global_batch / step_s, 3),
+                               max_mem_mb=round(max_memory_mb(self.device), 1))
+                self.metrics.log(**metrics)
+                if self.env.is_main and (self.step % self.cfg.logging.log_freq == 0 or self.step == 1
+                                         or not math.isfinite(metrics["loss"])):
+                    self._log_progress(metrics)
+                last_in_epoch = batch["batch"] == self.steps_per_epoch - 1
+                if self.stop_requested:
+                    self.save()
+                    if self.env.is_main:
+                        logger.info("stopped on request at step %d; run the same command to resume", self.step)
+                    return False
+                if every_steps and self.step % every_steps == 0 and not last_in_epoch:
+                    self.save(periodic=self.checkpoints.step_path(self.step))
+                wait_start = time.perf_counter()
+            epochs_done = self.stream.epoch
+            keep = epochs_done % self.cfg.logging.checkpoint_freq == 0 or epochs_done == epochs
+            self.save(periodic=self.checkpoints.epoch_path(epochs_done) if keep else None)
+            if self.env.is_main:
+                logger.info("epoch %d done: avg loss %.5f", epochs_done,
+                            self.epoch_loss_sum / max(1, self.epoch_loss_count))
+        return True
+
+    # ---------------------------------------------------------------- state
+    def _local_state(self) -> dict:
+        return {"data": self.stream.state_dict(), "rng": rng_state()}
+
+    def state_dict(self) -> dict:
+        """The full training state; every rank must call it (it gathers per-rank state)."""
+        per_rank = dist_utils.all_gather_objects(self._local_state())
+        data_state = self.stream.state_dict()
+        return {
+            "encoder": add_module_prefix(unwrap(self.encoder).state_dict()),
+            "predictor": add_module_prefix(unwrap(self.predictor).state_dict()),
+            "target_encoder": add_module_prefix(self.target_encoder.state_dict()),
+            "opt": self.optimizer.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "epoch": data_state["epoch"],
+            "loss": self.epoch_loss_sum / max(1, self.epoch_loss_count),
+            "batch_size": self.cfg.data.batch_size,
+            "world_size": self.env.world_size,
+            "lr": self.cfg.optimization.lr,
+            "step": self.step,
+            "schedules": {
+                "lr": self.lr_schedule.state_dict(),
+                "wd": self.wd_schedule.state_dict(),
+                "momentum": self.momentum_schedule.state_dict(),
+            },
+            "mask_collator": {**self.collator.state_dict(), "step": self.step},
+            "rank_state": per_rank,
+            "counters": {
+                "skipped_samples": self.skipped_samples,
+                "skipped_steps": self.skipped_steps,
+                "consecutive_nonfinite": self.consecutive_nonfinite,
+                "epoch_loss_sum": self.epoch_loss_sum,
+                "epoch_loss_count": self.epoch_loss_count,
+            },
+            "config": self.cfg.to_dict(),
+            "ijepa_scale_version": CHECKPOINT_VERSION,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in ("encoder", "predictor", "target_encoder", "opt") if k not in state]
+        if missing:
+            raise ValueError(f"checkpoint lacks {missing}: not a training checkpoint")
+        unwrap(self.encoder).load_state_dict(strip_module_prefix(state["encoder"]))
+        unwrap(self.predictor).load_state_dict(strip_module_prefix(state["predictor"]))
+        self.target_encoder.load_state_dict(strip_module_prefix(state["target_encoder"]))
+        self.optimizer.load_state_dict(state["opt"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if "step" not in state:
+            # An official checkpoint: epoch granularity, schedules replayed from the epoch count.
+            self.step = int(state["epoch"]) * self.steps_per_epoch
+            for schedule in (self.lr_schedule, self.wd_schedule, self.momentum_schedule):
+                schedule.load_state_dict({"step": self.step})
+            self.stream.epoch, self.stream.batch_in_epoch = int(state["epoch"]), 0
+            return
+        self.step = int(state["step"])
+        self.lr_schedule.load_state_dict(state["schedules"]["lr"])
+        self.wd_schedule.load_state_dict(state["schedules"]["wd"])
+        self.momentum_schedule.load_state_dict(state["schedules"]["momentum"])
+        self.collator.load_state_dict({"step": state["mask_collator"]["step"]})
+        counters = state["counters"]
+        self.skipped_samples = counters["skipped_samples"]
+        self.skipped_steps = counters["skipped_steps"]
+        self.consecutive_nonfinite = counters["consecutive_nonfinite"]
+        self.epoch_loss_sum = counters["epoch_loss_sum"]
+        self.epoch_loss_count = counters["epoch_loss_count"]
+        per_rank = state["rank_state"]
+        saved_world = len(per_rank)
+        if saved_world == self.env.world_size:
+            mine = per_rank[self.env.rank]
+            self.stream.load_state_dict(mine["data"])
+            set_rng_state(mine["rng"])
+        else:
+            # Another world size: the stream refuses unless the data state is at an epoch boundary.
+            self.stream.load_state_dict(per_rank[0]["data"])
+
+    def save(self, periodic: Optional[Path] = None) -> None:
+        if self._saved_step == self.step and periodic is None:
+            return
+        state = self.state_dict()
+        if self.env.is_main:
+            path = self.checkpoints.save(state, periodic)
+            logger.info("saved checkpoint %s (step %d)", path.name, self.step)
+        self._saved_step = self.step
+        dist_utils.barrier()
+
+    def request_stop(self, signum=None, frame=None) -> None:
+        self.stop_requested = True
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(sig, self.request_stop)
+
+    def close(self) -> None:
+        self.metrics.close()

@@ -1,0 +1,110 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from ijepa_scale.checkpoint import CheckpointFiles, atomic_save, load_checkpoint_file
+
+
+def test_save_writes_periodic_and_latest_with_same_content(tmp_path):
+    files = CheckpointFiles(tmp_path, "jepa")
+    files.save({"step": 3, "w": torch.arange(4)}, files.epoch_path(1))
+    assert torch.load(files.latest)["step"] == 3
+    assert torch.load(files.epoch_path(1))["step"] == 3
+    files.save({"step": 4}, None)
+    assert torch.load(files.latest)["step"] == 4
+    # Overwriting latest must not touch the periodic file it was linked to.
+    assert torch.load(files.epoch_path(1))["step"] == 3
+
+
+def test_retention_keeps_newest_and_latest(tmp_path):
+    files = CheckpointFiles(tmp_path, "jepa", keep_last=3)
+    for step in range(1, 11):
+        files.save({"step": step}, files.step_path(step))
+        time.sleep(0.002)
+    names = sorted(p.name for p in files.periodic_files())
+    assert names == ["jepa-step10.pth.tar", "jepa-step8.pth.tar", "jepa-step9.pth.tar"]
+    assert torch.load(files.latest)["step"] == 10
+
+
+def test_retention_zero_keeps_all(tmp_path):
+    files = CheckpointFiles(tmp_path, "jepa", keep_last=0)
+    for epoch in range(1, 5):
+        files.save({"epoch": epoch}, files.epoch_path(epoch))
+    assert len(files.periodic_files()) == 4
+
+
+def test_resolve_resume(tmp_path):
+    files = CheckpointFiles(tmp_path, "jepa")
+    assert files.resolve_resume(None, required=False) is None
+    with pytest.raises(FileNotFoundError, match="meta.load_checkpoint=true but there is no jepa-latest"):
+        files.resolve_resume(None, required=True)
+    with pytest.raises(FileNotFoundError, match="meta.read_checkpoint='jepa-ep3.pth.tar'"):
+        files.resolve_resume("jepa-ep3.pth.tar", required=False)
+    files.save({"epoch": 3}, files.epoch_path(3))
+    assert files.resolve_resume(None, required=False) == files.latest
+    assert files.resolve_resume("jepa-ep3.pth.tar", required=True) == files.epoch_path(3)
+
+
+def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    path = tmp_path / "jepa-latest.pth.tar"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="cannot load checkpoint.*Refusing to start from scratch"):
+        load_checkpoint_file(path)
+
+
+def test_exception_mid_write_leaves_previous_file(tmp_path):
+    path = tmp_path / "jepa-latest.pth.tar"
+    atomic_save({"step": 1}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"step": 2, "bad": Boom()}, path)
+    assert torch.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["jepa-latest.pth.tar"]
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    from ijepa_scale.checkpoint import CheckpointFiles
+    files = CheckpointFiles(sys.argv[1], "jepa")
+    step = int(sys.argv[2])
+    big = torch.full((4_000_000,), float(step))
+    while True:
+        step += 1
+        files.save({"step": step, "payload": big.fill_(float(step))}, None)
+        print(step, flush=True)
+    """
+)
+
+
+def test_sigkill_during_saves_never_leaves_a_truncated_latest(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    last_seen = 0
+    for trial in range(6):
+        proc = subprocess.Popen([sys.executable, str(script), str(folder), str(last_seen)],
+                                stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one complete save happened
+        time.sleep(0.01 + 0.03 * trial)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        state = torch.load(folder / "jepa-latest.pth.tar")
+        assert state["payload"].numel() == 4_000_000
+        assert torch.all(state["payload"] == float(state["step"]))
+        assert state["step"] > last_seen
+        last_seen = state["step"]
+    # Stray temporaries of killed writers are removed by the next successful save.
+    CheckpointFiles(folder, "jepa").save({"step": -1}, None)
+    assert sorted(p.name for p in folder.iterdir()) == ["jepa-latest.pth.tar"]
