@@ -164,9 +164,12 @@ class OptimizationConfig:
     """Clip the global gradient norm to this value (None = no clipping)."""
     max_consecutive_nonfinite: int = 10
     """Stop the run after this many consecutive steps skipped for a non-finite loss or gradient."""
+    stop_at_step: int = 0
+    """Save and stop once the global step reaches this value (0 = train all epochs); schedules are unchanged."""
 
     def validate(self) -> None:
         _positive(self, "epochs", "ipe_scale", "max_consecutive_nonfinite")
+        _non_negative(self, "stop_at_step")
         _non_negative(self, "final_lr", "lr", "start_lr", "warmup", "weight_decay", "final_weight_decay")
         _range_pair(self, "ema", high=1.0, allow_zero=True)
         _choice(self, "loss", ("smooth_l1", "l2"))

@@ -21,7 +21,7 @@ def wrap_data_parallel(module: torch.nn.Module, device: torch.device, world_size
     if world_size <= 1:
         return module
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(module, device_ids=device_ids)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -356,8 +356,10 @@ def load_encoder(
 ) -> VisionTransformer:
     """Load an encoder (eval mode) with its architecture inferred from the weights.
 
-    ``source``: path, URL, an already loaded checkpoint dict, or a bare encoder state dict.
-    ``key``: ``"target_encoder"`` (EMA encoder, default) or ``"encoder"`` (context encoder).
+    ``source``: path, URL, an already loaded checkpoint dict, or a bare encoder state dict
+    (then ``key`` is ignored). ``key``: ``"target_encoder"`` (EMA encoder, default) or
+    ``"encoder"`` (context encoder). ``num_heads`` is only needed for widths outside the
+    official size table.
     Weights stored in any float dtype are cast to ``dtype``; loading is strict.
     """
     checkpoint = _checkpoint_from(source, cache_dir, sha256)

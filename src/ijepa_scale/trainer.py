@@ -303,10 +303,12 @@ class Trainer:
                                          or not math.isfinite(metrics["loss"])):
                     self._log_progress(metrics)
                 last_in_epoch = batch["batch"] == self.steps_per_epoch - 1
-                if self.stop_requested:
+                stop_at = self.cfg.optimization.stop_at_step
+                if self.stop_requested or (stop_at and self.step >= stop_at):
                     self.save()
                     if self.env.is_main:
-                        logger.info("stopped on request at step %d; run the same command to resume", self.step)
+                        reason = "on request" if self.stop_requested else "at optimization.stop_at_step"
+                        logger.info("stopped %s at step %d; run the same command to resume", reason, self.step)
                     return False
                 if every_steps and self.step % every_steps == 0 and not last_in_epoch:
                     self.save(periodic=self.checkpoints.step_path(self.step))

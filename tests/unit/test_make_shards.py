@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -28,11 +27,7 @@ from ijepa_scale.data.make_shards import (
     write_index,
 )
 
-# tests.helpers lives under the repo root, which pytest does not put on sys.path by itself.
-_REPO_ROOT = str(Path(__file__).resolve().parents[2])
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
-from tests.helpers.photos import make_photo_folder, make_photo_shards  # noqa: E402
+from tests.helpers.photos import make_photo_folder, make_photo_shards
 
 FMNIST_DIR = Path(fashion_mnist.DEFAULT_SOURCE_DIR)
 

@@ -18,7 +18,6 @@ from ijepa_scale.models import (
     VIT_EMBED_DIMS,
     VIT_SIZES,
     VisionTransformer,
-    VisionTransformerPredictor,
     apply_masks,
     build_encoder,
     build_predictor,
@@ -148,7 +147,11 @@ def test_encoder_state_dict_keys_and_shapes(name, img_size, patch):
 
 @pytest.mark.parametrize(
     "name,patch,img,pred_depth,n",
-    [("vit_huge", 14, 224, 12, 256), ("vit_huge", 16, 448, 12, 784), ("vit_giant", 16, 224, 16, 196)],
+    [
+        ("vit_huge", 14, 224, 12, 256),
+        ("vit_huge", 16, 448, 12, 784),
+        ("vit_giant", 16, 224, 16, 196),
+    ],
 )
 def test_released_configs_predictor_keys_and_heads(name, patch, img, pred_depth, n):
     with torch.device("meta"):
@@ -284,11 +287,28 @@ def test_initialisation_is_effective_official():
     assert enc.blocks[-1].attn.proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert enc.blocks[-1].mlp.fc2.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert pred.mask_token.std().item() == pytest.approx(0.02, rel=0.3)
-    # Re-initialising leaves the fixed table alone and redraws weights.
+    # Re-initialising redraws weights and keeps the fixed table.
     before = enc.blocks[0].attn.qkv.weight.clone()
     init_weights_as_official(enc)
     assert torch.equal(enc.pos_embed[0], get_2d_sincos_pos_embed(384, 8))
     assert not torch.equal(before, enc.blocks[0].attn.qkv.weight)
+
+
+def test_meta_build_then_materialise():
+    with torch.device("meta"):
+        enc = build_encoder("vit_tiny", 32, 8, depth=2)
+        pred = build_predictor(enc, pred_depth=2, pred_emb_dim=96)
+    for model in (enc, pred):
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))
+        init_weights_as_official(model)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.equal(enc.pos_embed[0], get_2d_sincos_pos_embed(192, 4))
+    assert torch.equal(pred.predictor_pos_embed[0], get_2d_sincos_pos_embed(96, 4))
+    assert enc.pos_embed.requires_grad is False
+    assert pred.mask_token.std().item() == pytest.approx(0.02, rel=0.5)
 
 
 # --------------------------------------------------------------------------------------------

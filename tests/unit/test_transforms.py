@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import math
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +23,7 @@ from ijepa_scale.data.transforms import (
     sample_crop_box,
 )
 
-# tests.helpers lives under the repo root, which pytest does not put on sys.path by itself.
-_REPO_ROOT = str(Path(__file__).resolve().parents[2])
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
-from tests.helpers.photos import real_photos  # noqa: E402
+from tests.helpers.photos import real_photos
 
 PHOTO_NAMES = ["astronaut", "chelsea", "coffee", "rocket", "hubble", "ihc", "retina", "motorcycle",
                "china", "flower"]

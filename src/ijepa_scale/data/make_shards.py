@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -306,7 +307,10 @@ def encode_for_shard(data: bytes, resize_short_side: int | None = None) -> tuple
     short = min(img.size)
     needs_resize = resize_short_side is not None and short > resize_short_side
     if kept_ext and not needs_resize and (resize_short_side is None or kept_ext == "jpg"):
-        img.load()  # raises on truncated/corrupt data
+        # A full decode to reject truncated/corrupt files; for JPEG a 1/8-scale draft still
+        # entropy-decodes all the data, at a fraction of the cost.
+        img.draft(None, (max(1, img.width // 8), max(1, img.height // 8)))
+        img.load()
         return data, kept_ext
 
     if needs_resize:
@@ -316,17 +320,30 @@ def encode_for_shard(data: bytes, resize_short_side: int | None = None) -> tuple
         else:
             size = (max(1, round(width * resize_short_side / height)), resize_short_side)
         img.draft("RGB", size)  # JPEG only: DCT-domain downscale to >= size, much cheaper
-        img = img.convert("RGB") if img.mode not in ("RGB", "L") else img
-        img = img.resize(size, Image.LANCZOS)
+        img = to_rgb_or_l(img).resize(size, Image.LANCZOS)
     else:
-        img.load()
-    if img.mode not in ("RGB", "L"):
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        img = img.convert("RGB")
+        img = to_rgb_or_l(img)
     out = io.BytesIO()
     img.save(out, "JPEG", quality=JPEG_QUALITY)
     return out.getvalue(), "jpg"
+
+
+def to_rgb_or_l(img: Image.Image) -> Image.Image:
+    """8-bit RGB or L: palette/alpha/CMYK become RGB, 16-bit and float grayscale become L."""
+    if img.mode in ("RGB", "L"):
+        return img
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        # PIL's convert() would clip these to 255 instead of rescaling.
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "F" and arr.max() <= 1.0:
+            arr = arr * 255.0
+        elif arr.max() > 255:
+            arr = arr * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        # Going through RGBA avoids PIL's warning about byte-encoded palette transparency.
+        img = img.convert("RGBA")
+    return img.convert("RGB")
 
 
 @dataclass

@@ -88,7 +88,7 @@ class ShardSource:
         index = 0
         try:
             with fsspec.open(url, "rb") as stream:
-                for sample in group_by_keys(tar_file_iterator(stream)):
+                for sample in iter_tar_samples(stream, url):
                     if index >= stop:
                         break
                     if index >= first:
@@ -103,6 +103,12 @@ class ShardSource:
         # A shard shorter than its index says: the missing samples are counted as errors.
         for _ in range(stop - max(index, first)):
             yield ReadError(url, f"shard has {index} samples, the index says at least {stop}")
+
+
+def iter_tar_samples(stream, url: str) -> Iterator[dict]:
+    """Samples of one tar stream, members grouped by key (webdataset's own tar parser)."""
+    members = ({**member, "__url__": url} for member in tar_file_iterator(stream))
+    return group_by_keys(members)
 
 
 def _decode_member(sample: dict, url: str) -> RawSample | ReadError:
@@ -196,7 +202,7 @@ def _read_json(url: str) -> Optional[dict]:
 
 def count_samples(url: str) -> int:
     with fsspec.open(url, "rb") as stream:
-        return sum(1 for _ in group_by_keys(tar_file_iterator(stream)))
+        return sum(1 for _ in iter_tar_samples(stream, url))
 
 
 def open_shards(pattern: str, index_url: Optional[str] = None) -> ShardSource:

@@ -95,9 +95,10 @@ class _EpochDataset(IterableDataset):
         last_good: Optional[torch.Tensor] = None
         for local_index in range(done, len(batches)):
             k = batches[local_index]
-            images, labels, errors = [], [], []
+            images, labels, keys, errors = [], [], [], []
             for _ in range(batch_size):
                 position, item = next(samples)
+                keys.append(getattr(item, "key", None))
                 image = None
                 if isinstance(item, RawSample):
                     try:
@@ -130,6 +131,7 @@ class _EpochDataset(IterableDataset):
             yield {
                 "images": batch_images,
                 "labels": torch.tensor(labels, dtype=torch.long),
+                "keys": keys,
                 "masks_enc": masks_enc,
                 "masks_pred": masks_pred,
                 "epoch": self.epoch,

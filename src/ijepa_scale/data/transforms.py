@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, UnidentifiedImageError
 
+from ijepa_scale.data.make_shards import to_rgb_or_l
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -81,21 +83,8 @@ def sample_crop_box(
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, ...) to RGB."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        # Going through RGBA avoids PIL's warning about byte-encoded palette transparency.
-        return img.convert("RGBA").convert("RGB")
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        # 16-bit / float grayscale: PIL's convert() clips to 255 instead of rescaling.
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode == "F" and arr.max() <= 1.0:
-            arr = arr * 255.0
-        elif arr.max() > 255:
-            arr = arr * (255.0 / 65535.0)
-        arr = np.clip(arr, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
-    return img.convert("RGB")
+    img = to_rgb_or_l(img)
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
@@ -218,11 +207,9 @@ class ImageTransform:
             img.load()
         except (OSError, SyntaxError) as e:
             raise ImageDecodeError(f"cannot decode {img.format} image {img.size}: {e}") from e
-        if img.mode not in ("RGB", "L"):
-            # L resizes fine and is converted after the (cheaper) resize; modes like P, RGBA
-            # or CMYK must be converted first (P would resize with NEAREST, RGBA premultiplies).
-            img = to_rgb(img)
-        return img, (left, top, right, bottom)
+        # L is resized as is and converted after the (cheaper) resize; modes like P, RGBA or
+        # CMYK are converted first (P would resize with NEAREST, RGBA premultiplies alpha).
+        return to_rgb_or_l(img), (left, top, right, bottom)
 
     def _draft_reduction(self, img: Image.Image, box: CropBox) -> int:
         """Largest power-of-two reduction (<= 8) that keeps the crop >= the output size."""

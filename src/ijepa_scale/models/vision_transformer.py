@@ -84,11 +84,16 @@ def _grid_side(num_patches: int) -> int:
 
 def _fixed_pos_embed(num_patches: int, dim: int) -> nn.Parameter:
     param = nn.Parameter(torch.zeros(1, num_patches, dim), requires_grad=False)
-    # Built on CPU and copied in: under a meta-device context the copy is a no-op and the
-    # values are restored later from a state dict.
-    with torch.no_grad():
-        param.copy_(get_2d_sincos_pos_embed(dim, _grid_side(num_patches)).unsqueeze(0))
+    _fill_sincos_(param)
     return param
+
+
+@torch.no_grad()
+def _fill_sincos_(param: torch.Tensor) -> None:
+    # Computed on CPU and copied in. On the meta device the copy is a no-op; call
+    # init_weights_as_official after ``to_empty`` (or load a state dict) to fill it.
+    _, num_patches, dim = param.shape
+    param.copy_(get_2d_sincos_pos_embed(dim, _grid_side(num_patches)).unsqueeze(0))
 
 
 def _resize_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -130,7 +135,7 @@ class Attention(nn.Module):
         batch, tokens, dim = x.shape
         # qkv output features are laid out as [3, heads, head_dim]; this must match the
         # official layout for released weights to mean the same thing.
-        qkv = self.qkv(x).reshape(batch, tokens, self.num_heads, 3, self.head_dim).transpose(2, 3)
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)  # default scale = head_dim ** -0.5
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
@@ -178,12 +183,14 @@ def init_weights_as_official(module: nn.Module, std: float = 0.02) -> nn.Module:
     * every ``nn.Linear`` and ``nn.Conv2d``: weight ~ trunc-normal(0, std) cut at +-2
       (absolute, so in practice untruncated), bias 0;
     * every ``nn.LayerNorm``: weight 1, bias 0;
-    * the predictor's ``mask_token``: trunc-normal(0, std).
+    * the predictor's ``mask_token``: trunc-normal(0, std);
+    * the fixed ``pos_embed`` / ``predictor_pos_embed`` are (re)filled with their sin-cos
+      values.
 
-    Fixed sin-cos position tables are left untouched. The constructors of
-    :class:`VisionTransformer` and :class:`VisionTransformerPredictor` call this already; it
-    is public so that wrapped or meta-materialised models can be re-initialised.
-    Only the distribution matches upstream, not the RNG stream.
+    The constructors of :class:`VisionTransformer` and :class:`VisionTransformerPredictor`
+    call this already. It is public for models built on the meta device: after
+    ``model.to_empty(device=...)`` (possibly inside a wrapper) one call makes every
+    parameter valid. Only the distribution matches upstream, not the RNG stream.
     """
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -193,8 +200,11 @@ def init_weights_as_official(module: nn.Module, std: float = 0.02) -> nn.Module:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        if isinstance(m, VisionTransformerPredictor):
+        if isinstance(m, VisionTransformer):
+            _fill_sincos_(m.pos_embed)
+        elif isinstance(m, VisionTransformerPredictor):
             nn.init.trunc_normal_(m.mask_token, std=std)
+            _fill_sincos_(m.predictor_pos_embed)
     return module
 
 
