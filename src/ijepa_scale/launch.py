@@ -75,7 +75,7 @@ def launch(cfg: Config, devices: list[str] | None) -> int:
 
     previous = {sig: signal.signal(sig, forward_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not context.join(timeout=1.0):
+        while not context.join(timeout=1.0, grace_period=5.0):
             pass
     except mp.ProcessRaisedException as exc:
         print(f"error: rank {exc.error_index} failed; the other ranks were stopped.\n{exc}", file=sys.stderr)

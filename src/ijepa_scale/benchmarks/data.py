@@ -1,0 +1,416 @@
+"""Throughput of the training input pipeline (tar read, decode, crop, collation, masks, workers).
+
+    python -m ijepa_scale.benchmarks.data --shards 's3://bucket/in1k/train-{000000..001023}.tar' --workers 0 2 4
+    python -m ijepa_scale.benchmarks.data --make-photo-shards /tmp/bench_shards --workers 0 1 2
+
+Each worker count builds the same `DataStream` the trainer builds (ImageTransform with the
+default recipe, official in1k multi-block masks) and times whole batches as the training loop
+would get them. Two per-core numbers come with each row: images per CPU-second of decode +
+transform alone, in this process on the rank's first samples, and images per CPU-second of the
+whole stream (this process plus its loader workers). `--make-photo-shards` first writes shards
+of ImageNet-like 500x375 JPEGs cut from the real photos bundled with scikit-image and
+scikit-learn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ijepa_scale.benchmarks.masks import OFFICIAL_IN1K_MASK
+from ijepa_scale.data.make_shards import ShardWriter, index_path, shard_name, write_index
+from ijepa_scale.data.sources import RawSample, open_shards
+from ijepa_scale.data.stream import DataStream
+from ijepa_scale.data.transforms import ImageTransform, open_image
+from ijepa_scale.masks import MultiBlockMaskCollator
+
+# Real photos bundled with scikit-image (stereo_motorcycle: left view) and scikit-learn.
+SKIMAGE_PHOTOS = (
+    "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
+    "immunohistochemistry", "retina", "stereo_motorcycle",
+)
+SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+PHOTO_SIZE = (500, 375)  # ImageNet's most common size
+PHOTO_QUALITY = 90
+PHOTO_PREFIX = "train"
+
+
+class MissingDependencyError(RuntimeError):
+    pass
+
+
+def load_photos() -> dict[str, np.ndarray]:
+    """The bundled photos as uint8 HxWx3 arrays, by name."""
+    try:
+        from skimage import data as skdata
+    except ImportError as e:
+        raise MissingDependencyError(
+            "--make-photo-shards needs scikit-image (and scikit-learn): pip install -e .[dev]"
+        ) from e
+    try:
+        from sklearn.datasets import load_sample_image
+    except ImportError as e:
+        raise MissingDependencyError(
+            "--make-photo-shards needs scikit-learn (and scikit-image): pip install -e .[dev]"
+        ) from e
+    photos = {}
+    for name in SKIMAGE_PHOTOS:
+        image = getattr(skdata, name)()
+        if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disparity)
+            image = image[0]
+        photos[name] = np.ascontiguousarray(image[..., :3], dtype=np.uint8)
+    for name in SKLEARN_PHOTOS:
+        photos[name.rsplit(".", 1)[0]] = np.ascontiguousarray(load_sample_image(name), dtype=np.uint8)
+    return photos
+
+
+def _photo_crop(photo: Image.Image, rng: random.Random) -> Image.Image:
+    """A random 4:3 crop (35-100 % of the area of the largest 4:3 box), maybe flipped, at 500x375."""
+    width, height = photo.size
+    if width * 3 >= height * 4:
+        box_h, box_w = height, height * 4 / 3
+    else:
+        box_w, box_h = width, width * 3 / 4
+    side = math.sqrt(rng.uniform(0.35, 1.0))
+    w, h = box_w * side, box_h * side
+    left, top = rng.uniform(0, width - w), rng.uniform(0, height - h)
+    image = photo.resize(PHOTO_SIZE, Image.BICUBIC, box=(left, top, left + w, top + h))
+    if rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return image
+
+
+def photo_shard_pattern(out_dir: str | os.PathLike, num_shards: int) -> str:
+    """Brace pattern of the shards written by `write_photo_shards` (names as `shard_name`)."""
+    if num_shards == 1:
+        return str(Path(out_dir) / shard_name(PHOTO_PREFIX, 0))
+    return str(Path(out_dir) / f"{PHOTO_PREFIX}-{{{0:06d}..{num_shards - 1:06d}}}.tar")
+
+
+def write_photo_shards(
+    out_dir: str | os.PathLike,
+    num_images: int = 2000,
+    num_shards: int = 8,
+    seed: int = 0,
+    quality: int = PHOTO_QUALITY,
+    reuse: bool = True,
+) -> str:
+    """Write `num_images` 500x375 JPEG crops of the bundled photos in `num_shards` shards + index.
+
+    Returns the shard pattern for `open_shards`. With `reuse`, shards already written with the
+    same settings are kept.
+    """
+    if num_images < 1 or not 1 <= num_shards <= num_images:
+        raise ValueError(f"need num_images >= num_shards >= 1, got {num_images} images, {num_shards} shards")
+    out_dir = Path(out_dir)
+    pattern = photo_shard_pattern(out_dir, num_shards)
+    settings = {"num_images": num_images, "num_shards": num_shards, "seed": seed, "quality": quality,
+                "size": list(PHOTO_SIZE)}
+    index_file = index_path(out_dir, PHOTO_PREFIX)
+    if reuse and index_file.exists():
+        try:
+            old = json.loads(index_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+        if old.get("photo_shards") == settings and all(
+            (out_dir / s["url"]).exists() for s in old.get("shards", [])
+        ):
+            print(f"reusing {num_images} photo samples in {num_shards} shards: {pattern}", flush=True)
+            return pattern
+
+    photos = load_photos()
+    names = list(photos)
+    pil_photos = [Image.fromarray(photos[n], "RGB") for n in names]
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    with ShardWriter(out_dir, prefix=PHOTO_PREFIX) as writer:
+        for shard in range(num_shards):
+            for i in range(shard * num_images // num_shards, (shard + 1) * num_images // num_shards):
+                label = rng.randrange(len(names))
+                buf = io.BytesIO()
+                _photo_crop(pil_photos[label], rng).save(buf, format="JPEG", quality=quality)
+                writer.write(f"{i:08d}", buf.getvalue(), "jpg", label, meta={"class": names[label]})
+            writer.next_shard()
+        shards = writer.close()
+    write_index(index_file, shards, names, extra={"photo_shards": settings})
+    total = sum((out_dir / s["url"]).stat().st_size for s in shards)
+    print(
+        f"wrote {num_images} photo samples (500x375 JPEG q{quality}, {len(names)} photos) in {num_shards} shards, "
+        f"{total / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s: {pattern}",
+        flush=True,
+    )
+    return pattern
+
+
+def _build_stream(source, *, workers, batch_size, crop_size, patch_size, world_size, rank, seed, shuffle_buffer):
+    """The trainer's construction with the default data config and the official in1k masks."""
+    collator = MultiBlockMaskCollator(
+        input_size=crop_size, patch_size=patch_size, seed=seed, rank=rank, **OFFICIAL_IN1K_MASK
+    )
+    transform = ImageTransform(crop_size=crop_size, crop_scale=(0.3, 1.0))
+    return DataStream(
+        source, transform, collator, batch_size=batch_size, num_workers=workers, rank=rank,
+        world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer, on_error="skip", pin_memory=False,
+    )
+
+
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure_decode_per_core(stream: DataStream, num_images: int) -> dict:
+    """Images per CPU-second (this thread) for tar read, and for decode + transform, in this process.
+
+    The samples are the first `num_images` positions of the rank's slice of epoch 0, each
+    transformed with the rng the stream uses for that position.
+    """
+    plan = stream.plan
+    start = plan.rank_start(stream.rank)
+    stop = start + min(num_images, plan.steps_per_epoch * plan.batch_size)
+    t0 = time.thread_time()
+    items = list(stream.source.read_range(stream.seed, 0, start, stop))
+    read_cpu = time.thread_time() - t0
+    samples = [(start + i, item) for i, item in enumerate(items) if isinstance(item, RawSample)]
+    if not samples:
+        raise RuntimeError(f"no readable sample in positions {start}..{stop} of epoch 0")
+    t0 = time.thread_time()
+    for position, item in samples:
+        rng = random.Random(f"{stream.seed}/0/{position}")
+        stream.transform(open_image(item.data), rng)
+    decode_cpu = time.thread_time() - t0
+    return {
+        "images": len(samples),
+        "mean_kb": statistics.fmean(len(item.data) for _, item in samples) / 1000,
+        "read_img_per_cpu_s": len(items) / max(read_cpu, 1e-9),
+        "decode_transform_img_per_cpu_s": len(samples) / max(decode_cpu, 1e-9),
+    }
+
+
+def benchmark_stream(
+    pattern: str,
+    workers: Sequence[int] = (0, 1, 2),
+    *,
+    batch_size: int = 64,
+    crop_size: int = 224,
+    patch_size: int = 14,
+    batches: int = 20,
+    warmup: Optional[int] = None,
+    world_size: int = 1,
+    rank: int = 0,
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+    index_url: Optional[str] = None,
+    per_core_images: int = 512,
+    threads: Optional[int] = 1,
+    log=print,
+) -> dict:
+    """Time the rank's DataStream for each worker count; return a JSON-serialisable summary.
+
+    `warmup` batches (default: max(2, workers)) are taken before the clock starts; they hold the
+    loader start-up and the first shuffle-block fill, reported as `first_batch_s`. If the
+    epoch is too short, the measurement runs into the next epoch (loader restart included,
+    as in training) and `epoch_restarts` counts it.
+    """
+    if batches < 1:
+        raise ValueError(f"batches must be >= 1, got {batches}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world size {world_size}")
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        source = open_shards(pattern, index_url)
+        summary = {
+            "benchmark": "data_pipeline",
+            "shards": pattern,
+            "num_shards": len(source.urls),
+            "num_samples": source.num_samples,
+            "batch_size": batch_size,
+            "crop_size": crop_size,
+            "patch_size": patch_size,
+            "world_size": world_size,
+            "rank": rank,
+            "shuffle_buffer": shuffle_buffer,
+            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_1m_start": round(os.getloadavg()[0], 2),
+            "results": [],
+        }
+        for num_workers in workers:
+            row = _run_one(
+                source, num_workers, batch_size=batch_size, crop_size=crop_size, patch_size=patch_size,
+                batches=batches, warmup=max(2, num_workers) if warmup is None else warmup,
+                world_size=world_size, rank=rank, seed=seed, shuffle_buffer=shuffle_buffer,
+                per_core_images=per_core_images,
+            )
+            summary["mean_jpeg_kb"] = row.pop("mean_kb")
+            summary["results"].append(row)
+            log(
+                f"workers={num_workers}: {row['img_per_s']:.0f} img/s, first batch {row['first_batch_s']:.2f} s, "
+                f"decode+transform {row['decode_transform_img_per_cpu_s']:.0f} img/CPU-s"
+            )
+        summary["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
+        return summary
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_one(source, num_workers, *, batch_size, crop_size, patch_size, batches, warmup, world_size, rank,
+             seed, shuffle_buffer, per_core_images) -> dict:
+    stream = _build_stream(
+        source, workers=num_workers, batch_size=batch_size, crop_size=crop_size, patch_size=patch_size,
+        world_size=world_size, rank=rank, seed=seed, shuffle_buffer=shuffle_buffer,
+    )
+    total = warmup + batches
+    arrivals: list[float] = []
+    errors = 0
+    epoch_restarts = 0
+    shape = None
+    self_cpu0, child_cpu0 = _cpu_seconds(resource.RUSAGE_SELF), _cpu_seconds(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    while len(arrivals) < total:
+        if arrivals:
+            epoch_restarts += 1
+        batches_iter = stream.epoch_batches()
+        try:
+            for batch in batches_iter:
+                arrivals.append(time.perf_counter())
+                errors += len(batch["errors"])
+                if shape is None:
+                    shape = (tuple(batch["images"].shape), str(batch["images"].dtype),
+                             tuple(batch["masks_enc"][0].shape), tuple(batch["masks_pred"][0].shape))
+                if len(arrivals) >= total:
+                    break
+        finally:
+            batches_iter.close()  # shuts the loader workers down (so their CPU time is counted)
+    wall = time.perf_counter() - start
+    cpu = (_cpu_seconds(resource.RUSAGE_SELF) - self_cpu0) + (_cpu_seconds(resource.RUSAGE_CHILDREN) - child_cpu0)
+
+    window = arrivals[warmup:]
+    t_begin = arrivals[warmup - 1] if warmup > 0 else start
+    measured = len(window)
+    steps = [b - a for a, b in zip([t_begin] + window[:-1], window)]
+    per_core = measure_decode_per_core(stream, per_core_images)
+    return {
+        "workers": num_workers,
+        "img_per_s": measured * batch_size / (window[-1] - t_begin),
+        "first_batch_s": arrivals[0] - start,
+        "batch_ms_p50": statistics.median(steps) * 1e3,
+        "batch_ms_max": max(steps) * 1e3,
+        "pipeline_img_per_cpu_s": total * batch_size / max(cpu, 1e-9),
+        "decode_transform_img_per_cpu_s": per_core["decode_transform_img_per_cpu_s"],
+        "read_img_per_cpu_s": per_core["read_img_per_cpu_s"],
+        "warmup_batches": warmup,
+        "measured_batches": measured,
+        "steps_per_epoch": stream.steps_per_epoch,
+        "epoch_restarts": epoch_restarts,
+        "bad_samples": errors,
+        "wall_s": wall,
+        "mean_kb": per_core["mean_kb"],
+        "batch_shapes": {"images": shape[0], "dtype": shape[1], "masks_enc": shape[2], "masks_pred": shape[3]},
+    }
+
+
+def format_table(summary: dict) -> str:
+    header = (
+        f"{'workers':>7} | {'img/s':>6} | {'1st batch s':>11} | {'batch ms p50/max':>16} | "
+        f"{'pipeline img/CPU-s':>18} | {'decode+RRC img/CPU-s':>20} | {'tar read img/CPU-s':>18}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in summary["results"]:
+        lines.append(
+            f"{r['workers']:>7} | {r['img_per_s']:>6.0f} | {r['first_batch_s']:>11.2f} | "
+            f"{r['batch_ms_p50']:>7.0f} / {r['batch_ms_max']:<6.0f} | {r['pipeline_img_per_cpu_s']:>18.0f} | "
+            f"{r['decode_transform_img_per_cpu_s']:>20.0f} | {r['read_img_per_cpu_s']:>18.0f}"
+        )
+    return "\n".join(lines)
+
+
+def _round_floats(value, digits=2):
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _round_floats(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_round_floats(v, digits) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--shards", help="shard URL or brace pattern (local path or fsspec URL), as data.shards")
+    data.add_argument("--make-photo-shards", metavar="DIR",
+                      help="first write benchmark shards of real photos (scikit-image/scikit-learn) in DIR")
+    parser.add_argument("--index", default=None, help="shard index JSON (default: found beside the shards)")
+    parser.add_argument("--num-images", type=int, default=2000, help="with --make-photo-shards")
+    parser.add_argument("--num-shards", type=int, default=8, help="with --make-photo-shards")
+    parser.add_argument("--crop-size", type=int, default=224)
+    parser.add_argument("--patch-size", type=int, default=14)
+    parser.add_argument("--batch-size", type=int, default=64, help="per-rank batch size")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts to time")
+    parser.add_argument("--batches", type=int, default=20, help="batches timed after the warm-up")
+    parser.add_argument("--warmup", type=int, default=None, help="batches before the clock starts (default: max(2, workers))")
+    parser.add_argument("--world-size", type=int, default=1, help="simulate one rank of this many")
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--shuffle-buffer", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-core-images", type=int, default=512,
+                        help="images for the single-process decode+transform measurement")
+    args = parser.parse_args(argv)
+    if args.batches < 1 or (args.warmup is not None and args.warmup < 0):
+        parser.error("--batches must be >= 1 and --warmup >= 0")
+    if any(w < 0 for w in args.workers):
+        parser.error("--workers must be >= 0")
+    if args.per_core_images < 1:
+        parser.error("--per-core-images must be >= 1")
+
+    torch.set_num_threads(1)
+    try:
+        if args.make_photo_shards:
+            pattern = write_photo_shards(args.make_photo_shards, args.num_images, args.num_shards, seed=args.seed)
+        else:
+            pattern = args.shards
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            summary = benchmark_stream(
+                pattern, args.workers, batch_size=args.batch_size, crop_size=args.crop_size,
+                patch_size=args.patch_size, batches=args.batches, warmup=args.warmup,
+                world_size=args.world_size, rank=args.rank, shuffle_buffer=args.shuffle_buffer,
+                seed=args.seed, index_url=args.index, per_core_images=args.per_core_images,
+                log=lambda msg: print(msg, file=sys.stderr, flush=True),
+            )
+    except (MissingDependencyError, ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+    print(
+        f"\ndata pipeline: {summary['num_samples']} samples in {summary['num_shards']} shards "
+        f"(mean {summary['mean_jpeg_kb']:.0f} KB/image), batch {summary['batch_size']}, crop {summary['crop_size']}, "
+        f"rank {summary['rank']}/{summary['world_size']}, shuffle buffer {summary['shuffle_buffer']}, "
+        f"{summary['cpus']} CPUs, load {summary['loadavg_1m_start']} -> {summary['loadavg_1m_end']}"
+    )
+    print(format_table(summary))
+    print(json.dumps(_round_floats(summary, 2)))
+
+
+if __name__ == "__main__":
+    main()
