@@ -11,12 +11,15 @@ import torch.multiprocessing as mp
 
 from . import distributed as dist_utils
 from .config import Config
+from .procutil import die_with_parent
 from .run import cpu_threads_per_rank, run_training
 
 logger = logging.getLogger(__name__)
 
 
-def _spawned_rank(rank: int, cfg: Config, devices: list[str], threads: int | None) -> None:
+def _spawned_rank(rank: int, cfg: Config, devices: list[str], threads: int | None, launcher_pid: int) -> None:
+    # If the launcher is killed, SIGTERM asks this rank to save at the next step and stop.
+    die_with_parent(launcher_pid, signal.SIGTERM)
     try:
         run_training(cfg, rank, len(devices), devices[rank], local_rank=rank, cpu_threads=threads)
     except (ValueError, FileNotFoundError) as exc:
@@ -56,7 +59,7 @@ def launch(cfg: Config, devices: list[str] | None) -> int:
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(dist_utils.find_free_port())
-    context = mp.start_processes(_spawned_rank, args=(cfg, devices, threads), nprocs=len(devices), join=False,
+    context = mp.start_processes(_spawned_rank, args=(cfg, devices, threads, os.getpid()), nprocs=len(devices), join=False,
                                  start_method="spawn")
     interrupts = 0
 

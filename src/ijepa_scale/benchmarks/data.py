@@ -24,7 +24,6 @@ import resource
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -169,9 +168,32 @@ def _build_stream(source, *, workers, batch_size, crop_size, patch_size, world_s
     )
 
 
-def _cpu_seconds(who: int) -> float:
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
+def _process_tree_cpu_seconds() -> Optional[float]:
+    """CPU seconds used so far by this process and its children (the loader workers).
+
+    Live children are read from /proc (Linux; None where it is not available); children that
+    have exited and been joined are in RUSAGE_CHILDREN.
+    """
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    try:
+        children = []
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                children.extend(f.read().split())
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
 
 
 def measure_decode_per_core(stream: DataStream, num_images: int) -> dict:
@@ -282,8 +304,10 @@ def _run_one(source, num_workers, *, batch_size, crop_size, patch_size, batches,
     errors = 0
     epoch_restarts = 0
     shape = None
-    self_cpu0, child_cpu0 = _cpu_seconds(resource.RUSAGE_SELF), _cpu_seconds(resource.RUSAGE_CHILDREN)
+    cpu_begin = cpu_end = None
     start = time.perf_counter()
+    if warmup == 0:
+        cpu_begin = _process_tree_cpu_seconds()
     while len(arrivals) < total:
         if arrivals:
             epoch_restarts += 1
@@ -291,6 +315,10 @@ def _run_one(source, num_workers, *, batch_size, crop_size, patch_size, batches,
         try:
             for batch in batches_iter:
                 arrivals.append(time.perf_counter())
+                if len(arrivals) == warmup:
+                    cpu_begin = _process_tree_cpu_seconds()
+                elif len(arrivals) == total:
+                    cpu_end = _process_tree_cpu_seconds()
                 errors += len(batch["errors"])
                 if shape is None:
                     shape = (tuple(batch["images"].shape), str(batch["images"].dtype),
@@ -298,22 +326,26 @@ def _run_one(source, num_workers, *, batch_size, crop_size, patch_size, batches,
                 if len(arrivals) >= total:
                     break
         finally:
-            batches_iter.close()  # shuts the loader workers down (so their CPU time is counted)
+            batches_iter.close()  # shuts the loader workers down
     wall = time.perf_counter() - start
-    cpu = (_cpu_seconds(resource.RUSAGE_SELF) - self_cpu0) + (_cpu_seconds(resource.RUSAGE_CHILDREN) - child_cpu0)
 
     window = arrivals[warmup:]
     t_begin = arrivals[warmup - 1] if warmup > 0 else start
+    window_wall = window[-1] - t_begin
+    # CPU of this process and the workers while the measured batches were produced; workers
+    # run ahead by up to prefetch_factor batches each, about as much at both ends of the window.
+    window_cpu = cpu_end - cpu_begin if cpu_begin is not None and cpu_end is not None else None
     measured = len(window)
     steps = [b - a for a, b in zip([t_begin] + window[:-1], window)]
     per_core = measure_decode_per_core(stream, per_core_images)
     return {
         "workers": num_workers,
-        "img_per_s": measured * batch_size / (window[-1] - t_begin),
+        "img_per_s": measured * batch_size / window_wall,
         "first_batch_s": arrivals[0] - start,
         "batch_ms_p50": statistics.median(steps) * 1e3,
         "batch_ms_max": max(steps) * 1e3,
-        "pipeline_img_per_cpu_s": total * batch_size / max(cpu, 1e-9),
+        "pipeline_img_per_cpu_s": measured * batch_size / window_cpu if window_cpu else None,
+        "cpu_busy": window_cpu / window_wall if window_cpu is not None else None,
         "decode_transform_img_per_cpu_s": per_core["decode_transform_img_per_cpu_s"],
         "read_img_per_cpu_s": per_core["read_img_per_cpu_s"],
         "warmup_batches": warmup,
@@ -327,16 +359,21 @@ def _run_one(source, num_workers, *, batch_size, crop_size, patch_size, batches,
     }
 
 
+def _num(value, fmt=".0f") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
 def format_table(summary: dict) -> str:
     header = (
         f"{'workers':>7} | {'img/s':>6} | {'1st batch s':>11} | {'batch ms p50/max':>16} | "
-        f"{'pipeline img/CPU-s':>18} | {'decode+RRC img/CPU-s':>20} | {'tar read img/CPU-s':>18}"
+        f"{'pipeline img/CPU-s':>18} | {'CPU busy':>8} | {'decode+RRC img/CPU-s':>20} | {'tar read img/CPU-s':>18}"
     )
     lines = [header, "-" * len(header)]
     for r in summary["results"]:
         lines.append(
             f"{r['workers']:>7} | {r['img_per_s']:>6.0f} | {r['first_batch_s']:>11.2f} | "
-            f"{r['batch_ms_p50']:>7.0f} / {r['batch_ms_max']:<6.0f} | {r['pipeline_img_per_cpu_s']:>18.0f} | "
+            f"{r['batch_ms_p50']:>7.0f} / {r['batch_ms_max']:<6.0f} | {_num(r['pipeline_img_per_cpu_s']):>18} | "
+            f"{_num(r['cpu_busy'], '.2f'):>8} | "
             f"{r['decode_transform_img_per_cpu_s']:>20.0f} | {r['read_img_per_cpu_s']:>18.0f}"
         )
     return "\n".join(lines)
@@ -390,15 +427,13 @@ def main(argv: list[str] | None = None) -> None:
             pattern = write_photo_shards(args.make_photo_shards, args.num_images, args.num_shards, seed=args.seed)
         else:
             pattern = args.shards
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            summary = benchmark_stream(
-                pattern, args.workers, batch_size=args.batch_size, crop_size=args.crop_size,
-                patch_size=args.patch_size, batches=args.batches, warmup=args.warmup,
-                world_size=args.world_size, rank=args.rank, shuffle_buffer=args.shuffle_buffer,
-                seed=args.seed, index_url=args.index, per_core_images=args.per_core_images,
-                log=lambda msg: print(msg, file=sys.stderr, flush=True),
-            )
+        summary = benchmark_stream(
+            pattern, args.workers, batch_size=args.batch_size, crop_size=args.crop_size,
+            patch_size=args.patch_size, batches=args.batches, warmup=args.warmup,
+            world_size=args.world_size, rank=args.rank, shuffle_buffer=args.shuffle_buffer,
+            seed=args.seed, index_url=args.index, per_core_images=args.per_core_images,
+            log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
     except (MissingDependencyError, ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
 

@@ -18,7 +18,10 @@ restarts at its own next batch, re-reading at most one shuffle block.
 
 from __future__ import annotations
 
+import functools
 import logging
+import multiprocessing
+import os
 import random
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -26,6 +29,7 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..procutil import die_with_parent
 from .sources import RawSample, ReadError
 
 logger = logging.getLogger(__name__)
@@ -162,6 +166,13 @@ class _EpochDataset(IterableDataset):
                 yield block_start + i, items[i]
 
 
+def _worker_context():
+    # Fork starts workers in milliseconds; a rank started with "spawn" would otherwise
+    # re-import torch in every worker at every epoch.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else methods[0])
+
+
 class DataStream:
     """Batches for one rank, with `state_dict`/`load_state_dict` for exact resume."""
 
@@ -200,6 +211,8 @@ class DataStream:
             pin_memory=self.pin_memory,
             prefetch_factor=2 if workers > 0 else None,
             persistent_workers=False,
+            worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers > 0 else None,
+            multiprocessing_context=_worker_context() if workers > 0 else None,
         )
         iterator = iter(loader)
         try:
