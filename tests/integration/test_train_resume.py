@@ -1,9 +1,21 @@
 """2 CPU ranks (gloo) through main.py on real-photo shards: resume is exact, logs are continuous."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from tests.integration.common import SHARD_SIZES, make_shards, read_csv, run_main, tiny_config, write_config
+from tests.integration.common import (
+    ROOT,
+    SHARD_SIZES,
+    make_shards,
+    read_csv,
+    run_main,
+    tiny_config,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +99,26 @@ def test_requested_resume_that_cannot_load_is_an_error(shards, tmp_path):
     proc = run_main(config)
     assert proc.returncode != 0 and "meta.load_checkpoint=true but there is no jepa-latest" in proc.stderr
     assert not (run / "jepa_r0.csv").exists() or len(read_csv(run, 0)) == 0
+
+
+def test_torchrun_with_image_folder_layout(tmp_path):
+    from tests.helpers.photos import make_photo_folder
+
+    make_photo_folder(tmp_path / "datasets" / "in1k" / "train", num_classes=3, per_class=7, size=(48, 40))
+    run = tmp_path / "run"
+    config = tiny_config(None, run, optimization__epochs=1)
+    config["data"].pop("shards")
+    config["data"].update(root_path=str(tmp_path / "datasets"), image_folder="in1k")
+    path = write_config(tmp_path / "c.yaml", config)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "main.py"), "--fname", str(path), "--devices", "cpu"],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 21 images, 2 ranks x batch 4 -> 2 steps per rank; the loss is the global mean on both ranks.
+    frames = [read_csv(run, rank) for rank in (0, 1)]
+    assert [f["step"].tolist() for f in frames] == [[1, 2], [1, 2]]
+    assert frames[0]["loss"].tolist() == frames[1]["loss"].tolist()
+    assert "ImageFolder" in proc.stdout and "3 classes, 21 images" in proc.stdout
