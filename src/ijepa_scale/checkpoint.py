@@ -41,10 +41,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj, path: Path) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + TMP_MARK, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp's 0600 would hide checkpoints from the group
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -128,11 +135,13 @@ class CheckpointFiles:
     def resolve_resume(self, read_checkpoint: Optional[str], required: bool) -> Optional[Path]:
         """The file to resume from, or None for a fresh start.
 
-        `read_checkpoint` names a file inside the folder (or a path); without it,
-        latest is used when present.  `required` (meta.load_checkpoint) turns a
-        missing file into an error instead of a fresh start.
+        As official, `read_checkpoint` (a file inside the folder, or a path) is used
+        only with `required` (meta.load_checkpoint); without it, latest is used when
+        present.  A latest written after `read_checkpoint` wins, so a requeued job
+        continues instead of going back to the same old file on every restart.
         """
-        if read_checkpoint:
+        latest = self.latest if self.latest.is_file() else None
+        if read_checkpoint and required:
             path = Path(read_checkpoint)
             if not path.is_absolute() and not path.exists():
                 path = self.folder / read_checkpoint
@@ -140,9 +149,14 @@ class CheckpointFiles:
                 raise FileNotFoundError(
                     f"meta.read_checkpoint={read_checkpoint!r}: no such checkpoint (looked for {path})"
                 )
+            if latest is not None and latest.stat().st_mtime_ns > path.stat().st_mtime_ns:
+                logger.info("%s is newer than meta.read_checkpoint=%s: resuming from it", latest.name, path)
+                return latest
             return path
-        if self.latest.is_file():
-            return self.latest
+        if read_checkpoint:
+            logger.warning("meta.read_checkpoint=%r is ignored without meta.load_checkpoint=true", read_checkpoint)
+        if latest is not None:
+            return latest
         if required:
             raise FileNotFoundError(
                 f"meta.load_checkpoint=true but there is no {self.latest.name} in {self.folder}; "

@@ -45,9 +45,21 @@ def test_resolve_resume(tmp_path):
     with pytest.raises(FileNotFoundError, match="meta.load_checkpoint=true but there is no jepa-latest"):
         files.resolve_resume(None, required=True)
     with pytest.raises(FileNotFoundError, match="meta.read_checkpoint='jepa-ep3.pth.tar'"):
-        files.resolve_resume("jepa-ep3.pth.tar", required=False)
+        files.resolve_resume("jepa-ep3.pth.tar", required=True)
     files.save({"epoch": 3}, files.epoch_path(3))
     assert files.resolve_resume(None, required=False) == files.latest
+    # As official, read_checkpoint only counts with load_checkpoint; latest is linked to ep3 here.
+    assert files.resolve_resume("jepa-ep3.pth.tar", required=False) == files.latest
+    assert files.resolve_resume("jepa-ep3.pth.tar", required=True) in (files.epoch_path(3), files.latest)
+
+
+def test_newer_latest_wins_over_read_checkpoint_so_requeues_do_not_loop(tmp_path):
+    files = CheckpointFiles(tmp_path, "jepa")
+    files.save({"epoch": 3}, files.epoch_path(3))
+    time.sleep(0.01)
+    files.save({"step": 999}, None)  # progress made after resuming from ep3
+    assert files.resolve_resume("jepa-ep3.pth.tar", required=True) == files.latest
+    os.utime(files.epoch_path(3))  # a file chosen after latest was written is used
     assert files.resolve_resume("jepa-ep3.pth.tar", required=True) == files.epoch_path(3)
 
 

@@ -1,0 +1,96 @@
+"""The trainer's pieces in one process (world size 1): groups, schedules, EMA, precision."""
+
+import pytest
+import torch
+
+from ijepa_scale.config import config_from_dict
+from ijepa_scale.distributed import DistEnv
+from ijepa_scale.trainer import Trainer
+from tests.helpers.photos import make_photo_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    make_photo_shards(folder, sizes=[12, 12], num_classes=2, size=(40, 40))
+    return str(folder / "train-{000000..000001}.tar")
+
+
+def make_trainer(shards, folder, **meta):
+    cfg = config_from_dict({
+        "data": {"batch_size": 4, "crop_size": 32, "num_workers": 0, "shards": shards, "pin_mem": False},
+        "logging": {"folder": str(folder)},
+        "mask": {"patch_size": 8, "enc_mask_scale": [0.85, 1.0], "pred_mask_scale": [0.15, 0.3],
+                 "aspect_ratio": [0.75, 1.5], "num_pred_masks": 2, "min_keep": 2},
+        "meta": {"model_name": "vit_tiny", "embed_dim": 48, "depth": 1, "num_heads": 3, "pred_depth": 1,
+                 "pred_emb_dim": 24, **meta},
+        "optimization": {"epochs": 2, "warmup": 1, "ema": [0.9, 1.0]},
+    })
+    return Trainer(cfg, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+
+
+def test_param_groups_follow_official_weight_decay_rules(shards, tmp_path):
+    trainer = make_trainer(shards, tmp_path)
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == 4
+    assert [g.get("WD_exclude", False) for g in groups] == [False, False, True, True]
+    names = {id(p): n for n, p in trainer.predictor.named_parameters()}
+    decayed_predictor = {names[id(p)] for p in groups[1]["params"]}
+    assert "mask_token" in decayed_predictor  # as official: 3-D, so it is decayed
+    assert all(p.ndim == 1 for g in groups[2:] for p in g["params"])
+    trainer.close()
+
+
+def test_train_step_sets_schedules_and_updates_target_by_ema(shards, tmp_path):
+    trainer = make_trainer(shards, tmp_path)
+    target_before = [p.detach().clone() for p in trainer.target_encoder.parameters()]
+    batch = next(iter(trainer.stream.epoch_batches()))
+    metrics = trainer.train_step(batch)
+    assert trainer.step == 1 and metrics["step"] == 1
+    assert metrics["lr"] == trainer.lr_schedule.value(1)
+    groups = trainer.optimizer.param_groups
+    assert groups[0]["weight_decay"] == metrics["wd"] and groups[2]["weight_decay"] == 0
+    momentum = metrics["momentum"]
+    assert momentum == 0.9  # first step uses ema[0]
+    for before, target, online in zip(target_before, trainer.target_encoder.parameters(),
+                                       trainer.encoder.parameters()):
+        expected = before * momentum + online.detach() * (1 - momentum)
+        assert torch.allclose(target, expected, atol=1e-7)
+    assert any(not torch.equal(b, t) for b, t in zip(target_before, trainer.target_encoder.parameters()))
+    trainer.close()
+
+
+def test_bfloat16_runs_without_grad_scaler(shards, tmp_path):
+    trainer = make_trainer(shards, tmp_path, use_bfloat16=True)
+    assert trainer.dtype == "bfloat16" and trainer.scaler is None
+    batch = next(iter(trainer.stream.epoch_batches()))
+    metrics = trainer.train_step(batch)
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["grad_norm"] > 0
+    # master weights stay float32 under autocast
+    assert all(p.dtype == torch.float32 for p in trainer.encoder.parameters())
+    trainer.close()
+
+
+def test_float16_uses_a_grad_scaler(shards, tmp_path):
+    trainer = make_trainer(shards, tmp_path, dtype="float16")
+    assert trainer.scaler is not None
+    trainer.close()
+
+
+def test_l2_loss_is_the_paper_objective(shards, tmp_path):
+    from ijepa_scale.data.transforms import normalize
+    from ijepa_scale.objectives import IJEPAObjective
+
+    trainer = make_trainer(shards, tmp_path)
+    batch = next(iter(trainer.stream.epoch_batches()))
+    args = (trainer.encoder, trainer.predictor, trainer.target_encoder, normalize(batch["images"]),
+            batch["masks_enc"], batch["masks_pred"])
+    with torch.no_grad():
+        smooth = IJEPAObjective("smooth_l1")(*args)
+        l2 = IJEPAObjective("l2")(*args)
+        z = IJEPAObjective().predictions(*args[:2], *args[3:])
+        h = IJEPAObjective().targets(*args[2:])
+    assert torch.allclose(l2, ((z - h) ** 2).mean())
+    if (z - h).abs().max() < 1:  # smooth-L1 with beta 1 is half the squared error below 1
+        assert torch.allclose(l2, 2 * smooth, rtol=1e-5)
+    trainer.close()
