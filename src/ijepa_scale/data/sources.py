@@ -9,7 +9,6 @@ shuffled individually for ImageFolder, like DistributedSampler.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import posixpath
@@ -197,7 +196,7 @@ def _read_json(url: str) -> Optional[dict]:
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as f:
-        return json.load(io.TextIOWrapper(f, encoding="utf-8"))
+        return json.loads(f.read())
 
 
 def count_samples(url: str) -> int:

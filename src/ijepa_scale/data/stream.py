@@ -19,6 +19,7 @@ restarts at its own next batch, re-reading at most one shuffle block.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import multiprocessing
 import os
@@ -150,20 +151,27 @@ class _EpochDataset(IterableDataset):
         return self.transform(open_image(item.data), rng)
 
     def _shuffled_run(self, run_start: int, run_length: int, skip: int):
-        """Yield (position, item) for the worker's run in shuffled order, skipping the first `skip`."""
-        block = self.shuffle_buffer if self.source.shuffle_in_stream else run_length
-        block = max(1, block)
-        first_block = skip // block
-        for block_start in range(run_start + first_block * block, run_start + run_length, block):
-            block_stop = min(block_start + block, run_start + run_length)
-            items = list(self.source.read_range(self.seed, self.epoch, block_start, block_stop))
-            assert len(items) == block_stop - block_start, "source returned a wrong number of samples"
+        """Yield (position, item) for the worker's run in shuffled order, skipping the first `skip`.
+
+        The run is read as one contiguous stream (each shard opened once); the shuffle
+        permutes blocks of `shuffle_buffer` samples aligned to the run start, so a resume
+        only re-reads the block it stopped in.
+        """
+        block = max(1, self.shuffle_buffer if self.source.shuffle_in_stream else run_length)
+        run_stop = run_start + run_length
+        first_block_start = run_start + (skip // block) * block
+        reader = self.source.read_range(self.seed, self.epoch, first_block_start, run_stop)
+        begin = skip % block
+        for block_start in range(first_block_start, run_stop, block):
+            block_stop = min(block_start + block, run_stop)
+            items = list(itertools.islice(reader, block_stop - block_start))
+            assert len(items) == block_stop - block_start, "source returned too few samples"
             order = list(range(len(items)))
             if self.source.shuffle_in_stream:
                 random.Random(f"{self.seed}/{self.epoch}/block/{block_start}").shuffle(order)
-            begin = skip - first_block * block if block_start == run_start + first_block * block else 0
             for i in order[begin:]:
                 yield block_start + i, items[i]
+            begin = 0
 
 
 def _worker_context():
