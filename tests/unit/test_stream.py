@@ -205,3 +205,20 @@ def test_image_folder_source_exactly_once(tmp_path):
 def test_image_folder_missing_root_names_the_keys(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.root_path"):
         ImageFolderSource(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_shards_through_fsspec_urls(uneven_shards, scheme):
+    import fsspec
+
+    if scheme == "file":
+        base = f"file://{uneven_shards}"
+    else:
+        base = "memory://bucket/in1k"
+        fs = fsspec.filesystem("memory")
+        for path in uneven_shards.iterdir():
+            fs.pipe(f"{base}/{path.name}", path.read_bytes())
+    source = open_shards(base + "/train-{000000..000004}.tar")
+    assert source.counts == [13, 7, 11, 3, 9]  # from the index beside the shards
+    keys = [k for batch in make_stream(source, 0, 1, 0).epoch_batches() for k in batch["keys"]]
+    assert len(keys) == 40 and len(set(keys)) == 40
