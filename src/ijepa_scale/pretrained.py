@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import pickle
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from typing import Any
 import fsspec
 import torch
 
+from .fileutil import atomic_write
 from .models.vision_transformer import (
     VIT_SIZES,
     VisionTransformer,
@@ -81,23 +81,16 @@ def _cache_path(url: str, cache_dir: Path) -> Path:
 def _download(url: str, dest: Path) -> str:
     """Copy ``url`` to ``dest`` atomically; return the sha256 of what was written."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out, fsspec.open(url, "rb") as src:
+
+    def copy(out) -> str:
+        digest = hashlib.sha256()
+        with fsspec.open(url, "rb") as src:
             for chunk in iter(lambda: src.read(_CHUNK), b""):
                 digest.update(chunk)
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp_name, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return digest.hexdigest()
+        return digest.hexdigest()
+
+    return atomic_write(dest, copy, tmp_prefix=f".{dest.name}.part.")
 
 
 def fetch(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,

@@ -9,7 +9,27 @@ from __future__ import annotations
 import math
 
 
-class WarmupCosineLR:
+class _StepSchedule:
+    """A schedule whose value is a pure function of its step count; the count is its whole state."""
+
+    step_count: int
+
+    def value(self, step: int) -> float:
+        raise NotImplementedError
+
+    def step(self) -> float:
+        # Stepped before each iteration, so the first iteration uses value(1), as official.
+        self.step_count += 1
+        return self.value(self.step_count)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+
+
+class WarmupCosineLR(_StepSchedule):
     """Linear warmup from start_lr to ref_lr, then cosine to final_lr (official WarmupCosineSchedule)."""
 
     def __init__(self, warmup_steps: int, start_lr: float, ref_lr: float, total_steps: int, final_lr: float = 0.0):
@@ -28,19 +48,8 @@ class WarmupCosineLR:
         cosine = self.final_lr + (self.ref_lr - self.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return max(self.final_lr, cosine)
 
-    def step(self) -> float:
-        # Stepped before each iteration, so the first iteration uses value(1), as official.
-        self.step_count += 1
-        return self.value(self.step_count)
 
-    def state_dict(self) -> dict:
-        return {"step": self.step_count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step"])
-
-
-class CosineWD:
+class CosineWD(_StepSchedule):
     """Cosine from ref_wd to final_wd over total_steps, clamped at final_wd (official CosineWDSchedule)."""
 
     def __init__(self, ref_wd: float, total_steps: int, final_wd: float = 0.0):
@@ -54,18 +63,8 @@ class CosineWD:
         wd = self.final_wd + (self.ref_wd - self.final_wd) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return max(self.final_wd, wd) if self.final_wd <= self.ref_wd else min(self.final_wd, wd)
 
-    def step(self) -> float:
-        self.step_count += 1
-        return self.value(self.step_count)
 
-    def state_dict(self) -> dict:
-        return {"step": self.step_count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step"])
-
-
-class LinearMomentum:
+class LinearMomentum(_StepSchedule):
     """EMA momentum rising linearly from start to end over total_steps.
 
     The official generator yields int(total)+1 values and raises StopIteration
@@ -84,15 +83,10 @@ class LinearMomentum:
         return self.start + step * (self.end - self.start) / self.total_steps
 
     def step(self) -> float:
+        # Official: next() of a generator starting at i = 0, so the first value is `start`.
         value = self.value(self.step_count)
         self.step_count += 1
         return value
-
-    def state_dict(self) -> dict:
-        return {"step": self.step_count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step"])
 
 
 def build_schedules(opt_cfg, steps_per_epoch: int):

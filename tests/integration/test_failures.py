@@ -1,17 +1,16 @@
 """Failure paths with 2 gloo ranks: NaN steps, a dying rank, corrupt shards."""
 
-import io
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import pandas as pd
 import pytest
 import torch
 
+from tests.helpers.shards import NOT_A_JPEG, replace_member, truncate
 from tests.integration.common import ROOT, make_shards, read_csv, run_main, tiny_config, write_config
 
 pytestmark = pytest.mark.integration
@@ -92,21 +91,9 @@ def test_a_dying_rank_stops_the_others_and_main_exits_nonzero(shards, tmp_path):
 
 
 def damage_shards(folder):
-    """An undecodable image in shard 0 and shard 3 cut in half."""
-    shard0 = folder / "train-000000.tar"
-    members = []
-    with tarfile.open(shard0) as tar:
-        for info in tar.getmembers():
-            data = tar.extractfile(info).read()
-            if info.name.startswith("000000_000002") and info.name.endswith(".jpg"):
-                data = b"\xff\xd8 not a jpeg at all"
-            members.append((info, data))
-    with tarfile.open(shard0, "w") as tar:
-        for info, data in members:
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    shard3 = folder / "train-000003.tar"
-    shard3.write_bytes(shard3.read_bytes()[:700])
+    """An undecodable image in shard 0 and shard 3 cut short."""
+    replace_member(folder / "train-000000.tar", "000000_000002", "jpg", NOT_A_JPEG)
+    truncate(folder / "train-000003.tar", 700)
 
 
 def test_corrupt_data_is_skipped_counted_and_logged(tmp_path):

@@ -1,6 +1,5 @@
 """The shard stream: exactly once per epoch, equal steps per rank, exact resume, bad data counted."""
 
-import io
 import itertools
 import tarfile
 from collections import Counter
@@ -13,6 +12,7 @@ from ijepa_scale.data.stream import DataStream
 from ijepa_scale.data.transforms import ImageTransform
 from ijepa_scale.masks import MultiBlockMaskCollator
 from tests.helpers.photos import make_photo_folder, make_photo_shards
+from tests.helpers.shards import NOT_A_JPEG, replace_member, truncate
 
 CROP = 32
 
@@ -137,21 +137,9 @@ def test_shards_without_index_are_counted(tmp_path, uneven_shards):
 def corrupt_shards(folder):
     """Shard 1 truncated mid-way, one undecodable image in shard 0."""
     make_photo_shards(folder, sizes=[8, 8, 8], num_classes=2, size=(40, 40))
-    shard0 = folder / "train-000000.tar"
-    members = []
-    with tarfile.open(shard0) as tar:
-        for info in tar.getmembers():
-            data = tar.extractfile(info).read()
-            if info.name.endswith(".jpg") and info.name.startswith("000000_000003"):
-                data = b"\xff\xd8 this is not a jpeg"
-            members.append((info, data))
-    with tarfile.open(shard0, "w") as tar:
-        for info, data in members:
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    replace_member(folder / "train-000000.tar", "000000_000003", "jpg", NOT_A_JPEG)
     shard1 = folder / "train-000001.tar"
-    raw = shard1.read_bytes()
-    shard1.write_bytes(raw[: len(raw) // 2])
+    truncate(shard1, shard1.stat().st_size // 2)
     return open_shards(str(folder / "train-{000000..000002}.tar"))
 
 
