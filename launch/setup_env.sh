@@ -16,7 +16,6 @@ fi
 quiet_pip() {  # drop this machine's noise about missing local index folders, keep the exit status
   .venv/bin/pip "$@" 2> >(grep -v '^WARNING: Location' >&2)
 }
-quiet_pip install -q --upgrade pip
 extras=""
 [ "${1:-}" = "dev" ] && extras="[dev]"
 # torch is pinned here, not in setup.py: any looser spec pulls a multi-GB CUDA build.

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from .errors import UserError
 from .fileutil import atomic_write, fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -102,22 +103,23 @@ class CheckpointFiles:
     def resolve_resume(self, read_checkpoint: Optional[str], required: bool) -> Optional[Path]:
         """The file to resume from, or None for a fresh start.
 
-        As official, `read_checkpoint` (a file inside the folder, or a path) is used
-        only with `required` (meta.load_checkpoint); without it, latest is used when
-        present.  A latest written after `read_checkpoint` wins, so a requeued job
-        continues instead of going back to the same old file on every restart.
+        As official, `read_checkpoint` (a file in the folder, or a path) is used only with
+        `required` (meta.load_checkpoint); otherwise latest is used when present.  When
+        latest itself descends from `read_checkpoint` (its lineage lists that file at that
+        step), latest wins: a restarted job continues instead of going back to the same old
+        file every time, while pointing at any other file still rolls back to it.
         """
         latest = self.latest if self.latest.is_file() else None
         if read_checkpoint and required:
-            path = Path(read_checkpoint)
-            if not path.is_absolute() and not path.exists():
-                path = self.folder / read_checkpoint
+            path = self.folder / read_checkpoint
+            if Path(read_checkpoint).is_absolute() or not path.is_file():
+                path = Path(read_checkpoint)
             if not path.is_file():
                 raise FileNotFoundError(
-                    f"meta.read_checkpoint={read_checkpoint!r}: no such checkpoint (looked for {path})"
+                    f"meta.read_checkpoint={read_checkpoint!r}: no such checkpoint (looked in {self.folder})"
                 )
-            if latest is not None and latest.stat().st_mtime_ns > path.stat().st_mtime_ns:
-                logger.info("%s is newer than meta.read_checkpoint=%s: resuming from it", latest.name, path)
+            if latest is not None and not latest.samefile(path) and self._descends_from(latest, path):
+                logger.info("%s continues from meta.read_checkpoint=%s: resuming from it", latest.name, path.name)
                 return latest
             return path
         if read_checkpoint:
@@ -131,12 +133,25 @@ class CheckpointFiles:
             )
         return None
 
+    @staticmethod
+    def _descends_from(later: Path, earlier: Path) -> bool:
+        origin = {"file": earlier.name, "step": _peek(earlier).get("step")}
+        return origin in _peek(later).get("lineage", [])
+
+
+def _peek(path: Path) -> dict:
+    """A checkpoint's small fields; tensors are memory-mapped, so nothing large is read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return {}
+
 
 def load_checkpoint_file(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise RuntimeError(
+        raise UserError(
             f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}. Refusing to start from scratch: "
             f"pick another file with meta.read_checkpoint or move this folder away"
         ) from exc

@@ -30,14 +30,15 @@ def parse_train_args(argv=None, prog=None):
 
 
 def train_main(argv=None, prog=None) -> int:
-    from .config import ConfigError, load_config
+    from .config import load_config
+    from .errors import UserError
     from .launch import launch
 
     args = parse_train_args(argv, prog)
     try:
         cfg = load_config(args.fname, args.overrides)
         return launch(cfg, args.devices)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -19,10 +19,12 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import UserError
+
 PLACEHOLDER_PREFIX = "$replace_this"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user mistake in a config file or a command-line override."""
 
 
@@ -125,6 +127,12 @@ class MetaConfig:
     num_heads: Optional[int] = None
 
     def validate(self) -> None:
+        from .models.vision_transformer import VIT_SIZES
+
+        if self.model_name not in VIT_SIZES:
+            raise ConfigError(
+                f"meta.model_name={self.model_name!r} is not a ViT size; use one of {', '.join(VIT_SIZES)}"
+            )
         _positive(self, "pred_depth", "pred_emb_dim")
         for name in ("embed_dim", "depth", "num_heads"):
             if getattr(self, name) is not None:

@@ -17,6 +17,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -40,16 +42,16 @@ def parse_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--devices: {name!r} is not a device name (use e.g. cuda:0 or cpu)") from None
+        raise UserError(f"--devices: {name!r} is not a device name (use e.g. cuda:0 or cpu)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--devices: {name} requested but CUDA is not available here (use cpu)")
+            raise UserError(f"--devices: {name} requested but CUDA is not available here (use cpu)")
         if device.index is None:
             device = torch.device("cuda", 0)
         if device.index >= torch.cuda.device_count():
-            raise ValueError(f"--devices: {name} does not exist ({torch.cuda.device_count()} CUDA devices)")
+            raise UserError(f"--devices: {name} does not exist ({torch.cuda.device_count()} CUDA devices)")
     elif device.type != "cpu":
-        raise ValueError(f"--devices: unsupported device type {device.type!r} (use cuda:N or cpu)")
+        raise UserError(f"--devices: unsupported device type {device.type!r} (use cuda:N or cpu)")
     return device
 
 

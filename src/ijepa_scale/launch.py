@@ -6,15 +6,18 @@ import logging
 import os
 import signal
 import sys
+import traceback
 
 import torch.multiprocessing as mp
 
 from . import distributed as dist_utils
 from .config import Config
+from .errors import UserError
 from .procutil import die_with_parent
 from .run import cpu_threads_per_rank, run_training
 
 logger = logging.getLogger(__name__)
+USER_ERROR_EXIT = 2
 
 
 def _spawned_rank(rank: int, cfg: Config, devices: list[str], threads: int | None, launcher_pid: int) -> None:
@@ -22,10 +25,15 @@ def _spawned_rank(rank: int, cfg: Config, devices: list[str], threads: int | Non
     die_with_parent(launcher_pid, signal.SIGTERM)
     try:
         run_training(cfg, rank, len(devices), devices[rank], local_rank=rank, cpu_threads=threads)
-    except (ValueError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         # A user mistake found after start-up (missing shard, refused resume): one line, not a traceback.
         print(f"error: rank {rank}: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(USER_ERROR_EXIT)
+    except Exception:
+        # Printed here because the launcher may report a peer's follow-up error (a broken
+        # collective) first; this keeps the root cause in the output.
+        print(f"rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        raise
 
 
 def _torchrun_device(devices: list[str] | None, local_rank: int) -> str:
@@ -51,7 +59,7 @@ def launch(cfg: Config, devices: list[str] | None) -> int:
         dist_utils.parse_device(name)
     cuda = [d for d in devices if d.startswith("cuda")]
     if len(set(cuda)) != len(cuda):
-        raise ValueError(f"--devices lists a CUDA device twice: {' '.join(devices)}")
+        raise UserError(f"--devices lists a CUDA device twice: {' '.join(devices)}")
     threads = cpu_threads_per_rank(len(devices))
     if len(devices) == 1:
         run_training(cfg, 0, 1, devices[0], cpu_threads=threads)
@@ -59,8 +67,8 @@ def launch(cfg: Config, devices: list[str] | None) -> int:
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(dist_utils.find_free_port())
-    context = mp.start_processes(_spawned_rank, args=(cfg, devices, threads, os.getpid()), nprocs=len(devices), join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(_spawned_rank, args=(cfg, devices, threads, os.getpid()), nprocs=len(devices),
+                                 join=False, start_method="spawn")
     interrupts = 0
 
     def forward_signal(signum, frame):
@@ -71,7 +79,7 @@ def launch(cfg: Config, devices: list[str] | None) -> int:
                 if interrupts == 1:
                     os.kill(process.pid, signal.SIGINT)
                 else:
-                    process.terminate()
+                    process.kill()
         if interrupts == 1:
             print("stopping after the current step and saving a checkpoint (interrupt again to abort)",
                   file=sys.stderr, flush=True)
@@ -84,6 +92,8 @@ def launch(cfg: Config, devices: list[str] | None) -> int:
         print(f"error: rank {exc.error_index} failed; the other ranks were stopped.\n{exc}", file=sys.stderr)
         return 1
     except mp.ProcessExitedException as exc:
+        if exc.exit_code == USER_ERROR_EXIT:
+            return USER_ERROR_EXIT  # the rank printed the one-line message
         print(f"error: rank {exc.error_index} exited with code {exc.exit_code}; the other ranks were stopped.",
               file=sys.stderr)
         return 1

@@ -8,8 +8,12 @@ keeps one header and has no duplicated or missing step.
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import time
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 COLUMNS = (
     "epoch", "itr", "loss", "mask-A", "mask-B", "time (ms)",
@@ -40,7 +44,11 @@ class CSVMetrics:
         with open(self.path, newline="") as f:
             rows = list(csv.reader(f))
         if not rows or tuple(rows[0]) != COLUMNS:
-            raise ValueError(f"{self.path} does not have the expected header; move it away to resume")
+            # E.g. the official code's CSV of the run being continued: keep it beside ours.
+            kept = self.path.with_name(f"{self.path.stem}.previous-{int(time.time())}{self.path.suffix}")
+            os.replace(self.path, kept)
+            logger.warning("%s has another header (official run?); moved it to %s", self.path, kept.name)
+            rows = [list(COLUMNS)]
         step_col = COLUMNS.index("step")
         kept = [r for r in rows[1:] if len(r) == len(COLUMNS) and int(r[step_col]) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -57,6 +65,10 @@ class CSVMetrics:
         assert not missing, f"missing metric columns: {sorted(missing)}"
         self._file.write(",".join(_format(values[c]) for c in COLUMNS) + "\n")
         self._file.flush()
+
+    def sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if not self._file.closed:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import torch
 
 from . import distributed as dist_utils
 from .config import Config
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
 def setup_logging(rank: int) -> None:
@@ -27,6 +31,11 @@ def run_training(cfg: Config, rank: int, world_size: int, device_name: str, loca
     from .trainer import Trainer
 
     setup_logging(rank)
+    # Stop requests that arrive while the trainer is being built are kept, not lost: the first
+    # step then agrees on them across ranks, saves, and stops.
+    pending: list[int] = []
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: pending.append(signum))
     device = dist_utils.parse_device(device_name)
     if device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
@@ -34,7 +43,9 @@ def run_training(cfg: Config, rank: int, world_size: int, device_name: str, loca
     trainer = None
     try:
         trainer = Trainer(cfg, env)
-        trainer.install_signal_handlers()
+        trainer.stop_requested = bool(pending)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, trainer.request_stop)
         return trainer.train()
     finally:
         if trainer is not None:

@@ -7,7 +7,6 @@ import logging
 import math
 import random
 import resource
-import signal
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,6 +21,7 @@ from .config import Config, dump_config
 from .data.sources import build_source
 from .data.stream import DataStream
 from .data.transforms import ImageTransform, normalize
+from .errors import UserError
 from .masks import MultiBlockMaskCollator
 from .metrics import CSVMetrics
 from .models import build_encoder, build_predictor
@@ -127,7 +127,7 @@ class Trainer:
             horizontal_flip=cfg.data.use_horizontal_flip, color_distortion=cfg.data.use_color_distortion,
             color_jitter_strength=cfg.data.color_jitter_strength, gaussian_blur=cfg.data.use_gaussian_blur,
         )
-        source = build_source(cfg.data)
+        source = self._build_source_once(cfg.data)
         self.stream = DataStream(
             source, transform, self.collator, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
             rank=env.rank, world_size=env.world_size, seed=cfg.meta.seed, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -145,12 +145,16 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.epoch_loss_sum = 0.0
         self.epoch_loss_count = 0
-        self.stop_requested = False
+        self.stop_requested = False  # set locally by a signal
+        self.stop_agreed = False  # set on every rank once any rank asked to stop
+        self.lineage: list[dict] = []
         self._saved_step: Optional[int] = None
 
         resume_path = self.checkpoints.resolve_resume(cfg.meta.read_checkpoint, cfg.meta.load_checkpoint)
         if resume_path is not None:
-            self.load_state_dict(load_checkpoint_file(resume_path))
+            state = load_checkpoint_file(resume_path)
+            self.load_state_dict(state)
+            self.lineage = list(state.get("lineage", [])) + [{"file": resume_path.name, "step": self.step}]
             self._saved_step = self.step
             if env.is_main:
                 logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, self.step,
@@ -160,6 +164,19 @@ class Trainer:
         if env.is_main:
             logger.info("data: %s; %d steps per epoch of %d x %d images", source.describe(),
                         self.steps_per_epoch, env.world_size, cfg.data.batch_size)
+
+    def _build_source_once(self, data_cfg):
+        """Rank 0 lists the data (and counts unindexed shards); the others receive its result."""
+        result = None
+        if self.env.is_main:
+            try:
+                result = build_source(data_cfg)
+            except Exception as exc:  # every rank raises it, so none waits in a collective
+                result = exc
+        result = dist_utils.broadcast_object(result)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     # ---------------------------------------------------------------- step
     def _set_optimizer_hyperparameters(self, lr: float, wd: float) -> None:
@@ -175,6 +192,16 @@ class Trainer:
             torch._foreach_mul_(target, momentum)
             torch._foreach_add_(target, online, alpha=1.0 - momentum)
 
+    def _grad_norm_and_clip(self) -> float:
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.cfg.optimization.clip_grad is not None:
+            torch.nn.utils.clip_grads_with_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None],
+                self.cfg.optimization.clip_grad, norm,
+            )
+        return float(norm)
+
     def train_step(self, batch: dict) -> dict:
         """One optimisation step on one batch; returns the logged metrics."""
         lr = self.lr_schedule.step()
@@ -186,21 +213,24 @@ class Trainer:
         images = normalize(batch["images"].to(self.device, non_blocking=True))
         masks_enc = [m.to(self.device, non_blocking=True) for m in batch["masks_enc"]]
         masks_pred = [m.to(self.device, non_blocking=True) for m in batch["masks_pred"]]
-        with autocast_context(self.device, self.dtype):
-            loss = self.objective(self.encoder, self.predictor, self.target_encoder, images, masks_enc, masks_pred)
+        loss = None
+        if batch.get("usable", True):
+            with autocast_context(self.device, self.dtype):
+                loss = self.objective(self.encoder, self.predictor, self.target_encoder, images, masks_enc,
+                                      masks_pred)
 
-        # One collective decides for every rank: the global mean loss, which ranks saw a
-        # non-finite loss, and whether any rank was asked to stop.
+        # One collective decides for every rank: the global mean loss, which ranks cannot
+        # step (non-finite loss, or no decodable sample), and whether any rank was asked to stop.
         world = self.env.world_size
-        local_finite = bool(torch.isfinite(loss.detach()).item())
+        local_ok = loss is not None and bool(torch.isfinite(loss.detach()).item())
         shared = torch.zeros(world + 2, dtype=torch.float64, device=self.device)
-        shared[0] = loss.detach().double() / world if local_finite else 0.0
-        shared[1 + self.env.rank] = 0.0 if local_finite else 1.0
+        shared[0] = loss.detach().double() / world if local_ok else 0.0
+        shared[1 + self.env.rank] = 0.0 if local_ok else 1.0
         shared[world + 1] = 1.0 if self.stop_requested else 0.0
         dist_utils.all_reduce_sum(shared)
         shared = shared.cpu()
         bad_ranks = [r for r in range(world) if shared[1 + r] > 0]
-        self.stop_requested = bool(shared[world + 1] > 0)
+        self.stop_agreed = self.stop_agreed or bool(shared[world + 1] > 0)
 
         grad_norm = float("nan")
         skipped = bool(bad_ranks)
@@ -210,9 +240,7 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)
             else:
                 loss.backward()
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            max_norm = self.cfg.optimization.clip_grad or float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            grad_norm = self._grad_norm_and_clip()
             if self.scaler is not None:
                 # The scaler skips the update itself on inf/nan gradients and lowers its scale.
                 self.scaler.step(self.optimizer)
@@ -234,11 +262,12 @@ class Trainer:
         if skipped:
             self.skipped_steps += 1
             self.consecutive_nonfinite += 1
-            logger.warning("step %d: non-finite loss on rank(s) %s; update skipped on every rank (%d in a row)",
-                           self.step, bad_ranks, self.consecutive_nonfinite)
+            logger.warning("step %d: non-finite loss or undecodable batch on rank(s) %s; update skipped on "
+                           "every rank (%d in a row)", self.step, bad_ranks, self.consecutive_nonfinite)
             if self.consecutive_nonfinite >= self.cfg.optimization.max_consecutive_nonfinite:
                 raise NonFiniteLossError(
-                    f"{self.consecutive_nonfinite} consecutive non-finite steps ending at step {self.step} "
+                    f"{self.consecutive_nonfinite} consecutive skipped steps (non-finite loss or gradient, or "
+                    f"no decodable sample) ending at step {self.step} "
                     f"(epoch {batch['epoch'] + 1}, itr {batch['batch']}); last on rank(s) {bad_ranks}. "
                     f"Lower optimization.lr, set optimization.clip_grad, or resume from an earlier checkpoint"
                 )
@@ -289,6 +318,8 @@ class Trainer:
         every_steps = self.cfg.logging.checkpoint_every_steps
         global_batch = self.env.world_size * self.cfg.data.batch_size
         while self.stream.epoch < epochs:
+            if self._should_stop():
+                return self._stop(periodic=None)
             if self.stream.batch_in_epoch == 0:
                 self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
             wait_start = time.perf_counter()
@@ -303,39 +334,48 @@ class Trainer:
                                          or not math.isfinite(metrics["loss"])):
                     self._log_progress(metrics)
                 last_in_epoch = batch["batch"] == self.steps_per_epoch - 1
-                stop_at = self.cfg.optimization.stop_at_step
-                if self.stop_requested or (stop_at and self.step >= stop_at):
-                    self.save()
-                    if self.env.is_main:
-                        reason = "on request" if self.stop_requested else "at optimization.stop_at_step"
-                        logger.info("stopped %s at step %d; run the same command to resume", reason, self.step)
-                    return False
+                if self._should_stop():
+                    return self._stop(periodic=self._epoch_end_path() if last_in_epoch else None)
                 if every_steps and self.step % every_steps == 0 and not last_in_epoch:
                     self.save(periodic=self.checkpoints.step_path(self.step))
                 wait_start = time.perf_counter()
-            epochs_done = self.stream.epoch
-            keep = epochs_done % self.cfg.logging.checkpoint_freq == 0 or epochs_done == epochs
-            self.save(periodic=self.checkpoints.epoch_path(epochs_done) if keep else None)
+            self.save(periodic=self._epoch_end_path())
             if self.env.is_main:
-                logger.info("epoch %d done: avg loss %.5f", epochs_done,
+                logger.info("epoch %d done: avg loss %.5f", self.stream.epoch,
                             self.epoch_loss_sum / max(1, self.epoch_loss_count))
         return True
 
+    def _epoch_end_path(self) -> Optional[Path]:
+        """The -ep{N} file for the epoch that ends with the current step, if it is kept."""
+        epochs_done = self.stream.state_dict()["epoch"]
+        keep = epochs_done % self.cfg.logging.checkpoint_freq == 0 or epochs_done == self.cfg.optimization.epochs
+        return self.checkpoints.epoch_path(epochs_done) if keep else None
+
+    def _should_stop(self) -> bool:
+        stop_at = self.cfg.optimization.stop_at_step
+        return self.stop_agreed or bool(stop_at and self.step >= stop_at)
+
+    def _stop(self, periodic: Optional[Path]) -> bool:
+        self.save(periodic=periodic)
+        if self.env.is_main:
+            reason = "on request" if self.stop_agreed else "at optimization.stop_at_step"
+            logger.info("stopped %s at step %d; run the same command to resume", reason, self.step)
+        return False
+
     # ---------------------------------------------------------------- state
     def _local_state(self) -> dict:
-        return {"data": self.stream.state_dict(), "rng": rng_state()}
+        return {"data": self.stream.state_dict(), "rng": rng_state(), "skipped_samples": self.skipped_samples}
 
     def state_dict(self) -> dict:
         """The full training state; every rank must call it (it gathers per-rank state)."""
         per_rank = dist_utils.all_gather_objects(self._local_state())
-        data_state = self.stream.state_dict()
         return {
             "encoder": add_module_prefix(unwrap(self.encoder).state_dict()),
             "predictor": add_module_prefix(unwrap(self.predictor).state_dict()),
             "target_encoder": add_module_prefix(self.target_encoder.state_dict()),
             "opt": self.optimizer.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
-            "epoch": data_state["epoch"],
+            "epoch": per_rank[0]["data"]["epoch"],
             "loss": self.epoch_loss_sum / max(1, self.epoch_loss_count),
             "batch_size": self.cfg.data.batch_size,
             "world_size": self.env.world_size,
@@ -349,12 +389,12 @@ class Trainer:
             "mask_collator": {**self.collator.state_dict(), "step": self.step},
             "rank_state": per_rank,
             "counters": {
-                "skipped_samples": self.skipped_samples,
                 "skipped_steps": self.skipped_steps,
                 "consecutive_nonfinite": self.consecutive_nonfinite,
                 "epoch_loss_sum": self.epoch_loss_sum,
                 "epoch_loss_count": self.epoch_loss_count,
             },
+            "lineage": self.lineage,
             "config": self.cfg.to_dict(),
             "ijepa_scale_version": CHECKPOINT_VERSION,
         }
@@ -362,7 +402,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         missing = [k for k in ("encoder", "predictor", "target_encoder", "opt") if k not in state]
         if missing:
-            raise ValueError(f"checkpoint lacks {missing}: not a training checkpoint")
+            raise UserError(f"checkpoint lacks {missing}: not a training checkpoint")
         unwrap(self.encoder).load_state_dict(strip_module_prefix(state["encoder"]))
         unwrap(self.predictor).load_state_dict(strip_module_prefix(state["predictor"]))
         self.target_encoder.load_state_dict(strip_module_prefix(state["target_encoder"]))
@@ -382,24 +422,32 @@ class Trainer:
         self.momentum_schedule.load_state_dict(state["schedules"]["momentum"])
         self.collator.load_state_dict({"step": state["mask_collator"]["step"]})
         counters = state["counters"]
-        self.skipped_samples = counters["skipped_samples"]
         self.skipped_steps = counters["skipped_steps"]
         self.consecutive_nonfinite = counters["consecutive_nonfinite"]
         self.epoch_loss_sum = counters["epoch_loss_sum"]
         self.epoch_loss_count = counters["epoch_loss_count"]
         per_rank = state["rank_state"]
-        saved_world = len(per_rank)
-        if saved_world == self.env.world_size:
+        if len(per_rank) == self.env.world_size:
             mine = per_rank[self.env.rank]
-            self.stream.load_state_dict(mine["data"])
+            layout_changed = self.stream.load_state_dict(mine["data"])
             set_rng_state(mine["rng"])
+            self.skipped_samples = mine["skipped_samples"]
         else:
             # Another world size: the stream refuses unless the data state is at an epoch boundary.
-            self.stream.load_state_dict(per_rank[0]["data"])
+            layout_changed = self.stream.load_state_dict(per_rank[0]["data"])
+        if layout_changed:
+            # Steps per epoch changed: continue the schedules at the same epoch position, as the
+            # official code does by replaying epoch * steps_per_epoch scheduler steps.
+            position = self.stream.epoch * self.steps_per_epoch
+            for schedule in (self.lr_schedule, self.wd_schedule, self.momentum_schedule):
+                schedule.load_state_dict({"step": position})
+            logger.warning("steps per epoch changed: schedules continue from epoch %d (position %d)",
+                           self.stream.epoch, position)
 
     def save(self, periodic: Optional[Path] = None) -> None:
         if self._saved_step == self.step and periodic is None:
             return
+        self.metrics.sync()  # rows up to this step survive a machine crash together with the checkpoint
         state = self.state_dict()
         if self.env.is_main:
             path = self.checkpoints.save(state, periodic)
@@ -409,10 +457,6 @@ class Trainer:
 
     def request_stop(self, signum=None, frame=None) -> None:
         self.stop_requested = True
-
-    def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
-            signal.signal(sig, self.request_stop)
 
     def close(self) -> None:
         self.metrics.close()

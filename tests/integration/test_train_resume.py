@@ -48,7 +48,7 @@ def test_uninterrupted_run_logs_and_checkpoints(uninterrupted):
     # The logged loss is the global mean, identical on both ranks.
     assert read_csv(run, 0)["loss"].tolist() == read_csv(run, 1)["loss"].tolist()
     names = sorted(p.name for p in run.iterdir())
-    assert {"jepa-latest.pth.tar", "jepa-ep2.pth.tar", "params-ijepa.yaml"} <= set(names)
+    assert {"jepa-latest.pth.tar", "jepa-ep1.pth.tar", "jepa-ep2.pth.tar", "params-ijepa.yaml"} <= set(names)
     state = torch.load(run / "jepa-latest.pth.tar", weights_only=False)
     assert state["epoch"] == 2 and state["step"] == 2 * steps_per_epoch and state["world_size"] == 2
     assert all(k.startswith("module.") for k in state["encoder"])
@@ -60,10 +60,13 @@ def test_resume_mid_epoch_and_at_epoch_end_equals_uninterrupted(shards, uninterr
     full_run, _ = uninterrupted
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", tiny_config(shards, run))
-    for stop_at in (3, 5, 7):  # mid-epoch, exactly at the epoch end, mid-epoch of epoch 2
+    for stop_at in (3, 3, 5, 7):  # mid-epoch (twice: no extra step), at the epoch end, in epoch 2
         proc = run_main(config, f"optimization.stop_at_step={stop_at}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert torch.load(run / "jepa-latest.pth.tar", weights_only=False)["step"] == stop_at
+        assert read_csv(run, 0)["step"].tolist() == list(range(1, stop_at + 1))
+        if stop_at == 5:  # stopping on the last step of an epoch still writes that epoch's file
+            assert torch.load(run / "jepa-ep1.pth.tar", weights_only=False)["step"] == 5
     proc = run_main(config)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout

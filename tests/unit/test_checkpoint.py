@@ -53,20 +53,25 @@ def test_resolve_resume(tmp_path):
     assert files.resolve_resume("jepa-ep3.pth.tar", required=True) in (files.epoch_path(3), files.latest)
 
 
-def test_newer_latest_wins_over_read_checkpoint_so_requeues_do_not_loop(tmp_path):
+def test_latest_wins_over_read_checkpoint_only_when_it_descends_from_it(tmp_path):
     files = CheckpointFiles(tmp_path, "jepa")
-    files.save({"epoch": 3}, files.epoch_path(3))
-    time.sleep(0.01)
-    files.save({"step": 999}, None)  # progress made after resuming from ep3
+    files.save({"epoch": 3, "step": 30}, files.epoch_path(3))
+    files.save({"epoch": 5, "step": 50, "lineage": []}, None)
+    # Rolling back: latest does not come from ep3, so the requested file is used.
+    assert files.resolve_resume("jepa-ep3.pth.tar", required=True) == files.epoch_path(3)
+    # After resuming from ep3, latest records it: a restart continues from latest instead of looping.
+    files.save({"step": 41, "lineage": [{"file": "jepa-ep3.pth.tar", "step": 30}]}, None)
     assert files.resolve_resume("jepa-ep3.pth.tar", required=True) == files.latest
-    os.utime(files.epoch_path(3))  # a file chosen after latest was written is used
+    # ep3 overwritten by another run (other step): its name alone does not count as lineage.
+    files.save({"epoch": 3, "step": 33}, files.epoch_path(3))
+    files.save({"step": 41, "lineage": [{"file": "jepa-ep3.pth.tar", "step": 30}]}, None)
     assert files.resolve_resume("jepa-ep3.pth.tar", required=True) == files.epoch_path(3)
 
 
 def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     path = tmp_path / "jepa-latest.pth.tar"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="cannot load checkpoint.*Refusing to start from scratch"):
+    with pytest.raises(ValueError, match="cannot load checkpoint.*Refusing to start from scratch"):
         load_checkpoint_file(path)
 
 

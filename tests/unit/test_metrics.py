@@ -36,3 +36,14 @@ def test_missing_column_is_a_bug(tmp_path):
     log = CSVMetrics(tmp_path / "x.csv", resume_step=None)
     with pytest.raises(AssertionError, match="missing metric columns"):
         log.log(step=1)
+
+
+def test_resume_over_an_official_csv_keeps_it_aside(tmp_path):
+    path = tmp_path / "jepa_r0.csv"
+    path.write_text("epoch,itr,loss,mask-A,mask-B,time (ms)\n1,0,0.50000,69.0,44.0,1200\n")
+    log = CSVMetrics(path, resume_step=625)
+    log.log(**row(626, 0.4))
+    log.close()
+    assert pd.read_csv(path)["step"].tolist() == [626]
+    (kept,) = tmp_path.glob("jepa_r0.previous-*.csv")
+    assert kept.read_text().startswith("epoch,itr,loss,mask-A,mask-B,time (ms)\n1,0,0.5")

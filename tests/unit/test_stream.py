@@ -210,3 +210,14 @@ def test_shards_through_fsspec_urls(uneven_shards, scheme):
     assert source.counts == [13, 7, 11, 3, 9]  # from the index beside the shards
     keys = [k for batch in make_stream(source, 0, 1, 0).epoch_batches() for k in batch["keys"]]
     assert len(keys) == 40 and len(set(keys)) == 40
+
+
+def test_batch_with_no_decodable_sample_is_marked_unusable(tmp_path):
+    make_photo_shards(tmp_path, sizes=[8, 8], num_classes=2, size=(40, 40))
+    truncate(tmp_path / "train-000000.tar", 100)  # nothing readable in shard 0
+    source = open_shards(str(tmp_path / "train-{000000..000001}.tar"))
+    stream = make_stream(source, 0, 1, 0, batch_size=4, shuffle_buffer=1)
+    stream.epoch = next(e for e in range(20) if source.epoch_order(0, e)[0] == 0)  # shard 0 read first
+    batches = list(stream.epoch_batches())
+    assert [b["usable"] for b in batches] == [False, False, True, True]
+    assert [len(b["errors"]) for b in batches] == [4, 4, 0, 0]

@@ -16,9 +16,9 @@ def shards(tmp_path_factory):
     return str(folder / "train-{000000..000001}.tar")
 
 
-def make_trainer(shards, folder, **meta):
+def make_trainer(shards, folder, batch_size=4, **meta):
     cfg = config_from_dict({
-        "data": {"batch_size": 4, "crop_size": 32, "num_workers": 0, "shards": shards, "pin_mem": False},
+        "data": {"batch_size": batch_size, "crop_size": 32, "num_workers": 0, "shards": shards, "pin_mem": False},
         "logging": {"folder": str(folder)},
         "mask": {"patch_size": 8, "enc_mask_scale": [0.85, 1.0], "pred_mask_scale": [0.15, 0.3],
                  "aspect_ratio": [0.75, 1.5], "num_pred_masks": 2, "min_keep": 2},
@@ -93,4 +93,30 @@ def test_l2_loss_is_the_paper_objective(shards, tmp_path):
     assert torch.allclose(l2, ((z - h) ** 2).mean())
     if (z - h).abs().max() < 1:  # smooth-L1 with beta 1 is half the squared error below 1
         assert torch.allclose(l2, 2 * smooth, rtol=1e-5)
+    trainer.close()
+
+
+def test_epoch_boundary_resume_with_new_batch_size_keeps_schedule_position(shards, tmp_path):
+    trainer = make_trainer(shards, tmp_path)
+    assert trainer.steps_per_epoch == 6
+    for batch in trainer.stream.epoch_batches():
+        trainer.train_step(batch)
+    state = trainer.state_dict()
+    trainer.close()
+    resumed = make_trainer(shards, tmp_path / "other", batch_size=8)
+    assert resumed.steps_per_epoch == 3
+    resumed.load_state_dict(state)
+    # One epoch done: the schedules continue at 1 * (new steps per epoch), as official.
+    assert resumed.lr_schedule.step_count == 3 and resumed.momentum_schedule.step_count == 3
+    assert resumed.step == 6 and resumed.stream.epoch == 1
+    resumed.close()
+
+
+def test_batch_without_decodable_sample_is_skipped_not_trained(shards, tmp_path):
+    trainer = make_trainer(shards, tmp_path)
+    batch = next(iter(trainer.stream.epoch_batches()))
+    before = [p.detach().clone() for p in trainer.encoder.parameters()]
+    metrics = trainer.train_step(dict(batch, usable=False))
+    assert metrics["skipped_steps"] == 1 and metrics["loss"] != metrics["loss"]  # NaN
+    assert all(torch.equal(b, p) for b, p in zip(before, trainer.encoder.parameters()))
     trainer.close()

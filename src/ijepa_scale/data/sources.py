@@ -9,9 +9,11 @@ shuffled individually for ImageFolder, like DistributedSampler.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import posixpath
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -21,9 +23,12 @@ import fsspec
 import torch
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+READ_ATTEMPTS = 3
 FOLDER_IMAGE_SUFFIXES = tuple("." + e for e in IMAGE_EXTENSIONS)
 
 
@@ -41,6 +46,13 @@ class ReadError:
 
     source: str
     message: str
+
+
+def _fingerprint(items) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item.encode() + b"\n")
+    return digest.hexdigest()[:16]
 
 
 def _epoch_generator(seed: int, epoch: int, salt: int) -> torch.Generator:
@@ -68,6 +80,9 @@ class ShardSource:
     def describe(self) -> str:
         return f"{len(self.urls)} shards, {self.num_samples} samples"
 
+    def fingerprint(self) -> str:
+        return _fingerprint(posixpath.basename(u) + f":{c}" for u, c in zip(self.urls, self.counts))
+
     def epoch_order(self, seed: int, epoch: int) -> list[int]:
         return torch.randperm(len(self.urls), generator=_epoch_generator(seed, epoch, 1)).tolist()
 
@@ -84,24 +99,37 @@ class ShardSource:
                 break
 
     def _read_shard(self, url: str, first: int, stop: int) -> Iterator[RawSample | ReadError]:
-        index = 0
-        try:
-            with fsspec.open(url, "rb") as stream:
-                for sample in iter_tar_samples(stream, url):
-                    if index >= stop:
-                        break
-                    if index >= first:
-                        yield _decode_member(sample, url)
-                    index += 1
-        except Exception as exc:  # truncated tar, network error, bad member: skipped and counted
-            missing = stop - max(index, first)
-            message = f"{type(exc).__name__}: {exc}"
-            for _ in range(missing):
-                yield ReadError(url, f"shard ended after {index} samples ({message})")
-            return
+        index = 0  # samples of the shard passed so far
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                with fsspec.open(url, "rb") as stream:
+                    for n, sample in enumerate(iter_tar_samples(stream, url)):
+                        if n < index:
+                            continue  # delivered before a transient error; reading resumes after it
+                        if index >= stop:
+                            break
+                        if index >= first:
+                            yield _decode_member(sample, url)
+                        index += 1
+                break
+            except (OSError, TimeoutError) as exc:  # network or storage hiccup: reopen and continue
+                if isinstance(exc, FileNotFoundError) or attempt == READ_ATTEMPTS - 1:
+                    yield from self._missing(url, index, first, stop, exc)
+                    return
+                logger.warning("reading %s failed (%s: %s); retrying", url, type(exc).__name__, exc)
+                time.sleep(2**attempt)
+            except Exception as exc:  # truncated tar, bad member: skipped and counted
+                yield from self._missing(url, index, first, stop, exc)
+                return
         # A shard shorter than its index says: the missing samples are counted as errors.
         for _ in range(stop - max(index, first)):
             yield ReadError(url, f"shard has {index} samples, the index says at least {stop}")
+
+    @staticmethod
+    def _missing(url: str, index: int, first: int, stop: int, exc: Exception) -> Iterator[ReadError]:
+        message = f"shard ended after {index} samples ({type(exc).__name__}: {exc})"
+        for _ in range(stop - max(index, first)):
+            yield ReadError(url, message)
 
 
 def iter_tar_samples(stream, url: str) -> Iterator[dict]:
@@ -163,6 +191,10 @@ class ImageFolderSource:
     def describe(self) -> str:
         return f"ImageFolder {self.root}: {len(self.classes)} classes, {self.num_samples} images"
 
+    def fingerprint(self) -> str:
+        root = self.fs._strip_protocol(posixpath.join(self.root, ""))
+        return _fingerprint(f[len(root):] if f.startswith(root) else f for f in self.files)
+
     def read_range(self, seed: int, epoch: int, start: int, stop: int) -> Iterator[RawSample | ReadError]:
         order = torch.randperm(self.num_samples, generator=_epoch_generator(seed, epoch, 2))
         for index in order[start:stop].tolist():
@@ -199,6 +231,14 @@ def _read_json(url: str) -> Optional[dict]:
         return json.loads(f.read())
 
 
+def _index_counts(index: dict, directory: str) -> dict[str, int]:
+    """url -> sample count for the shards an index lists (their urls are relative to its folder)."""
+    return {
+        posixpath.join(directory, posixpath.basename(entry["url"])): int(entry["num_samples"])
+        for entry in index.get("shards", [])
+    }
+
+
 def count_samples(url: str) -> int:
     with fsspec.open(url, "rb") as stream:
         return sum(1 for _ in iter_tar_samples(stream, url))
@@ -212,7 +252,7 @@ def open_shards(pattern: str, index_url: Optional[str] = None) -> ShardSource:
     """
     urls = expand_urls(pattern)
     if not urls:
-        raise ValueError(f"data.shards={pattern!r} expands to no URL")
+        raise UserError(f"data.shards={pattern!r} expands to no URL")
     missing = []
     for url in urls:
         fs, path = fsspec.core.url_to_fs(url)
@@ -225,21 +265,24 @@ def open_shards(pattern: str, index_url: Optional[str] = None) -> ShardSource:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"shard not found: {missing[0]}{more}; check data.shards={pattern!r}")
 
+    known: dict[str, int] = {}
     if index_url is not None:
         index = _read_json(index_url)
         if index is None:
             raise FileNotFoundError(f"data.shards_index {index_url!r} does not exist")
+        # An index given explicitly may live elsewhere: match its shards by file name.
+        by_name = {posixpath.basename(e["url"]): int(e["num_samples"]) for e in index.get("shards", [])}
+        known.update({u: by_name[posixpath.basename(u)] for u in urls if posixpath.basename(u) in by_name})
     else:
-        index = None
-        for candidate in _index_candidates(urls):
-            index = _read_json(candidate)
-            if index is not None:
-                break
-    known = {}
-    if index is not None:
-        known = {posixpath.basename(entry["url"]): int(entry["num_samples"]) for entry in index.get("shards", [])}
+        for directory in dict.fromkeys(posixpath.dirname(u) for u in urls):
+            first = next(u for u in urls if posixpath.dirname(u) == directory)
+            for candidate in _index_candidates([first]):
+                index = _read_json(candidate)
+                if index is not None:
+                    known.update(_index_counts(index, directory))
+                    break
     counts = []
-    unindexed = [u for u in urls if posixpath.basename(u) not in known]
+    unindexed = [u for u in urls if u not in known]
     if unindexed:
         warnings.warn(
             f"{len(unindexed)} of {len(urls)} shards are not in a shard index; counting their samples by "
@@ -247,9 +290,8 @@ def open_shards(pattern: str, index_url: Optional[str] = None) -> ShardSource:
             stacklevel=2,
         )
     for url in urls:
-        name = posixpath.basename(url)
-        if name in known:
-            counts.append(known[name])
+        if url in known:
+            counts.append(known[url])
         else:
             try:
                 counts.append(count_samples(url))

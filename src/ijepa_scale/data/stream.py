@@ -25,11 +25,12 @@ import multiprocessing
 import os
 import random
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..errors import UserError
 from ..procutil import die_with_parent
 from .sources import RawSample, ReadError
 
@@ -79,6 +80,7 @@ class _EpochDataset(IterableDataset):
         self.rank = stream.rank
         self.shuffle_buffer = stream.shuffle_buffer
         self.on_error = stream.on_error
+        self.crop_size = stream.transform.crop_size
         self.epoch = epoch
         self.start_batch = start_batch
 
@@ -97,7 +99,6 @@ class _EpochDataset(IterableDataset):
         run_start = plan.rank_start(self.rank) + plan.worker_first_batch(worker) * batch_size
         run_length = len(batches) * batch_size
         samples = self._shuffled_run(run_start, run_length, skip=done * batch_size)
-        last_good: Optional[torch.Tensor] = None
         for local_index in range(done, len(batches)):
             k = batches[local_index]
             images, labels, keys, errors = [], [], [], []
@@ -120,17 +121,18 @@ class _EpochDataset(IterableDataset):
                     images.append(image)
                     labels.append(item.label)
             good = [i for i, img in enumerate(images) if img is not None]
-            if errors:
+            usable = bool(good)
+            if not usable:
+                # Nothing decodable: the trainer skips this step on every rank (and counts it).
+                images = [torch.zeros(3, self.crop_size, self.crop_size, dtype=torch.uint8)] * batch_size
+            elif errors:
                 # Keep the batch shape (every rank must run the same step): skipped samples are
-                # replaced by copies of good ones and counted.
-                fill = [images[i] for i in good] or ([last_good] if last_good is not None else [])
-                if not fill:
-                    raise BadBatchError(f"no decodable sample in batch {k} of epoch {self.epoch}: {errors[0]}")
-                for j, i in enumerate(i for i, img in enumerate(images) if img is None):
-                    images[i] = fill[j % len(fill)]
-                    labels[i] = labels[good[j % len(good)]] if good else -1
+                # replaced by copies of good ones from the same batch, and counted.
+                bad = [i for i, img in enumerate(images) if img is None]
+                for j, i in enumerate(bad):
+                    source = good[j % len(good)]
+                    images[i], labels[i] = images[source], labels[source]
             batch_images = torch.stack(images)
-            last_good = batch_images[good[-1]] if good else last_good
             step = self.epoch * plan.steps_per_epoch + k
             masks_enc, masks_pred = self.collator.sample(batch_size, step=step, rank=self.rank)
             yield {
@@ -142,6 +144,7 @@ class _EpochDataset(IterableDataset):
                 "epoch": self.epoch,
                 "batch": k,
                 "errors": errors,
+                "usable": usable,
             }
 
     def _decode(self, item: RawSample, position: int) -> torch.Tensor:
@@ -157,7 +160,8 @@ class _EpochDataset(IterableDataset):
         permutes blocks of `shuffle_buffer` samples aligned to the run start, so a resume
         only re-reads the block it stopped in.
         """
-        block = max(1, self.shuffle_buffer if self.source.shuffle_in_stream else run_length)
+        # A source without in-stream shuffling is already shuffled per sample: no buffer needed.
+        block = max(1, self.shuffle_buffer if self.source.shuffle_in_stream else 1)
         run_stop = run_start + run_length
         first_block_start = run_start + (skip // block) * block
         reader = self.source.read_range(self.seed, self.epoch, first_block_start, run_stop)
@@ -197,7 +201,7 @@ class DataStream:
         self.pin_memory = pin_memory
         self.plan = EpochPlan(source.num_samples, world_size, batch_size, num_workers)
         if self.plan.steps_per_epoch == 0:
-            raise ValueError(
+            raise UserError(
                 f"the dataset has {source.num_samples} samples, fewer than one global batch "
                 f"(world size {world_size} x data.batch_size {batch_size}); lower data.batch_size"
             )
@@ -252,13 +256,16 @@ class DataStream:
             "batch_size": plan.batch_size,
             "num_samples": plan.num_samples,
             "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
+            "source": self.source.fingerprint(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> bool:
+        """Restore the position; returns True when the epoch layout changed (allowed at an epoch boundary)."""
         plan = self.plan
         mid_epoch = state["batch_in_epoch"] != 0
         if state["num_samples"] != plan.num_samples or state["seed"] != self.seed:
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint's data stream had {state['num_samples']} samples and seed {state['seed']}; "
                 f"this run has {plan.num_samples} samples and seed {self.seed}. Resume with the same data "
                 f"and meta.seed, or start a new logging.folder"
@@ -269,11 +276,14 @@ class DataStream:
                 ("world size", "world_size", plan.world_size),
                 ("data.batch_size", "batch_size", plan.batch_size),
                 ("data.num_workers", "num_workers", plan.num_workers),
+                ("data.shuffle_buffer", "shuffle_buffer", self.shuffle_buffer),
             )
-            if state[key] != now
+            if state.get(key, now) != now
         ]
+        if state.get("source", self.source.fingerprint()) != self.source.fingerprint():
+            changed.append("the shard list (same total sample count)")
         if changed and mid_epoch:
-            raise ValueError(
+            raise UserError(
                 f"cannot resume mid-epoch (epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}) with a "
                 f"different {', '.join(changed)}: the remaining samples of this epoch were assigned to the old "
                 f"layout. Resume with the original settings, or from an epoch-end checkpoint"
@@ -282,3 +292,5 @@ class DataStream:
             logger.warning("resuming at an epoch boundary with %s", ", ".join(changed))
         self.epoch = state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
+        layout_keys = ("world_size", "batch_size")
+        return any(state[k] != getattr(plan, k) for k in layout_keys)
