@@ -142,16 +142,17 @@ class CheckpointFiles:
 def _peek(path: Path) -> dict:
     """A checkpoint's small fields; tensors are memory-mapped, so nothing large is read."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return {}
 
 
 def load_checkpoint_file(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
         raise UserError(
-            f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}. Refusing to start from scratch: "
+            f"cannot load checkpoint {path}: {type(exc).__name__}: {first_line}. Refusing to start from scratch: "
             f"pick another file with meta.read_checkpoint or move this folder away"
         ) from exc
