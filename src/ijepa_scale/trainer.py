@@ -158,7 +158,7 @@ class Trainer:
         if resume_path is not None:
             state = load_checkpoint_file(resume_path)
             self.load_state_dict(state)
-            self.lineage = list(state.get("lineage", [])) + [{"file": resume_path.name, "step": self.step}]
+            self.lineage = list(state.get("lineage", [])) + [{"file": resume_path.name, "step": state.get("step")}]
             self._saved_step = self.step
             if env.is_main:
                 logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, self.step,

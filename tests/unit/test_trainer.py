@@ -120,3 +120,22 @@ def test_batch_without_decodable_sample_is_skipped_not_trained(shards, tmp_path)
     assert metrics["skipped_steps"] == 1 and metrics["loss"] != metrics["loss"]  # NaN
     assert all(torch.equal(b, p) for b, p in zip(before, trainer.encoder.parameters()))
     trainer.close()
+
+
+def test_resume_from_an_official_format_checkpoint(shards, tmp_path):
+    trainer = make_trainer(shards, tmp_path / "ours")
+    state = trainer.state_dict()
+    trainer.close()
+    official = {k: state[k] for k in ("encoder", "predictor", "target_encoder", "opt", "scaler", "loss",
+                                      "batch_size", "world_size", "lr")}
+    official["epoch"] = 1
+    folder = tmp_path / "official"
+    folder.mkdir()
+    torch.save(official, folder / "jepa-latest.pth.tar")
+    resumed = make_trainer(shards, folder)
+    assert resumed.step == resumed.steps_per_epoch and resumed.stream.epoch == 1
+    assert resumed.lr_schedule.step_count == resumed.steps_per_epoch
+    for name, tensor in state["encoder"].items():
+        assert torch.equal(resumed.encoder.state_dict()[name[len("module."):]], tensor)
+    assert resumed.lineage == [{"file": "jepa-latest.pth.tar", "step": None}]
+    resumed.close()
