@@ -197,13 +197,10 @@ class Trainer:
             torch._foreach_add_(target, online, alpha=1.0 - momentum)
 
     def _grad_norm_and_clip(self) -> float:
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if self.cfg.optimization.clip_grad is not None:
-            torch.nn.utils.clip_grads_with_norm_(
-                [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None],
-                self.cfg.optimization.clip_grad, norm,
-            )
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optimization.clip_grad, norm)
         return float(norm)
 
     def train_step(self, batch: dict) -> dict:

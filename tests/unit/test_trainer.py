@@ -139,3 +139,22 @@ def test_resume_from_an_official_format_checkpoint(shards, tmp_path):
         assert torch.equal(resumed.encoder.state_dict()[name[len("module."):]], tensor)
     assert resumed.lineage == [{"file": "jepa-latest.pth.tar", "step": None}]
     resumed.close()
+
+
+def test_gradient_clipping_bounds_the_update_norm(shards, tmp_path):
+    trainer = make_trainer(shards, tmp_path)
+    trainer.cfg.optimization.clip_grad = 1e-3
+    batch = next(iter(trainer.stream.epoch_batches()))
+    captured = {}
+    original_step = trainer.optimizer.step
+
+    def step_and_capture(*args, **kwargs):
+        grads = [p.grad for g in trainer.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        captured["norm"] = float(torch.nn.utils.get_total_norm(grads))
+        return original_step(*args, **kwargs)
+
+    trainer.optimizer.step = step_and_capture
+    metrics = trainer.train_step(batch)
+    assert metrics["grad_norm"] > 1e-3  # the logged norm is before clipping
+    assert captured["norm"] == pytest.approx(1e-3, rel=1e-3)
+    trainer.close()
