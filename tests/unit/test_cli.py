@@ -1,0 +1,49 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ijepa_scale.cli import main, parse_train_args
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_devices_and_trailing_overrides_are_separated():
+    args = parse_train_args(["--fname", "c.yaml", "--devices", "cpu", "cpu", "optimization.epochs=2",
+                             "data.batch_size=8"])
+    assert args.devices == ["cpu", "cpu"]
+    assert args.overrides == ["optimization.epochs=2", "data.batch_size=8"]
+
+
+def test_usage_lists_commands(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    for command in ("train", "make-shards", "fashion-mnist", "bench-masks", "bench-data"):
+        assert command in out
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+
+
+@pytest.mark.parametrize("devices,message", [
+    pytest.param(["cuda:0"], "CUDA is not available", marks=NO_CUDA),
+    (["tpu"], "not a device name"),
+])
+def test_bad_devices_exit_2_with_one_line(tmp_path, devices, message):
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  shards: /nowhere/a-{0..1}.tar\nlogging:\n  folder: " + str(tmp_path / "run") + "\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--fname", str(config), "--devices", *devices],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_shard_exits_2_naming_the_url(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  shards: /nowhere/a-{0..1}.tar\nlogging:\n  folder: " + str(tmp_path / "run") + "\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--fname", str(config), "--devices", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "shard not found: /nowhere/a-0.tar" in proc.stderr and "Traceback" not in proc.stderr
