@@ -6,17 +6,10 @@ import time
 import pytest
 import torch
 
+from ijepa_scale.benchmarks.masks import OFFICIAL_IN1K_MASK
 from ijepa_scale.masks import MultiBlockMaskCollator
 
-OFFICIAL = dict(
-    enc_mask_scale=(0.85, 1.0),
-    pred_mask_scale=(0.15, 0.2),
-    aspect_ratio=(0.75, 1.5),
-    nenc=1,
-    npred=4,
-    min_keep=10,
-    allow_overlap=False,
-)
+OFFICIAL = OFFICIAL_IN1K_MASK
 
 
 def official(input_size=224, patch_size=14, **overrides):
