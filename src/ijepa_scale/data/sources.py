@@ -244,6 +244,28 @@ def count_samples(url: str) -> int:
         return sum(1 for _ in iter_tar_samples(stream, url))
 
 
+def _missing_urls(urls: list[str]) -> list[str]:
+    """URLs that do not exist; one directory listing per directory instead of a request per shard."""
+    listed: dict[str, set] = {}
+    missing = []
+    for url in urls:
+        fs, path = fsspec.core.url_to_fs(url)
+        directory = posixpath.dirname(path)
+        if directory not in listed:
+            try:
+                listed[directory] = {p.rstrip("/") for p in fs.ls(directory, detail=False)}
+            except Exception:  # no listing (some HTTP servers) or no directory: ask per file below
+                listed[directory] = set()
+        if path in listed[directory]:
+            continue
+        try:
+            if not fs.exists(path):
+                missing.append(url)
+        except Exception as exc:
+            raise FileNotFoundError(f"cannot access shard {url}: {type(exc).__name__}: {exc}") from exc
+    return missing
+
+
 def open_shards(pattern: str, index_url: Optional[str] = None) -> ShardSource:
     """Expand `pattern`, check every shard exists and find each shard's sample count.
 
@@ -253,14 +275,7 @@ def open_shards(pattern: str, index_url: Optional[str] = None) -> ShardSource:
     urls = expand_urls(pattern)
     if not urls:
         raise UserError(f"data.shards={pattern!r} expands to no URL")
-    missing = []
-    for url in urls:
-        fs, path = fsspec.core.url_to_fs(url)
-        try:
-            if not fs.exists(path):
-                missing.append(url)
-        except Exception as exc:
-            raise FileNotFoundError(f"cannot access shard {url}: {type(exc).__name__}: {exc}") from exc
+    missing = _missing_urls(urls)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"shard not found: {missing[0]}{more}; check data.shards={pattern!r}")
