@@ -29,7 +29,7 @@ from typing import Optional
 
 from .. import distributed as dist_utils
 from ..config import Config
-from ..errors import RunFailure, UserError
+from ..errors import RunFailure, UserError, one_line
 from ..procutil import STOP_SIGNALS, die_with_parent, stop_signals_blocked
 from .entry import check_logging_folder, cpu_threads_per_rank, run_rank
 
@@ -56,9 +56,9 @@ class Failure:
 def describe(exc: BaseException, rank: int) -> Failure:
     at = getattr(exc, "failed_at", None) or time.time()
     if isinstance(exc, (UserError, FileNotFoundError)):
-        return Failure(at, rank, "user", str(exc))
+        return Failure(at, rank, "user", one_line(exc))
     if isinstance(exc, RunFailure):
-        return Failure(at, rank, "failure", str(exc))
+        return Failure(at, rank, "failure", one_line(exc))
     first = (str(exc).strip().splitlines() or [""])[0]
     text = "".join(traceback.format_exception(exc))
     return Failure(at, rank, "crash", f"{type(exc).__name__}: {first}", text)
@@ -127,7 +127,7 @@ def launch(cfg: Config, devices: list[str] | None) -> int:
         try:
             run_rank(cfg, 0, 1, devices[0], cpu_threads=threads, abort_after_s=ABORT_AFTER_S)
         except RunFailure as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {one_line(exc)}", file=sys.stderr)
             return FAILURE_EXIT
         except KeyboardInterrupt:
             print("aborted by a second interrupt: not saved", file=sys.stderr)
@@ -146,11 +146,11 @@ def _launch_torchrun_rank(cfg: Config, devices: list[str] | None, rank: int, wor
     except (UserError, FileNotFoundError) as exc:
         # Every rank runs the same checks; rank 0 speaks for all of them.
         if rank == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT
     except RunFailure as exc:
         if rank == 0 or not exc.on_every_rank:
-            print(f"error: rank {rank}: {exc}", file=sys.stderr, flush=True)
+            print(f"error: rank {rank}: {one_line(exc)}", file=sys.stderr, flush=True)
         return FAILURE_EXIT
     return 0
 
