@@ -232,6 +232,7 @@ class _Ranks:
         deaths: list[Failure] = []
         live = {p.sentinel: (rank, p) for rank, p in enumerate(self.processes)}
         kill_at: Optional[float] = None
+        killed_here: set[int] = set()
         while live or readers:
             timeout = 1.0 if kill_at is None else max(0.0, min(1.0, kill_at - time.monotonic()))
             for ready in multiprocessing.connection.wait(list(live) + list(readers), timeout=timeout):
@@ -252,9 +253,12 @@ class _Ranks:
                     kill_at = time.monotonic() + KILL_PEERS_AFTER_S
             if kill_at is not None and time.monotonic() >= kill_at:
                 for rank, process in live.values():
+                    killed_here.add(rank)
                     process.kill()
-        # A rank that died without a report (killed) and reported failures compete on time.
-        reports = failures + [d for d in deaths if not any(f.rank == d.rank for f in failures)]
+        # A rank that died without a report (killed from outside) and the reported failures compete on
+        # time; a rank this launcher killed is a consequence, never the cause.
+        deaths = [d for d in deaths if d.rank not in killed_here and not any(f.rank == d.rank for f in failures)]
+        reports = failures + deaths
         if self.aborted:
             print("aborted: the ranks were killed without saving; the newest checkpoint is from before the "
                   "interrupt", file=sys.stderr, flush=True)
@@ -262,6 +266,10 @@ class _Ranks:
         if not reports:
             return 0
         first = min(reports, key=lambda f: f.at)
+        if first.kind == "crash" and any(d.kind == "death" for d in deaths):
+            # A rank killed by a signal (the OOM killer) breaks its peers' collectives: their
+            # crash reports can race the launcher's notice of the death, so the death wins.
+            first = min(deaths, key=lambda f: f.at)
         if first.kind == "death":
             print(f"error: {first.message}; the other ranks were stopped", file=sys.stderr, flush=True)
             return FAILURE_EXIT
