@@ -48,7 +48,7 @@ class Failure:
 
     at: float  # time.time() when the exception left the training code
     rank: int
-    kind: str  # "user", "failure" (known cause, one line) or "crash" (traceback)
+    kind: str  # "user", "failure" (known cause, one line), "shared" (a failure every rank had) or "crash"
     message: str
     details: str = ""  # the traceback, for a crash
 
@@ -58,7 +58,7 @@ def describe(exc: BaseException, rank: int) -> Failure:
     if isinstance(exc, (UserError, FileNotFoundError)):
         return Failure(at, rank, "user", one_line(exc))
     if isinstance(exc, RunFailure):
-        return Failure(at, rank, "failure", one_line(exc))
+        return Failure(at, rank, "shared" if exc.on_every_rank else "failure", one_line(exc))
     first = (str(exc).strip().splitlines() or [""])[0]
     text = "".join(traceback.format_exception(exc))
     return Failure(at, rank, "crash", f"{type(exc).__name__}: {first}", text)
@@ -69,7 +69,7 @@ def exit_code(failure: Failure) -> int:
 
 
 def format_failure(failure: Failure) -> str:
-    if failure.kind == "user":
+    if failure.kind in ("user", "shared"):
         return f"error: {failure.message}"
     if failure.kind == "failure":
         return f"error: rank {failure.rank}: {failure.message}"
