@@ -86,10 +86,11 @@ def _spawned_rank(rank: int, cfg: Config, devices: list[str], threads: Optional[
         failure = describe(exc, rank)
         report.send(failure)
         report.close()
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code(failure))
+        # Data workers ignore SIGTERM, which multiprocessing's exit hook would use on them.
+        for child in multiprocessing.active_children():
+            child.kill()
+            child.join(timeout=5)
+        sys.exit(exit_code(failure))
 
 
 def _torchrun_device(devices: list[str] | None, local_rank: int) -> str:
