@@ -39,7 +39,8 @@ class RunResult:
     - `step`: the global step the run ended at (the agreed stop step when stopped).
     - `checkpoint`: the file holding the state of exactly `step` (`{tag}-latest.pth.tar`),
       committed (written, fsynced, renamed) by rank 0 before any rank returns; None when no
-      checkpoint of `step` exists (a fresh run stopped before its first step).
+      checkpoint of `step` exists. A stop requested before the first step is honoured
+      after that step (so `step` >= 1 for a fresh run).
     - `previous_handlers`: the signal handlers that were installed before run_rank (e.g.
       submitit's USR2 handler), keyed by signal number. run_rank restores them on return.
     """
@@ -90,7 +91,7 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
 
     setup_logging(rank)
     # Stop requests that arrive while the trainer is being built are kept, not lost: the
-    # trainer agrees on them across ranks before its first step.
+    # ranks agree on them in the first step's all-reduce, then save that step and stop.
     pending: list[int] = []
     trainer: Optional[Trainer] = None
     first_at: list[float] = []
