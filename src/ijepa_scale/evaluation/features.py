@@ -158,7 +158,10 @@ def extract_features(encoder: torch.nn.Module, source, *, crop_size: int, pool: 
         torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
         skipped,
     )
-    return gather_features(local) if gather else local
+    result = gather_features(local) if gather else local
+    if progress.done < source.num_samples:  # rank 0's estimate fell short: say when this rank is done
+        progress.update(source.num_samples)
+    return result
 
 
 def gather_features(local: FeatureSet) -> FeatureSet:

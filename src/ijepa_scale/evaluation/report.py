@@ -15,16 +15,16 @@ CSV_COLUMNS = ("checkpoint", "step", "key", "pool", "method", "accuracy", "n_tra
 
 def format_table(rows: list[dict]) -> str:
     header = list(CSV_COLUMNS)
-    cells = [[_cell(row[c]) for c in header] for row in rows]
+    cells = [[_cell(row[c], c) for c in header] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)
 
 
-def _cell(value) -> str:
+def _cell(value, column: str) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}" if value < 10 else f"{value:.1f}"
+        return f"{value:.4f}" if column == "accuracy" else f"{value:.1f}"
     return str(value)
 
 
