@@ -21,7 +21,9 @@ def test_effective_rank_counts_equally_used_directions():
     assert effective_rank(x).item() == pytest.approx(4.0, rel=1e-5)
     # One direction only (plus a constant offset, removed by centring).
     line = torch.linspace(-1, 1, 10)[:, None] * basis[0] + 5.0
-    assert effective_rank(line).item() == pytest.approx(1.0, rel=1e-4)
+    assert effective_rank(line).item() == pytest.approx(1.0, rel=1e-3)
+    # More samples than dimensions (the other Gram matrix): 8 equally used directions.
+    assert effective_rank(torch.cat([torch.eye(8), -torch.eye(8)] * 3)).item() == pytest.approx(8.0, rel=1e-4)
     assert effective_rank(torch.ones(6, 8)).item() == 0.0  # every sample the same: no spread at all
     # Unequal use of two directions: strictly between 1 and 2.
     two = torch.cat([basis[:2] * torch.tensor([[3.0], [1.0]]), -basis[:2] * torch.tensor([[3.0], [1.0]])])
@@ -32,16 +34,20 @@ def test_collapse_metrics_values():
     predictions = torch.zeros(2, 3, 4)
     predictions[..., 0] = 2.0  # every predicted token has L2 norm 2
     tokens = torch.randn(16, 5, 12, generator=torch.Generator().manual_seed(0))
-    metrics = collapse_metrics(predictions, tokens)
+    normed = torch.nn.functional.layer_norm(tokens, (12,))
+    metrics = collapse_metrics(predictions, normed, tokens.mean(dim=1))
     assert set(metrics) == set(METRIC_NAMES)
     assert metrics["pred_norm"].item() == pytest.approx(2.0)
-    normed = torch.nn.functional.layer_norm(tokens, (12,))
-    assert metrics["target_std"].item() == pytest.approx(normed.std(dim=0).mean().item())
-    assert 1.0 < metrics["eff_rank"].item() <= 12.0
+    assert metrics["target_std"].item() == pytest.approx(normed.std(dim=0).mean().item(), rel=1e-5)
+    centred = tokens.mean(dim=1) - tokens.mean(dim=(0, 1))
+    s = torch.linalg.svdvals(centred)
+    p = s / s.sum()
+    assert metrics["eff_rank"].item() == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-4)
     # The same tokens for every image: no variation across the batch and no rank.
-    same = collapse_metrics(predictions, tokens[:1].expand(16, -1, -1).clone())
-    assert same["target_std"].item() == pytest.approx(0.0, abs=1e-6)
-    assert same["eff_rank"].item() == 0.0
+    same = tokens[:1].expand(16, -1, -1).clone()
+    collapsed = collapse_metrics(predictions, torch.nn.functional.layer_norm(same, (12,)), same.mean(dim=1))
+    assert collapsed["target_std"].item() == pytest.approx(0.0, abs=1e-3)
+    assert collapsed["eff_rank"].item() == 0.0
 
 
 def test_monitor_warns_once_after_patience_consecutive_lows(caplog):
