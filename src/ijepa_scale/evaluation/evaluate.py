@@ -26,7 +26,8 @@ def open_eval_shards(pattern: str, what: str):
     try:
         return open_shards(pattern)
     except FileNotFoundError as exc:
-        raise UserError(f"{what}: {exc}") from None
+        message = str(exc).split("; check data.shards")[0]  # the training key is not what the user set here
+        raise UserError(f"{what}: {message}") from None
 
 
 def evaluate(encoder: torch.nn.Module, train_source, val_source, methods=("knn",), *, crop_size: int,
