@@ -122,10 +122,9 @@ class Trainer:
         self.objective = objective if objective is not None else build_objective(cfg.optimization)
         # Whatever extra metrics the objective returns are logged as CSV columns, in this order.
         self.metric_names = tuple(getattr(self.objective, "metric_names", ()))
-        self.collapse = CollapseMonitor(
-            {n: getattr(cfg.logging, f"collapse_{n}") for n in self.metric_names if hasattr(cfg.logging, f"collapse_{n}")},
-            cfg.logging.collapse_patience,
-        )
+        thresholds = {n: getattr(cfg.logging, f"collapse_{n}") for n in self.metric_names
+                      if hasattr(cfg.logging, f"collapse_{n}")}
+        self.collapse = CollapseMonitor(thresholds, cfg.logging.collapse_patience)
 
         self.collator = MultiBlockMaskCollator(
             input_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size,

@@ -32,7 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--val-shards", required=True, help="labelled tar shards to score")
     parser.add_argument("--key", choices=KEYS, default="target_encoder", help="which encoder (default target_encoder)")
     parser.add_argument("--pool", choices=POOLS, default="mean",
-                        help="mean: average of the last layer's tokens; last4: the last 4 blocks' averages concatenated")
+                        help="mean: average of the last layer's tokens; last4: the last 4 blocks' means, concatenated")
     parser.add_argument("--devices", nargs="+", default=None, help="one rank per device, e.g. cpu cpu (default cpu)")
     parser.add_argument("--random-init", action="store_true",
                         help="also evaluate the same architecture with random weights (a reference row)")
