@@ -1,4 +1,4 @@
-"""`ijepa-scale` command line: train, make-shards, fashion-mnist, bench-masks, bench-data."""
+"""`ijepa-scale` command line: train, make-shards, fashion-mnist, bench-masks, bench-data, eval."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ COMMANDS = {
     "fashion-mnist": ("ijepa_scale.data.fashion_mnist", "main", "Fashion-MNIST (Debian package) -> tar shards"),
     "bench-masks": ("ijepa_scale.benchmarks.masks", "main", "mask sampler speed (ms per batch)"),
     "bench-data": ("ijepa_scale.benchmarks.data", "main", "input pipeline throughput (img/s)"),
+    "eval": ("ijepa_scale.evaluation.cli", "main", "eval linear|knn: frozen-feature accuracy of a checkpoint"),
 }
 
 

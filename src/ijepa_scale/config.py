@@ -53,6 +53,10 @@ class DataConfig:
     """Samples shuffled together inside a worker's stream (shards are also shuffled per epoch)."""
     on_error: str = "skip"
     """What a corrupt sample or truncated shard does: `skip` (skipped and counted) or `fail`."""
+    eval_train_shards: Optional[str] = None
+    """Labelled tar shards whose features form the k-NN bank of the periodic evaluation."""
+    eval_val_shards: Optional[str] = None
+    """Labelled tar shards scored by the periodic k-NN evaluation."""
 
     def validate(self) -> None:
         _positive(self, "batch_size", "crop_size", "shuffle_buffer")
@@ -76,10 +80,25 @@ class LoggingConfig:
     """Also checkpoint every N global steps (0 = at epoch end only)."""
     keep_last: int = 0
     """Keep only the newest N `-ep`/`-step` checkpoints (0 = keep all); `latest` is always kept."""
+    eval_every_epochs: int = 0
+    """k-NN accuracy of the target encoder every N epochs (needs data.eval_train_shards/eval_val_shards; 0 = off)."""
+    eval_every_steps: int = 0
+    """Also evaluate every N global steps (0 = off)."""
+    collapse_pred_norm: float = 0.1
+    """Warn when the predictions' mean L2 norm stays below this (0 = never)."""
+    collapse_target_std: float = 0.01
+    """Warn when the std across the batch of the layer-normed target features stays below this (0 = never)."""
+    collapse_eff_rank: float = 2.0
+    """Warn when the effective rank of the pooled target features stays below this (0 = never)."""
+    collapse_patience: int = 5
+    """Consecutive progress lines below a threshold before the collapse warning."""
 
     def validate(self) -> None:
         _positive(self, "log_freq", "checkpoint_freq")
         _non_negative(self, "checkpoint_every_steps", "keep_last")
+        _non_negative(self, "eval_every_epochs", "eval_every_steps", "collapse_pred_norm", "collapse_target_std",
+                      "collapse_eff_rank")
+        _positive(self, "collapse_patience")
         if not self.write_tag or "/" in self.write_tag:
             raise ConfigError(f"logging.write_tag={self.write_tag!r} must be a non-empty file-name prefix")
 
@@ -206,6 +225,13 @@ class Config:
                     f"{key} is still the official placeholder {value!r}: set it in the YAML or override it "
                     f"on the command line ({key}=/your/path)"
                 )
+        if self.logging.eval_every_epochs or self.logging.eval_every_steps:
+            for key in ("eval_train_shards", "eval_val_shards"):
+                if not getattr(self.data, key):
+                    raise ConfigError(
+                        f"logging.eval_every_epochs/eval_every_steps need data.{key}: set it to labelled tar shards "
+                        f"(e.g. from `ijepa-scale fashion-mnist --split test`) or set both eval_every_* to 0"
+                    )
         if not self.data.shards and not self.data.root_path:
             raise ConfigError("no training data: set data.shards (tar shards) or data.root_path (ImageFolder root)")
 

@@ -23,18 +23,22 @@ COLUMNS = (
 
 
 def _format(value) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return repr(value)  # shortest repr that round-trips: full precision
     return str(value)
 
 
 class CSVMetrics:
-    def __init__(self, path: str | Path, resume_step: int | None):
+    def __init__(self, path: str | Path, resume_step: int | None, extra_columns: tuple[str, ...] = ()):
+        """`extra_columns` (e.g. the objective's metrics) follow the fixed ones; a None value is written empty."""
         self.path = Path(path)
+        self.columns = COLUMNS + tuple(c for c in extra_columns if c not in COLUMNS)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None or not self.path.exists():
             self._file = open(self.path, "w", newline="")
-            self._file.write(",".join(COLUMNS) + "\n")
+            self._file.write(",".join(self.columns) + "\n")
         else:
             self._truncate_after(resume_step)
             self._file = open(self.path, "a", newline="")
@@ -43,17 +47,18 @@ class CSVMetrics:
     def _truncate_after(self, step: int) -> None:
         with open(self.path, newline="") as f:
             rows = list(csv.reader(f))
-        if not rows or tuple(rows[0]) != COLUMNS:
+        columns = self.columns
+        if not rows or tuple(rows[0]) != columns:
             # E.g. the official code's CSV of the run being continued: keep it beside ours.
             kept = self.path.with_name(f"{self.path.stem}.previous-{int(time.time())}{self.path.suffix}")
             os.replace(self.path, kept)
             logger.warning("%s has another header (official run?); moved it to %s", self.path, kept.name)
-            rows = [list(COLUMNS)]
-        step_col = COLUMNS.index("step")
-        kept = [r for r in rows[1:] if len(r) == len(COLUMNS) and int(r[step_col]) <= step]
+            rows = [list(columns)]
+        step_col = columns.index("step")
+        kept = [r for r in rows[1:] if len(r) == len(columns) and int(r[step_col]) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", newline="") as f:
-            f.write(",".join(COLUMNS) + "\n")
+            f.write(",".join(columns) + "\n")
             for row in kept:
                 f.write(",".join(row) + "\n")
             f.flush()
@@ -61,9 +66,9 @@ class CSVMetrics:
         os.replace(tmp, self.path)
 
     def log(self, **values) -> None:
-        missing = set(COLUMNS) - set(values)
+        missing = set(self.columns) - set(values)
         assert not missing, f"missing metric columns: {sorted(missing)}"
-        self._file.write(",".join(_format(values[c]) for c in COLUMNS) + "\n")
+        self._file.write(",".join(_format(values[c]) for c in self.columns) + "\n")
         self._file.flush()
 
     def sync(self) -> None:

@@ -25,6 +25,7 @@ from .data.sources import build_source
 from .data.stream import DataStream
 from .data.transforms import ImageTransform, normalize
 from .errors import RunFailure, UserError
+from .evaluation.collapse import CollapseMonitor
 from .masks import MultiBlockMaskCollator
 from .metrics import CSVMetrics
 from .models import build_encoder, build_predictor
@@ -37,6 +38,7 @@ from .schedules import build_schedules
 logger = logging.getLogger("ijepa_scale")
 
 CHECKPOINT_VERSION = 1
+EVAL_COLUMN = "knn_acc"
 
 
 class NonFiniteLossError(RunFailure):
@@ -203,6 +205,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(official_param_groups(encoder, predictor))
         self.scaler = make_grad_scaler(self.device, self.dtype)
         self.objective = objective if objective is not None else build_objective(cfg.optimization)
+        # Whatever extra metrics the objective returns are logged as CSV columns, in this order.
+        self.metric_names = tuple(getattr(self.objective, "metric_names", ()))
+        thresholds = {n: getattr(cfg.logging, f"collapse_{n}") for n in self.metric_names
+                      if hasattr(cfg.logging, f"collapse_{n}")}
+        self.collapse = CollapseMonitor(thresholds, cfg.logging.collapse_patience)
 
         self.collator = MultiBlockMaskCollator(
             input_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size,
@@ -227,6 +234,9 @@ class Trainer:
             cfg.optimization, self.steps_per_epoch
         )
         self.checkpoints = CheckpointFiles(self.folder, cfg.logging.write_tag, cfg.logging.keep_last)
+        self.eval_sources = None
+        if cfg.logging.eval_every_epochs or cfg.logging.eval_every_steps:
+            self.eval_sources = self._open_eval_sources_once(cfg.data)
 
         self.step = 0
         self.skipped_samples = 0
@@ -259,7 +269,8 @@ class Trainer:
             # Written once the run is known to go ahead, so a refused run leaves the old one in place.
             (self.folder / "params-ijepa.yaml").write_text(dump_config(cfg))
         self.metrics = CSVMetrics(self.folder / f"{cfg.logging.write_tag}_r{env.rank}.csv",
-                                  resume_step=self.step if resume_path is not None else None)
+                                  resume_step=self.step if resume_path is not None else None,
+                                  extra_columns=self.metric_names + (EVAL_COLUMN,))
         if env.is_main:
             logger.info("data: %s; %d steps per epoch of %d x %d images", source.describe(),
                         self.steps_per_epoch, env.world_size, cfg.data.batch_size)
@@ -270,6 +281,22 @@ class Trainer:
         if self.env.is_main:
             try:
                 result = build_source(data_cfg)
+            except Exception as exc:  # every rank raises it, so none waits in a collective
+                result = exc
+        result = dist_utils.broadcast_object(result)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _open_eval_sources_once(self, data_cfg):
+        """The periodic evaluation's (train, val) shard sources, listed on rank 0 like the training data."""
+        from .evaluation.evaluate import open_eval_shards
+
+        result = None
+        if self.env.is_main:
+            try:
+                result = (open_eval_shards(data_cfg.eval_train_shards, "data.eval_train_shards"),
+                          open_eval_shards(data_cfg.eval_val_shards, "data.eval_val_shards"))
             except Exception as exc:  # every rank raises it, so none waits in a collective
                 result = exc
         result = dist_utils.broadcast_object(result)
@@ -309,20 +336,27 @@ class Trainer:
         images = normalize(batch["images"].to(self.device, non_blocking=True))
         masks_enc = [m.to(self.device, non_blocking=True) for m in batch["masks_enc"]]
         masks_pred = [m.to(self.device, non_blocking=True) for m in batch["masks_pred"]]
-        loss = None
+        loss, extra = None, {}
         if batch.get("usable", True):
             with autocast_context(self.device, self.dtype):
                 loss = self.objective(self.encoder, self.predictor, self.target_encoder, images, masks_enc,
                                       masks_pred)
+            if isinstance(loss, tuple):  # (loss, metrics); a plain loss is accepted too
+                loss, extra = loss
 
         # One collective decides for every rank: the global mean loss, which ranks cannot
         # step (non-finite loss, or no decodable sample), and whether any rank was asked to stop.
         world = self.env.world_size
         local_ok = loss is not None and bool(torch.isfinite(loss.detach()).item())
-        shared = torch.zeros(world + 2 + len(STOP_SIGNALS), dtype=torch.float64, device=self.device)
+        # The stop flags and the objective's metrics (as global means) ride in the same collective.
+        metrics_at = world + 2 + len(STOP_SIGNALS)
+        shared = torch.zeros(metrics_at + len(self.metric_names), dtype=torch.float64, device=self.device)
         shared[0] = loss.detach().double() / world if local_ok else 0.0
         shared[1 + self.env.rank] = 0.0 if local_ok else 1.0
         self._put_stop_flags(shared, world + 1)
+        if local_ok:
+            for i, name in enumerate(self.metric_names):
+                shared[metrics_at + i] = torch.as_tensor(extra[name], dtype=torch.float64) / world
         dist_utils.all_reduce_sum(shared)
         shared = shared.cpu()
         bad_ranks = [r for r in range(world) if shared[1 + r] > 0]
@@ -355,6 +389,8 @@ class Trainer:
 
         self.step += 1
         global_loss = float(shared[0])
+        extra_metrics = {name: float("nan") if skipped else float(shared[metrics_at + i])
+                         for i, name in enumerate(self.metric_names)}
         if skipped:
             self.skipped_steps += 1
             self.consecutive_nonfinite += 1
@@ -395,6 +431,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "skipped": self.skipped_samples,
             "skipped_steps": self.skipped_steps,
+            **extra_metrics,
         }
 
     # ---------------------------------------------------------------- loop
@@ -402,11 +439,47 @@ class Trainer:
         avg = self.epoch_loss_sum / max(1, self.epoch_loss_count)
         logger.info(
             "[ep %d, itr %d/%d, step %d] loss %.4f (avg %.4f) | masks %d/%d | lr %.3g wd %.3g m %.5f | "
-            "%.0f ms/step %.1f img/s data %.0f ms | mem %.0f MB",
+            "%.0f ms/step %.1f img/s data %.0f ms | mem %.0f MB%s",
             metrics["epoch"], metrics["itr"] + 1, self.steps_per_epoch, metrics["step"], metrics["loss"], avg,
             metrics["mask-A"], metrics["mask-B"], metrics["lr"], metrics["wd"], metrics["momentum"],
             metrics["time (ms)"], metrics["img_per_s"], metrics["data_ms"], metrics["max_mem_mb"],
+            self._metrics_text(metrics),
         )
+
+    def _metrics_text(self, metrics: dict) -> str:
+        """The objective's metrics (and the k-NN accuracy when evaluated) for the progress line."""
+        parts = [f"{name} {metrics[name]:.4g}" for name in self.metric_names]
+        if metrics.get(EVAL_COLUMN) is not None:
+            parts.append(f"{EVAL_COLUMN} {metrics[EVAL_COLUMN]:.4f}")
+        return " | " + " ".join(parts) if parts else ""
+
+    def _eval_due(self, epoch: int, last_in_epoch: bool) -> bool:
+        every_epochs, every_steps = self.cfg.logging.eval_every_epochs, self.cfg.logging.eval_every_steps
+        if self.eval_sources is None:
+            return False
+        return bool((every_steps and self.step % every_steps == 0)
+                    or (every_epochs and last_in_epoch and epoch % every_epochs == 0))
+
+    def evaluate_knn(self) -> float:
+        """k-NN accuracy of the target encoder on the eval shards (every rank must call it).
+
+        Training is left exactly as it was: the RNG states are restored afterwards and the
+        training data stream is not touched, so a run with evaluation resumes bit for bit.
+        """
+        from .evaluation.evaluate import evaluate
+
+        saved = rng_state()
+        start = time.perf_counter()
+        try:
+            result = evaluate(self.target_encoder, *self.eval_sources, ("knn",), crop_size=self.cfg.data.crop_size,
+                              batch_size=self.cfg.data.batch_size, num_workers=self.cfg.data.num_workers,
+                              device=self.device, rank=self.env.rank, world_size=self.env.world_size)
+        finally:
+            set_rng_state(saved)
+        if self.env.is_main:
+            logger.info("step %d: k-NN accuracy of the target encoder %.4f (%d train / %d val images, %.1f s)",
+                        self.step, result["knn"], result["n_train"], result["n_val"], time.perf_counter() - start)
+        return result["knn"]
 
     def train(self) -> bool:
         """Train to the configured number of epochs; returns False if stopped early by a signal."""
@@ -431,11 +504,15 @@ class Trainer:
                 step_s = time.perf_counter() - wait_start
                 metrics.update(data_ms=round(data_ms, 3), img_per_s=round(global_batch / step_s, 3),
                                max_mem_mb=round(max_memory_mb(self.device), 1))
-                self.metrics.log(**metrics)
-                if self.env.is_main and (self.step % self.cfg.logging.log_freq == 0 or self.step == 1
-                                         or not math.isfinite(metrics["loss"])):
-                    self._log_progress(metrics)
                 last_in_epoch = batch["batch"] == self.steps_per_epoch - 1
+                knn = self.evaluate_knn() if self._eval_due(metrics["epoch"], last_in_epoch) else None
+                metrics[EVAL_COLUMN] = knn if self.env.is_main else None
+                self.metrics.log(**metrics)
+                progress_line = self.step % self.cfg.logging.log_freq == 0 or self.step == 1
+                if self.env.is_main and (progress_line or knn is not None or not math.isfinite(metrics["loss"])):
+                    self._log_progress(metrics)
+                if self.env.is_main and progress_line:
+                    self.collapse.update(metrics, self.step)
                 if self._should_stop():
                     return self._stop(periodic=self._epoch_end_path() if last_in_epoch else None)
                 if every_steps and self.step % every_steps == 0 and not last_in_epoch:
@@ -505,6 +582,7 @@ class Trainer:
                 "consecutive_nonfinite": self.consecutive_nonfinite,
                 "epoch_loss_sum": self.epoch_loss_sum,
                 "epoch_loss_count": self.epoch_loss_count,
+                "collapse": self.collapse.state_dict(),
             },
             "lineage": self.lineage,
             "config": self.cfg.to_dict(),
@@ -546,6 +624,7 @@ class Trainer:
         self.consecutive_nonfinite = counters["consecutive_nonfinite"]
         self.epoch_loss_sum = counters["epoch_loss_sum"]
         self.epoch_loss_count = counters["epoch_loss_count"]
+        self.collapse.load_state_dict(counters.get("collapse", {}))
         per_rank = state["rank_state"]
         if len(per_rank) == self.env.world_size:
             mine = per_rank[self.env.rank]

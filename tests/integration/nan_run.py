@@ -25,10 +25,10 @@ class NaNOnSteps(IJEPAObjective):
         self.trainer = None
 
     def __call__(self, *args):
-        loss = super().__call__(*args)
+        loss, metrics = super().__call__(*args)
         if self.poison and self.trainer.step + 1 in self.bad_steps:
-            return loss * float("nan")
-        return loss
+            return loss * float("nan"), metrics
+        return loss, metrics
 
 
 def worker(rank, cfg, bad_rank, bad_steps):

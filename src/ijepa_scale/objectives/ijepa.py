@@ -7,31 +7,89 @@ import torch.nn.functional as F
 
 from ..models.utils import apply_masks, repeat_interleave_batch
 
+# What every call returns beside the loss (global means are logged per step; see collapse_metrics).
+METRIC_NAMES = ("pred_norm", "target_std", "eff_rank")
+
+
+@torch.no_grad()
+def effective_rank(features: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the normalised singular values of the centred [N, D] batch (0 if it has no spread)."""
+    x = features.float()
+    x = x - x.mean(dim=0, keepdim=True)
+    # Singular values from the eigenvalues of the smaller Gram matrix: several times cheaper than an SVD.
+    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
+    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    total = s.sum()
+    tiny = torch.finfo(s.dtype).tiny
+    p = s / total.clamp_min(tiny)
+    entropy = -(p * p.clamp_min(tiny).log()).sum()
+    return torch.where(total > 0, entropy.exp(), torch.zeros_like(entropy))
+
+
+@torch.no_grad()
+def batch_std(x: torch.Tensor) -> torch.Tensor:
+    """Std across dim 0, averaged over all other positions; sums by matrix products (a strided
+    reduction over the batch dimension is an order of magnitude slower on CPU)."""
+    flat = x.float().reshape(len(x), -1)
+    ones = torch.ones(1, len(x), dtype=flat.dtype, device=flat.device)
+    total, squares = ones @ flat, ones @ (flat * flat)
+    var = (squares - total * total / len(x)) / max(1, len(x) - 1)
+    return var.clamp_min(0).sqrt().mean()
+
+
+@torch.no_grad()
+def collapse_metrics(predictions: torch.Tensor, normed_tokens: torch.Tensor,
+                     pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Signals of representation collapse, cheap enough for every step.
+
+    pred_norm: mean L2 norm of the predicted target tokens (tiny-IJEPA's `mag`; falls to 0 on collapse);
+    target_std: std across the batch of the layer-normed target tokens [B, N, D], averaged over positions
+    and dimensions (0 when every image gets the same features); eff_rank: effective rank of the
+    mean-pooled target-encoder outputs [B, D] (the features a probe sees), at most min(B - 1, D).
+    Values are 0-dim tensors on the batch's device, so computing them does not wait for the device.
+    """
+    with torch.autocast(predictions.device.type, enabled=False):
+        return {
+            "pred_norm": predictions.float().norm(dim=-1).mean(),
+            "target_std": batch_std(normed_tokens),
+            "eff_rank": effective_rank(pooled),
+        }
+
 
 class IJEPAObjective:
+    metric_names = METRIC_NAMES
+
     def __init__(self, loss: str = "smooth_l1"):
         if loss not in ("smooth_l1", "l2"):
             raise ValueError(f"optimization.loss={loss!r} must be smooth_l1 or l2")
         self.loss = loss
 
+    def _mask_targets(self, normed: torch.Tensor, masks_enc, masks_pred) -> torch.Tensor:
+        h = apply_masks(normed, masks_pred)
+        return repeat_interleave_batch(h, len(normed), repeat=len(masks_enc))
+
     def targets(self, target_encoder, images: torch.Tensor, masks_enc, masks_pred) -> torch.Tensor:
         with torch.no_grad():
             h = target_encoder(images)
-            h = F.layer_norm(h, (h.size(-1),))
-            batch_size = len(h)
-            h = apply_masks(h, masks_pred)
-            return repeat_interleave_batch(h, batch_size, repeat=len(masks_enc))
+            return self._mask_targets(F.layer_norm(h, (h.size(-1),)), masks_enc, masks_pred)
 
     def predictions(self, encoder, predictor, images: torch.Tensor, masks_enc, masks_pred) -> torch.Tensor:
         z = encoder(images, masks_enc)
         return predictor(z, masks_enc, masks_pred)
 
-    def __call__(self, encoder, predictor, target_encoder, images, masks_enc, masks_pred) -> torch.Tensor:
-        h = self.targets(target_encoder, images, masks_enc, masks_pred)
+    def __call__(self, encoder, predictor, target_encoder, images, masks_enc,
+                 masks_pred) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics): the loss to minimise and the collapse metrics of this batch."""
+        with torch.no_grad():
+            tokens = target_encoder(images)
+            normed = F.layer_norm(tokens, (tokens.size(-1),))
+            h = self._mask_targets(normed, masks_enc, masks_pred)
         z = self.predictions(encoder, predictor, images, masks_enc, masks_pred)
         if self.loss == "smooth_l1":
-            return F.smooth_l1_loss(z, h)
-        return F.mse_loss(z, h)
+            loss = F.smooth_l1_loss(z, h)
+        else:
+            loss = F.mse_loss(z, h)
+        return loss, collapse_metrics(z.detach(), normed, tokens.mean(dim=1))
 
 
 def build_objective(opt_cfg) -> IJEPAObjective:
