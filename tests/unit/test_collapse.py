@@ -138,3 +138,13 @@ def test_periodic_evaluation_leaves_training_bit_identical(shards, tmp_path):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
     assert torch.equal(rng_a, rng_b)
+
+
+def test_effective_rank_of_non_finite_features_is_nan_not_an_error():
+    x = torch.randn(16, 8)
+    x[3, 2] = float("inf")
+    x[5, 1] = float("nan")
+    assert torch.isnan(effective_rank(x))
+    overflowed = torch.randn(16, 8) * 3e38 * 10  # inf in float32
+    assert torch.isnan(effective_rank(overflowed))
+    assert effective_rank(torch.randn(16, 8)) > 1

@@ -15,15 +15,22 @@ METRIC_NAMES = ("pred_norm", "target_std", "eff_rank")
 def effective_rank(features: torch.Tensor) -> torch.Tensor:
     """exp(entropy) of the normalised singular values of the centred [N, D] batch (0 if it has no spread)."""
     x = features.float()
+    finite = torch.isfinite(x).all()
+    # A diverged step (inf/nan features) must log NaN, not stop the run inside the eigensolver.
+    x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     x = x - x.mean(dim=0, keepdim=True)
     # Singular values from the eigenvalues of the smaller Gram matrix: several times cheaper than an SVD.
     gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
-    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    try:
+        s = torch.linalg.eigvalsh(torch.nan_to_num(gram, nan=0.0, posinf=0.0, neginf=0.0)).clamp_min(0).sqrt()
+    except torch.linalg.LinAlgError:
+        return torch.full((), float("nan"), device=x.device)
     total = s.sum()
     tiny = torch.finfo(s.dtype).tiny
     p = s / total.clamp_min(tiny)
     entropy = -(p * p.clamp_min(tiny).log()).sum()
-    return torch.where(total > 0, entropy.exp(), torch.zeros_like(entropy))
+    rank = torch.where(total > 0, entropy.exp(), torch.zeros_like(entropy))
+    return torch.where(finite, rank, torch.full_like(rank, float("nan")))
 
 
 @torch.no_grad()
