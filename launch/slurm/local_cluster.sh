@@ -19,8 +19,9 @@ DB_PORT=${IJEPA_SLURM_DB_PORT:-3307}
 CLUSTER=${IJEPA_SLURM_CLUSTER:-ijepa}
 PARTITION=${IJEPA_SLURM_PARTITION:-debug}
 NODE=$(hostname -s)
-# More CPUs than cores can be declared (IJEPA_SLURM_CPUS) so that two small test jobs run at once.
-CPUS=${IJEPA_SLURM_CPUS:-$(nproc)}
+# At least 4 CPUs are declared (slurmd accepts it with config_overrides) so that two 2-task test
+# jobs can run at once on a 2-core machine; IJEPA_SLURM_CPUS sets another number.
+CPUS=${IJEPA_SLURM_CPUS:-$(( $(nproc) > 4 ? $(nproc) : 4 ))}
 MARK="# written by ijepa-scale launch/slurm/local_cluster.sh"
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
@@ -75,7 +76,8 @@ install_packages() {
   [ $own_policy -eq 0 ] || rm -f $policy
 }
 
-write_if_ours() {  # write_if_ours PATH MODE  (content on stdin)
+CHANGED=()
+write_if_ours() {  # write_if_ours PATH MODE  (content on stdin); appends PATH to CHANGED if it changed
   local path=$1 mode=$2 tmp
   if [ -e "$path" ] && ! grep -qF "$MARK" "$path"; then
     die "$path exists and was not written by this script; move it away to use the local cluster"
@@ -83,7 +85,7 @@ write_if_ours() {  # write_if_ours PATH MODE  (content on stdin)
   tmp=$(mktemp "$path.XXXXXX")
   cat > "$tmp"
   chmod "$mode" "$tmp"
-  if [ -e "$path" ] && cmp -s "$tmp" "$path"; then rm -f "$tmp"; else mv "$tmp" "$path"; fi
+  if [ -e "$path" ] && cmp -s "$tmp" "$path"; then rm -f "$tmp"; else mv "$tmp" "$path"; CHANGED+=("$path"); fi
 }
 
 write_configs() {
@@ -197,6 +199,10 @@ start_slurm() {
 cmd_start() {
   install_packages
   write_configs
+  if [ ${#CHANGED[@]} -gt 0 ] && running_pid slurmctld >/dev/null; then
+    say "config changed (${CHANGED[*]}): restarting the SLURM daemons"
+    stop_daemon slurmd; stop_daemon slurmctld; stop_daemon slurmdbd
+  fi
   start_munged
   start_mariadb
   start_slurm
