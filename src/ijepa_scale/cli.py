@@ -32,7 +32,7 @@ def parse_train_args(argv=None, prog=None):
 def train_main(argv=None, prog=None) -> int:
     from .config import load_config
     from .errors import UserError
-    from .launch import launch
+    from .launchers.local import launch
 
     args = parse_train_args(argv, prog)
     try:

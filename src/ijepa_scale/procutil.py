@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -25,3 +26,42 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
         return
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+"""Signals that ask a run to save at the agreed step and stop (SIGUSR2: SLURM's warning signal)."""
+
+
+def block_stop_signals() -> None:
+    """Hold STOP_SIGNALS pending in this thread (and in children forked or spawned from it)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def unblock_stop_signals() -> None:
+    """Deliver STOP_SIGNALS held pending by block_stop_signals (in this process or a parent)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Block STOP_SIGNALS while starting child processes, so that a signal sent to the process
+    group at that moment waits in each child until it has installed its own disposition."""
+    blocked = set(STOP_SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNALS) - blocked)
+
+
+def data_worker_init(parent_pid: int, worker_id: int = 0) -> None:
+    """DataLoader worker set-up: the rank that owns the worker handles stop signals.
+
+    A signal sent to the whole process group reaches the workers too; torch's worker handler
+    re-raises SIGTERM (killing the worker and then the rank). The workers are forked with the
+    signals blocked (see stop_signals_blocked), so ignoring them here also drops any that
+    arrived in between. SIGKILL on the rank's death still ends the worker.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    unblock_stop_signals()
+    die_with_parent(parent_pid)

@@ -27,6 +27,7 @@ from .metrics import CSVMetrics
 from .models import build_encoder, build_predictor
 from .objectives import build_objective
 from .parallel import autocast_context, make_grad_scaler, unwrap, wrap_data_parallel
+from .procutil import STOP_SIGNALS
 from .schedules import build_schedules
 
 logger = logging.getLogger("ijepa_scale")
@@ -150,7 +151,9 @@ class Trainer:
         self.epoch_loss_sum = 0.0
         self.epoch_loss_count = 0
         self.stop_requested = False  # set locally by a signal
+        self.requested_signals: set[int] = set()  # the signals behind stop_requested
         self.stop_agreed = False  # set on every rank once any rank asked to stop
+        self.agreed_signals: list[str] = []  # names of the signals any rank had when they agreed
         self.lineage: list[dict] = []
         self._saved_step: Optional[int] = None
 
@@ -224,14 +227,14 @@ class Trainer:
         # step (non-finite loss, or no decodable sample), and whether any rank was asked to stop.
         world = self.env.world_size
         local_ok = loss is not None and bool(torch.isfinite(loss.detach()).item())
-        shared = torch.zeros(world + 2, dtype=torch.float64, device=self.device)
+        shared = torch.zeros(world + 2 + len(STOP_SIGNALS), dtype=torch.float64, device=self.device)
         shared[0] = loss.detach().double() / world if local_ok else 0.0
         shared[1 + self.env.rank] = 0.0 if local_ok else 1.0
-        shared[world + 1] = 1.0 if self.stop_requested else 0.0
+        self._put_stop_flags(shared, world + 1)
         dist_utils.all_reduce_sum(shared)
         shared = shared.cpu()
         bad_ranks = [r for r in range(world) if shared[1 + r] > 0]
-        self.stop_agreed = self.stop_agreed or bool(shared[world + 1] > 0)
+        self._take_stop_flags(shared, world + 1)
 
         grad_norm = float("nan")
         skipped = bool(bad_ranks)
@@ -457,7 +460,26 @@ class Trainer:
         dist_utils.barrier()
 
     def request_stop(self, signum=None, frame=None) -> None:
+        """Ask to stop (a signal handler); all ranks agree on the step in the next all-reduce."""
         self.stop_requested = True
+        if signum in STOP_SIGNALS:
+            self.requested_signals.add(signum)
+
+    def _put_stop_flags(self, shared: torch.Tensor, at: int) -> None:
+        shared[at] = 1.0 if self.stop_requested else 0.0
+        for i, sig in enumerate(STOP_SIGNALS):
+            shared[at + 1 + i] = 1.0 if sig in self.requested_signals else 0.0
+
+    def _take_stop_flags(self, shared: torch.Tensor, at: int) -> None:
+        if shared[at] > 0 and not self.stop_agreed:
+            self.stop_agreed = True
+            self.agreed_signals = [sig.name for i, sig in enumerate(STOP_SIGNALS) if shared[at + 1 + i] > 0]
+
+    def checkpoint_of_step(self) -> Optional[Path]:
+        """The committed checkpoint file that holds the current step, if there is one."""
+        if self._saved_step == self.step and self.checkpoints.latest.is_file():
+            return self.checkpoints.latest
+        return None
 
     def close(self) -> None:
         self.metrics.close()

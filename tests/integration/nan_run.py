@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from ijepa_scale import distributed as dist_utils
 from ijepa_scale.config import load_config
 from ijepa_scale.objectives import IJEPAObjective
-from ijepa_scale.run import setup_logging
+from ijepa_scale.launchers.entry import setup_logging
 from ijepa_scale.trainer import Trainer
 
 

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserError
-from ..procutil import die_with_parent
+from ..procutil import data_worker_init, stop_signals_blocked
 from .sources import RawSample, ReadError
 
 logger = logging.getLogger(__name__)
@@ -185,6 +185,18 @@ def _worker_context():
     return multiprocessing.get_context("fork" if "fork" in methods else methods[0])
 
 
+def _shut_down(iterator) -> None:
+    # Workers ignore SIGTERM (see data_worker_init), so the loader's terminate() cannot stop
+    # one that is stuck, and multiprocessing's exit hook would then wait for it forever.
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(iterator, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+
+
 class DataStream:
     """Batches for one rank, with `state_dict`/`load_state_dict` for exact resume."""
 
@@ -223,10 +235,11 @@ class DataStream:
             pin_memory=self.pin_memory,
             prefetch_factor=2 if workers > 0 else None,
             persistent_workers=False,
-            worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers > 0 else None,
+            worker_init_fn=functools.partial(data_worker_init, os.getpid()) if workers > 0 else None,
             multiprocessing_context=_worker_context() if workers > 0 else None,
         )
-        iterator = iter(loader)
+        with stop_signals_blocked():  # the workers start here; see data_worker_init
+            iterator = iter(loader)
         try:
             while self.batch_in_epoch < self.steps_per_epoch:
                 batch = next(iterator)
@@ -237,6 +250,7 @@ class DataStream:
                 self.batch_in_epoch += 1
                 yield batch
         finally:
+            _shut_down(iterator)
             del iterator
         self.epoch += 1
         self.batch_in_epoch = 0

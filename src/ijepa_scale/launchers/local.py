@@ -10,11 +10,11 @@ import traceback
 
 import torch.multiprocessing as mp
 
-from . import distributed as dist_utils
-from .config import Config
-from .errors import UserError
-from .procutil import die_with_parent
-from .run import cpu_threads_per_rank, run_training
+from .. import distributed as dist_utils
+from ..config import Config
+from ..errors import UserError
+from ..procutil import die_with_parent
+from .entry import cpu_threads_per_rank, run_rank
 
 logger = logging.getLogger(__name__)
 USER_ERROR_EXIT = 2
@@ -24,7 +24,7 @@ def _spawned_rank(rank: int, cfg: Config, devices: list[str], threads: int | Non
     # If the launcher is killed, SIGTERM asks this rank to save at the next step and stop.
     die_with_parent(launcher_pid, signal.SIGTERM)
     try:
-        run_training(cfg, rank, len(devices), devices[rank], local_rank=rank, cpu_threads=threads)
+        run_rank(cfg, rank, len(devices), devices[rank], local_rank=rank, cpu_threads=threads)
     except (UserError, FileNotFoundError) as exc:
         # A user mistake found after start-up (missing shard, refused resume): one line, not a traceback.
         print(f"error: rank {rank}: {exc}", file=sys.stderr, flush=True)
@@ -50,7 +50,7 @@ def launch(cfg: Config, devices: list[str] | None) -> int:
     if env_info is not None:
         rank, world, local_rank = env_info
         device = _torchrun_device(devices if devices else None, local_rank)
-        run_training(cfg, rank, world, device, local_rank=local_rank,
+        run_rank(cfg, rank, world, device, local_rank=local_rank,
                      cpu_threads=cpu_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
         return 0
 
@@ -62,7 +62,7 @@ def launch(cfg: Config, devices: list[str] | None) -> int:
         raise UserError(f"--devices lists a CUDA device twice: {' '.join(devices)}")
     threads = cpu_threads_per_rank(len(devices))
     if len(devices) == 1:
-        run_training(cfg, 0, 1, devices[0], cpu_threads=threads)
+        run_rank(cfg, 0, 1, devices[0], cpu_threads=threads)
         return 0
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"

@@ -1,0 +1,126 @@
+"""What one training process does: join the group, build the trainer, train, clean up.
+
+Every launcher calls :func:`run_rank` once in each training process: the local launcher in
+its spawned ranks (or in-process for one device), torchrun ranks through `main.py`, and the
+SLURM launcher in each submitit task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .. import distributed as dist_utils
+from ..config import Config
+from ..procutil import STOP_SIGNALS, unblock_stop_signals
+
+logger = logging.getLogger("ijepa_scale")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a rank's run ended; the same on every rank.
+
+    - `completed`: all `optimization.epochs` are done (now or by an earlier run).
+    - `stop_reason`: None when completed, else "signal" (a stop signal reached some rank) or
+      "stop_at_step" (`optimization.stop_at_step` was reached).
+    - `signals`: names of the stop signals that any rank had received when the ranks agreed
+      to stop, e.g. ("SIGUSR2",); empty unless stop_reason == "signal".
+    - `step`: the global step the run ended at (the agreed stop step when stopped).
+    - `checkpoint`: the file holding the state of exactly `step` (`{tag}-latest.pth.tar`),
+      committed (written, fsynced, renamed) by rank 0 before any rank returns; None when no
+      checkpoint of `step` exists (a fresh run stopped before its first step).
+    - `previous_handlers`: the signal handlers that were installed before run_rank (e.g.
+      submitit's USR2 handler), keyed by signal number. run_rank restores them on return.
+    """
+
+    completed: bool
+    step: int
+    stop_reason: Optional[str] = None
+    signals: tuple[str, ...] = ()
+    checkpoint: Optional[Path] = None
+    previous_handlers: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    handler = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local_rank: Optional[int] = None,
+             cpu_threads: Optional[int] = None, on_stop: Optional[Callable[[RunResult], None]] = None) -> RunResult:
+    """Train in this process as `rank` of `world_size`; returns how the run ended.
+
+    SIGINT, SIGTERM and SIGUSR2 are handled while this runs: any number of them, on any
+    rank, make every rank finish its current step, agree on that step in the step's
+    all-reduce, commit a checkpoint of it and return a RunResult with stop_reason "signal".
+    Repeated signals are one request; this function never aborts on its own (a launcher
+    decides that). The handlers found on entry are restored before returning and are
+    also in `RunResult.previous_handlers`, so a caller can chain to one after the save,
+    e.g. submitit's requeue: `result.previous_handlers[signal.SIGUSR2](signal.SIGUSR2, None)`.
+
+    `on_stop(result)`, if given, is called on every rank when the run stopped early, after
+    the checkpoint is committed and all ranks passed the barrier that follows the save, while
+    the process group is still up. Errors propagate (UserError for the user's mistakes).
+    """
+    from ..trainer import Trainer
+
+    setup_logging(rank)
+    # Stop requests that arrive while the trainer is being built are kept, not lost: the
+    # trainer agrees on them across ranks before its first step.
+    pending: list[int] = []
+    trainer: Optional[Trainer] = None
+
+    def on_signal(signum, frame):
+        if trainer is None:
+            pending.append(signum)
+        else:
+            trainer.request_stop(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    unblock_stop_signals()  # a launcher may have blocked them until this handler was in place
+    try:
+        device = dist_utils.parse_device(device_name)
+        if device.type == "cpu" and cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        env = dist_utils.init_distributed(rank, world_size, device, local_rank)
+        try:
+            trainer = Trainer(cfg, env)
+            for signum in pending:
+                trainer.request_stop(signum)
+            completed = trainer.train()
+            result = RunResult(
+                completed=completed,
+                step=trainer.step,
+                stop_reason=None if completed else ("signal" if trainer.stop_agreed else "stop_at_step"),
+                signals=tuple(trainer.agreed_signals),
+                checkpoint=trainer.checkpoint_of_step(),
+                previous_handlers=dict(previous),
+            )
+            if not completed and on_stop is not None:
+                on_stop(result)
+            return result
+        finally:
+            if trainer is not None:
+                trainer.close()
+            dist_utils.destroy()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def cpu_threads_per_rank(ranks_on_host: int) -> Optional[int]:
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // ranks_on_host)
