@@ -204,3 +204,14 @@ def test_unknown_partition_is_refused_by_sinfo(cluster, tmp_path):
     proc, ids = submit("--fname", config, "--folder", tmp_path / "s", "--partition", "nosuch", check=False)
     assert proc.returncode == 2 and ids == []
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --partition nosuch: sinfo does not know it")
+
+
+def test_failed_job_stops_with_the_reason_instead_of_requeueing(cluster, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_config(str(tmp_path / "missing-{000000..000001}.tar"),
+                                                           tmp_path / "run"))
+    _, ids = submit("--fname", config, "--folder", tmp_path / "submitit")
+    log = tmp_path / "submitit" / f"job_{ids[0]}" / f"{ids[0]}_0_log.out"
+    assert wait_done(ids[0], log) == "FAILED"
+    assert sacct_states(ids[0], duplicates=True) == ["FAILED"]  # never requeued
+    text = log.read_text()
+    assert "missing-000000.tar" in text and "not requeued" in text

@@ -445,9 +445,9 @@ class SlurmTrainingJob:
         try:
             result = run_rank(self.cfg, rank, world, self.device_name(local_rank), local_rank=local_rank,
                               cpu_threads=self.cpu_threads(), on_stop=agree)
-        except UserError as exc:
+        except (UserError, FileNotFoundError) as exc:
             if rank == 0:
-                _say(f"error: {exc}\nnot requeued: a user error stops the job")
+                _say(f"error: {exc}\nnot requeued: a user error stops the job (fix it and resubmit)")
             raise
         except Exception as exc:
             if rank == 0:
