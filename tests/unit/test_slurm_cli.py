@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import stat
-from pathlib import Path
 
 import pytest
 import yaml
@@ -225,3 +224,19 @@ def test_master_port_changes_with_each_restart():
 
 def test_main_distributed_is_thin():
     assert len((ROOT / "main_distributed.py").read_text().splitlines()) < 60
+
+
+def test_argparse_mistakes_are_one_line(capsys, fake_slurm, config):
+    with pytest.raises(SystemExit) as exit_info:
+        slurm.main(["--fname", str(config), "--nodes", "two"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--nodes: invalid int value: 'two'" in err
+
+
+def test_unwritable_logging_folder_is_refused_before_sbatch(capsys, fake_slurm, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    config = write_config(tmp_path / "c.yaml", tiny_config("/d/x-{0..1}.tar", blocker / "run"))
+    code, _, err = run(capsys, "--fname", str(config), *BASE, "--folder", str(tmp_path / "s"))
+    assert "cannot be created" in one_line_error(code, err) and not fake_slurm.exists()

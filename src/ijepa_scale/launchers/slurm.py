@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 import yaml
 
-from ..config import Config, ConfigError, dump_config, load_config
+from ..config import Config, dump_config, load_config
 from ..errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -157,8 +157,14 @@ def resolve_options(args: argparse.Namespace) -> SlurmOptions:
 # ------------------------------------------------------------------ command line
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line, like every other user mistake (argparse would print the whole usage first).
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog, description="Submit I-JEPA pretraining to SLURM (submitit); requeues itself on time limits "
                                "and preemption. Flags override --preset, which overrides the defaults shown.")
     add = parser.add_argument
@@ -280,27 +286,42 @@ def git_state(root: Path) -> tuple[str, str]:
 # ------------------------------------------------------------------ submission
 
 
+def _warn_cpu_budget(configs: list[Config], files: list[Path], options: SlurmOptions) -> None:
+    for cfg, path in zip(configs, files):
+        if cfg.data.num_workers >= options.cpus_per_task:
+            print(f"warning: {path}: data.num_workers={cfg.data.num_workers} leaves no CPU of --cpus-per-task "
+                  f"{options.cpus_per_task} for the rank itself (workers will share cores)", file=sys.stderr)
+
+
 def submit(args: argparse.Namespace, command_line: str) -> int:
     options = resolve_options(args)
     files = config_files(args.fname, args.batch_launch)
     configs = load_job_configs(files, args.overrides)
     check_partition(options.partition)
-    for cfg, path in zip(configs, files):
-        if cfg.data.num_workers >= options.cpus_per_task:
-            print(f"warning: {path}: data.num_workers={cfg.data.num_workers} leaves no CPU of --cpus-per-task "
-                  f"{options.cpus_per_task} for the rank itself (workers will share cores)", file=sys.stderr)
     folder = Path(args.folder).expanduser().resolve() / "job_%j"
     job_name = options.job_name or ("ijepa-batch" if args.batch_launch else f"ijepa-{files[0].stem}")
     params = sbatch_parameters(options, job_name)
     jobs_to_submit = [SlurmTrainingJob(cfg, options) for cfg in configs]
 
     if args.dry_run:
+        _warn_cpu_budget(configs, files, options)
         print(f"# dry run: nothing submitted. sbatch script ({folder}/..._submission.sh):")
         print(sbatch_script(folder, params, len(configs)))
         for cfg, path in zip(configs, files):
             print(f"# resolved config of {path} (logging.folder gets the CSVs and checkpoints):")
             print(dump_config(cfg))
         return 0
+
+    for cfg in configs:
+        try:
+            Path(cfg.logging.folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"logging.folder {cfg.logging.folder} cannot be created ({exc.strerror}): "
+                            "choose a folder the job can write") from None
+        if not os.access(cfg.logging.folder, os.W_OK):
+            raise UserError(f"logging.folder {cfg.logging.folder} is not writable: choose a folder the job can write")
+
+    _warn_cpu_budget(configs, files, options)
 
     import submitit
     from submitit.core.utils import FailedJobError, FailedSubmissionError
@@ -508,5 +529,4 @@ class SlurmTrainingJob:
         return state
 
 
-__all__ = ["SlurmOptions", "SlurmTrainingJob", "main", "parse_args", "decide_requeue", "classify_signal",
-           "ConfigError"]
+__all__ = ["SlurmOptions", "SlurmTrainingJob", "main", "parse_args", "decide_requeue", "classify_signal"]
