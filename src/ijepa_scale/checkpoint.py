@@ -147,12 +147,22 @@ def _peek(path: Path) -> dict:
         return {}
 
 
+RESUME_HINT = ("resume from another file with meta.load_checkpoint=true meta.read_checkpoint=FILE, "
+               "or move this folder away to start from scratch")
+
+
 def load_checkpoint_file(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0]
         raise UserError(
             f"cannot load checkpoint {path}: {type(exc).__name__}: {first_line}. Refusing to start from scratch: "
-            f"pick another file with meta.read_checkpoint or move this folder away"
-        ) from exc
+            f"{RESUME_HINT}"
+        ) from None
+    if not isinstance(state, dict):
+        raise UserError(
+            f"checkpoint {path} holds a {type(state).__name__}, not a training checkpoint (a dict with encoder, "
+            f"predictor, target_encoder, opt); {RESUME_HINT}"
+        )
+    return state

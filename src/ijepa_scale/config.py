@@ -367,7 +367,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}:{line} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    raw = raw or {}
+    if raw is None or raw == {}:
+        raise ConfigError(
+            f"{path} is empty: a config names at least its data (data.shards or data.root_path) and its model "
+            f"(meta.model_name); on defaults alone it would train vit_base at 224 px for 100 epochs"
+        )
     if overrides:
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")

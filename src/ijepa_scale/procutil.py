@@ -46,6 +46,11 @@ def unblock_stop_signals() -> None:
 def stop_signals_blocked():
     """Block STOP_SIGNALS while starting child processes, so that a signal sent to the process
     group at that moment waits in each child until it has installed its own disposition."""
+    # Starting multiprocessing's resource tracker unblocks SIGINT and SIGTERM in this thread,
+    # so it must not happen inside the block (the first spawn would start it).
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
     blocked = set(STOP_SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import errno
 import logging
 import math
 import random
 import resource
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,10 +24,11 @@ from .config import Config, dump_config
 from .data.sources import build_source
 from .data.stream import DataStream
 from .data.transforms import ImageTransform, normalize
-from .errors import UserError
+from .errors import RunFailure, UserError
 from .masks import MultiBlockMaskCollator
 from .metrics import CSVMetrics
 from .models import build_encoder, build_predictor
+from .models.vision_transformer import VIT_SIZES
 from .objectives import build_objective
 from .parallel import autocast_context, make_grad_scaler, unwrap, wrap_data_parallel
 from .procutil import STOP_SIGNALS
@@ -35,8 +39,12 @@ logger = logging.getLogger("ijepa_scale")
 CHECKPOINT_VERSION = 1
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(RunFailure):
+    on_every_rank = True  # decided in the step's all-reduce, so every rank stops at the same step
+
+
+class CheckpointWriteError(RunFailure):
+    on_every_rank = True  # rank 0 shares the outcome of its write with every rank
 
 
 def add_module_prefix(state_dict: dict) -> dict:
@@ -87,6 +95,73 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def describe_write_error(exc: OSError, target: Path, last_step: Optional[int]) -> str:
+    """One line for a failed checkpoint write: the file, the cause, the free space, what to do."""
+    folder = target.parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MB free in {folder}"
+    except OSError:
+        free = f"free space in {folder} unknown"
+    resume = (f"the previous checkpoint (step {last_step}) is intact" if last_step is not None
+              else "no checkpoint of this run exists yet")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        cause, fix = "no space left on device", "free space (or set logging.keep_last) and run the same command"
+    else:
+        cause, fix = exc.strerror or type(exc).__name__, "fix the folder and run the same command"
+    return f"cannot write checkpoint {target}: {cause} ({free}); {resume}; {fix}"
+
+
+def _blocks(state: dict, prefix: str) -> int:
+    indices = {k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)}
+    return len([i for i in indices if i.isdigit()])
+
+
+def architecture(encoder_state: dict, predictor_state: dict) -> dict:
+    """Size facts readable from the weights (keys without `module.`), by the config key that sets them."""
+    facts = {}
+    patch = encoder_state.get("patch_embed.proj.weight")
+    if patch is not None:
+        facts["embed_dim"] = ("encoder width", "meta.embed_dim", int(patch.shape[0]))
+        facts["patch_size"] = ("patch size", "mask.patch_size", int(patch.shape[-1]))
+    pos = encoder_state.get("pos_embed")
+    if pos is not None:
+        facts["num_patches"] = ("patches per image", "data.crop_size", int(pos.shape[1]))
+    facts["depth"] = ("encoder depth", "meta.depth", _blocks(encoder_state, "blocks."))
+    facts["pred_depth"] = ("predictor depth", "meta.pred_depth", _blocks(predictor_state, "predictor_blocks."))
+    embed = predictor_state.get("predictor_embed.weight")
+    if embed is not None:
+        facts["pred_emb_dim"] = ("predictor width", "meta.pred_emb_dim", int(embed.shape[0]))
+    return facts
+
+
+def check_architecture(state: dict, encoder: torch.nn.Module, predictor: torch.nn.Module, cfg: Config,
+                       where) -> None:
+    """UserError naming each size that differs between the checkpoint's weights and the config's model."""
+    try:
+        theirs = architecture(strip_module_prefix(state["encoder"]), strip_module_prefix(state["predictor"]))
+    except (AttributeError, TypeError):
+        raise UserError(f"{where}: 'encoder'/'predictor' are not state dicts; not a training checkpoint") from None
+    ours = architecture(encoder.state_dict(), predictor.state_dict())
+    diffs = []
+    for key, (what, config_key, value) in ours.items():
+        if key in theirs and theirs[key][2] != value:
+            diffs.append(f"{what} {theirs[key][2]}, the config asks for {value} ({config_key})")
+    saved_meta = (state.get("config") or {}).get("meta") or {}
+    saved_heads = saved_meta.get("num_heads") or VIT_SIZES.get(saved_meta.get("model_name"), {}).get("num_heads")
+    heads = getattr(encoder, "num_heads", None)
+    if saved_heads is not None and heads is not None and saved_heads != heads:
+        diffs.append(f"{saved_heads} attention heads, the config asks for {heads} (meta.num_heads)")
+    if diffs:
+        model = saved_meta.get("model_name")
+        hint = f" (it was trained with meta.model_name={model})" if model else ""
+        raise UserError(f"{where} has {'; '.join(diffs)}{hint}. Resume with the checkpoint's model settings, "
+                        f"or start a new logging.folder")
+
+
 def max_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -102,7 +177,6 @@ class Trainer:
         self.folder = Path(cfg.logging.folder)
         if env.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
-            (self.folder / "params-ijepa.yaml").write_text(dump_config(cfg))
         dist_utils.barrier()
 
         torch.manual_seed(cfg.meta.seed)
@@ -157,15 +231,22 @@ class Trainer:
         self.lineage: list[dict] = []
         self._saved_step: Optional[int] = None
 
+        self.complete = False  # resumed from a checkpoint that already holds every epoch
         resume_path = self.checkpoints.resolve_resume(cfg.meta.read_checkpoint, cfg.meta.load_checkpoint)
         if resume_path is not None:
             state = load_checkpoint_file(resume_path)
+            self.resume_file = resume_path
             self.load_state_dict(state)
             self.lineage = list(state.get("lineage", [])) + [{"file": resume_path.name, "step": state.get("step")}]
             self._saved_step = self.step
-            if env.is_main:
+            self.complete = self.stream.epoch >= cfg.optimization.epochs
+            if env.is_main and not self.complete:
                 logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, self.step,
                             self.stream.epoch + 1, self.stream.batch_in_epoch)
+                self._warn_if_schedules_changed(state)
+        if env.is_main and not self.complete:
+            # Written once the run is known to go ahead, so a refused run leaves the old one in place.
+            (self.folder / "params-ijepa.yaml").write_text(dump_config(cfg))
         self.metrics = CSVMetrics(self.folder / f"{cfg.logging.write_tag}_r{env.rank}.csv",
                                   resume_step=self.step if resume_path is not None else None)
         if env.is_main:
@@ -319,6 +400,12 @@ class Trainer:
     def train(self) -> bool:
         """Train to the configured number of epochs; returns False if stopped early by a signal."""
         epochs = self.cfg.optimization.epochs
+        if self.complete:
+            if self.env.is_main:
+                logger.info("run complete: all %d epochs (step %d) are already in %s; nothing to train. To train "
+                            "further, raise optimization.epochs (e.g. optimization.epochs=%d)", epochs, self.step,
+                            self.folder, 2 * epochs)
+            return True
         every_steps = self.cfg.logging.checkpoint_every_steps
         global_batch = self.env.world_size * self.cfg.data.batch_size
         while self.stream.epoch < epochs:
@@ -360,10 +447,20 @@ class Trainer:
         return self.stop_agreed or bool(stop_at and self.step >= stop_at)
 
     def _stop(self, periodic: Optional[Path]) -> bool:
+        trained = self._saved_step != self.step
         self.save(periodic=periodic)
-        if self.env.is_main:
-            reason = "on request" if self.stop_agreed else "at optimization.stop_at_step"
-            logger.info("stopped %s at step %d; run the same command to resume", reason, self.step)
+        if not self.env.is_main:
+            return False
+        stop_at = self.cfg.optimization.stop_at_step
+        if self.stop_agreed:
+            logger.info("stopped on request (%s) at step %d, checkpoint saved; run the same command to resume",
+                        ", ".join(self.agreed_signals) or "stop", self.step)
+        elif trained:
+            logger.info("stopped at optimization.stop_at_step=%d (step %d), checkpoint saved; to continue, raise "
+                        "or remove optimization.stop_at_step", stop_at, self.step)
+        else:
+            logger.info("nothing to train: the checkpoint is at step %d and optimization.stop_at_step=%d; to "
+                        "continue, raise or remove optimization.stop_at_step", self.step, stop_at)
         return False
 
     # ---------------------------------------------------------------- state
@@ -404,13 +501,21 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        where = getattr(self, "resume_file", None) or "the checkpoint"
         missing = [k for k in ("encoder", "predictor", "target_encoder", "opt") if k not in state]
         if missing:
-            raise UserError(f"checkpoint lacks {missing}: not a training checkpoint")
-        unwrap(self.encoder).load_state_dict(strip_module_prefix(state["encoder"]))
-        unwrap(self.predictor).load_state_dict(strip_module_prefix(state["predictor"]))
-        self.target_encoder.load_state_dict(strip_module_prefix(state["target_encoder"]))
-        self.optimizer.load_state_dict(state["opt"])
+            raise UserError(f"{where} lacks {missing}: not a training checkpoint. Resume from another file "
+                            f"(meta.load_checkpoint=true meta.read_checkpoint=FILE) or use a new logging.folder")
+        check_architecture(state, unwrap(self.encoder), unwrap(self.predictor), self.cfg, where)
+        try:
+            unwrap(self.encoder).load_state_dict(strip_module_prefix(state["encoder"]))
+            unwrap(self.predictor).load_state_dict(strip_module_prefix(state["predictor"]))
+            self.target_encoder.load_state_dict(strip_module_prefix(state["target_encoder"]))
+            self.optimizer.load_state_dict(state["opt"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise UserError(f"{where} does not fit this model/optimizer ({type(exc).__name__}: {first}); "
+                            f"resume with the checkpoint's config or use a new logging.folder") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if "step" not in state:
@@ -453,17 +558,47 @@ class Trainer:
             return
         self.metrics.sync()  # rows up to this step survive a machine crash together with the checkpoint
         state = self.state_dict()
+        error = None
         if self.env.is_main:
-            path = self.checkpoints.save(state, periodic)
-            logger.info("saved checkpoint %s (step %d)", path.name, self.step)
+            try:
+                path = self.checkpoints.save(state, periodic)
+                logger.info("saved checkpoint %s (step %d)", path.name, self.step)
+            except OSError as exc:
+                error = describe_write_error(exc, periodic or self.checkpoints.latest, self._saved_step)
+        # Doubles as the barrier: every rank learns whether the checkpoint was committed.
+        error = dist_utils.broadcast_object(error)
+        if error is not None:
+            raise CheckpointWriteError(error)
         self._saved_step = self.step
-        dist_utils.barrier()
 
     def request_stop(self, signum=None, frame=None) -> None:
         """Ask to stop (a signal handler); all ranks agree on the step in the next all-reduce."""
         self.stop_requested = True
         if signum in STOP_SIGNALS:
             self.requested_signals.add(signum)
+
+    def _warn_if_schedules_changed(self, state: dict) -> None:
+        """Warn when the resumed run's optimization settings give other schedule values from here on."""
+        saved = (state.get("config") or {}).get("optimization")
+        if not isinstance(saved, dict):
+            return
+        fields = {f.name for f in dataclasses.fields(self.cfg.optimization)}
+        ours = self.cfg.optimization
+        try:
+            theirs = dataclasses.replace(ours, **{k: v for k, v in saved.items() if k in fields})
+            old = build_schedules(theirs, self.steps_per_epoch)
+        except Exception:  # a checkpoint from another version: nothing sensible to compare
+            return
+        position = self.lr_schedule.step_count + 1
+        new = (self.lr_schedule, self.wd_schedule, self.momentum_schedule)
+        values = [(name, o.value(position), n.value(position)) for name, o, n in zip(("lr", "wd", "momentum"), old, new)]
+        if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0) for _, a, b in values):
+            return
+        changed = [f"optimization.{k} {saved[k]} -> {getattr(ours, k)}" for k in sorted(fields)
+                   if k in saved and k != "stop_at_step" and _plain(saved[k]) != _plain(getattr(ours, k))]
+        logger.warning("resuming with %s: the lr/wd/momentum schedules are recomputed; at step %d %s",
+                       ", ".join(changed) or "changed optimization settings", position,
+                       ", ".join(f"{name} {a:.4g} -> {b:.4g}" for name, a, b in values if a != b))
 
     def _put_stop_flags(self, shared: torch.Tensor, at: int) -> None:
         shared[at] = 1.0 if self.stop_requested else 0.0

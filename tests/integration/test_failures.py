@@ -111,5 +111,54 @@ def test_corrupt_data_is_skipped_counted_and_logged(tmp_path):
     assert "skipped" in proc.stdout + proc.stderr
 
     proc = run_main(config, "data.on_error=fail", f"logging.folder={tmp_path / 'strict'}")
-    assert proc.returncode != 0
-    assert "data.on_error=fail" in proc.stderr and ".tar" in proc.stderr
+    assert proc.returncode == 1
+    # One line from the rank that read the bad shard, not its peer's broken-collective error.
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1 and "data.on_error=fail" in errors[0] and ".tar" in errors[0], proc.stderr[-3000:]
+    assert errors[0].startswith("error: rank ") and "Traceback" not in proc.stderr
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if "error" in line.lower()]
+
+
+def test_unwritable_logging_folder_is_refused_before_the_ranks_start(shards, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    config = write_config(tmp_path / "c.yaml", tiny_config(shards, tmp_path / "a_file" / "run"))
+    proc = run_main(config, timeout=120)
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr) == [
+        f"error: logging.folder={tmp_path / 'a_file' / 'run'}: cannot create or write there (Not a directory); "
+        f"choose a writable logging.folder"]
+
+
+def test_resume_errors_are_one_line_printed_once(shards, tmp_path):
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", tiny_config(shards, run))
+    assert run_main(config, "optimization.stop_at_step=1").returncode == 0
+    params = (run / "params-ijepa.yaml").read_text()
+
+    proc = run_main(config, "meta.depth=3")
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr) == [
+        f"error: {run / 'jepa-latest.pth.tar'} has encoder depth 2, the config asks for 3 (meta.depth) (it was "
+        f"trained with meta.model_name=vit_tiny). Resume with the checkpoint's model settings, or start a new "
+        f"logging.folder"], proc.stderr[-3000:]
+    assert (run / "params-ijepa.yaml").read_text() == params  # the refused run did not overwrite it
+
+    torch.save(torch.ones(2), run / "jepa-latest.pth.tar")
+    proc = run_main(config)
+    assert proc.returncode == 2
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1 and "holds a Tensor, not a training checkpoint" in errors[0], proc.stderr[-3000:]
+    assert "meta.load_checkpoint=true meta.read_checkpoint=FILE" in errors[0]
+
+
+def test_a_diverged_loss_stops_with_one_line(shards, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_config(shards, tmp_path / "run"))
+    proc = run_main(config, "optimization.lr=1e30", "optimization.start_lr=1e30",
+                    "optimization.max_consecutive_nonfinite=2")
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "2 consecutive skipped steps" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

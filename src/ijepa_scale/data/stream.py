@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import UserError
+from ..errors import RunFailure, UserError
 from ..procutil import data_worker_init, stop_signals_blocked
 from .sources import RawSample, ReadError
 
@@ -64,7 +64,7 @@ class EpochPlan:
         return rank * self.steps_per_epoch * self.batch_size
 
 
-class BadBatchError(RuntimeError):
+class BadBatchError(RunFailure):
     pass
 
 

@@ -11,6 +11,8 @@ import logging
 import os
 import signal
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -19,6 +21,7 @@ import torch
 
 from .. import distributed as dist_utils
 from ..config import Config
+from ..errors import UserError
 from ..procutil import STOP_SIGNALS, unblock_stop_signals
 
 logger = logging.getLogger("ijepa_scale")
@@ -59,7 +62,8 @@ def setup_logging(rank: int) -> None:
 
 
 def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local_rank: Optional[int] = None,
-             cpu_threads: Optional[int] = None, on_stop: Optional[Callable[[RunResult], None]] = None) -> RunResult:
+             cpu_threads: Optional[int] = None, on_stop: Optional[Callable[[RunResult], None]] = None,
+             abort_after_s: Optional[float] = None) -> RunResult:
     """Train in this process as `rank` of `world_size`; returns how the run ended.
 
     SIGINT, SIGTERM and SIGUSR2 are handled while this runs: any number of them, on any
@@ -72,7 +76,15 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
 
     `on_stop(result)`, if given, is called on every rank when the run stopped early, after
     the checkpoint is committed and all ranks passed the barrier that follows the save, while
-    the process group is still up. Errors propagate (UserError for the user's mistakes).
+    the process group is still up.
+
+    `abort_after_s` (for a process that is its own launcher, e.g. one local device): a second
+    SIGINT or SIGTERM at least that many seconds after the first raises KeyboardInterrupt.
+
+    Errors propagate: UserError (the user's mistake, one line, exit 2), RunFailure (a known
+    failure such as a full disk, one line, exit 1), anything else (exit 1). The exception
+    carries `failed_at` (time.time() when it left the training code, before the clean-up),
+    which a launcher uses to tell the rank that failed first from its peers' follow-up errors.
     """
     from ..trainer import Trainer
 
@@ -81,8 +93,15 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
     # trainer agrees on them across ranks before its first step.
     pending: list[int] = []
     trainer: Optional[Trainer] = None
+    first_at: list[float] = []
 
     def on_signal(signum, frame):
+        now = time.monotonic()
+        if (abort_after_s is not None and first_at and signum in (signal.SIGINT, signal.SIGTERM)
+                and now - first_at[0] >= abort_after_s):
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborted without saving")
+        if not first_at:
+            first_at.append(now)
         if trainer is None:
             pending.append(signum)
         else:
@@ -111,6 +130,13 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
             if not completed and on_stop is not None:
                 on_stop(result)
             return result
+        except BaseException as exc:
+            if getattr(exc, "failed_at", None) is None:
+                try:
+                    exc.failed_at = time.time()
+                except AttributeError:
+                    pass
+            raise
         finally:
             if trainer is not None:
                 trainer.close()
@@ -118,6 +144,23 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def check_logging_folder(folder: str) -> None:
+    """Create `folder` if needed and prove it writable, before any rank starts (UserError otherwise)."""
+    if not str(folder).strip():
+        raise UserError("logging.folder is empty: set it to the run's output folder (logging.folder=logs/my_run)")
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"logging.folder={folder}: exists and is not a folder; choose another logging.folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"logging.folder={folder}: cannot create or write there ({reason}); "
+                        f"choose a writable logging.folder") from None
 
 
 def cpu_threads_per_rank(ranks_on_host: int) -> Optional[int]:
