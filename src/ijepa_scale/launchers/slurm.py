@@ -37,7 +37,7 @@ from typing import Any, Optional
 import yaml
 
 from ..config import Config, dump_config, load_config
-from ..errors import UserError
+from ..errors import RunFailure, UserError, one_line
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 PRESET_DIRS = (Path("launch/slurm"), REPO_ROOT / "launch" / "slurm")
@@ -438,8 +438,12 @@ class SlurmTrainingJob:
         import submitit
 
         from .. import distributed as dist_utils
+        from ..procutil import block_stop_signals
         from .entry import run_rank
 
+        # A stop signal from here on waits for run_rank's handler (which unblocks it): it then
+        # becomes a stop agreed before the first step, saved, and requeued like any other.
+        block_stop_signals()
         started = time.time()
         env = submitit.JobEnvironment()
         rank, world, local_rank = env.global_rank, env.num_tasks, env.local_rank
@@ -468,12 +472,13 @@ class SlurmTrainingJob:
                               cpu_threads=self.cpu_threads(), on_stop=agree)
         except (UserError, FileNotFoundError) as exc:
             if rank == 0:
-                _say(f"error: {exc}\nnot requeued: a user error stops the job (fix it and resubmit)")
+                _say(f"error: {one_line(exc)}\nnot requeued: a user error stops the job (fix it and resubmit)")
             raise
         except Exception as exc:
             if rank == 0:
-                _say(f"failed: {type(exc).__name__}: {exc}\nnot requeued: a failed run stops the job (the newest "
-                     f"checkpoint in {self.cfg.logging.folder} is kept; resubmit to resume)")
+                cause = one_line(exc) if isinstance(exc, RunFailure) else f"{type(exc).__name__}: {exc}"
+                _say(f"failed: {cause}\nnot requeued: a failed run stops the job (the newest checkpoint in "
+                     f"{self.cfg.logging.folder} is kept; resubmit to resume)")
             raise
         summary = {"completed": result.completed, "step": result.step, "stop_reason": result.stop_reason,
                    "signals": list(result.signals), "history": self.history}
