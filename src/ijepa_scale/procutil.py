@@ -42,15 +42,26 @@ def unblock_stop_signals() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (the first spawn would) so that it survives a
+    SIGUSR2 to the process group: it ignores SIGINT/SIGTERM itself but would die of SIGUSR2,
+    so it inherits SIGUSR2 blocked. Starting it unblocks SIGINT and SIGTERM in this thread,
+    which is why this must not run inside stop_signals_blocked."""
+    from multiprocessing import resource_tracker
+
+    was_blocked = signal.SIGUSR2 in signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if not was_blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR2])
+
+
 @contextlib.contextmanager
 def stop_signals_blocked():
     """Block STOP_SIGNALS while starting child processes, so that a signal sent to the process
     group at that moment waits in each child until it has installed its own disposition."""
-    # Starting multiprocessing's resource tracker unblocks SIGINT and SIGTERM in this thread,
-    # so it must not happen inside the block (the first spawn would start it).
-    from multiprocessing import resource_tracker
-
-    resource_tracker.ensure_running()
+    start_resource_tracker()
     blocked = set(STOP_SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield

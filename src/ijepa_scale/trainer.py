@@ -138,8 +138,7 @@ def architecture(encoder_state: dict, predictor_state: dict) -> dict:
     return facts
 
 
-def check_architecture(state: dict, encoder: torch.nn.Module, predictor: torch.nn.Module, cfg: Config,
-                       where) -> None:
+def check_architecture(state: dict, encoder: torch.nn.Module, predictor: torch.nn.Module, where) -> None:
     """UserError naming each size that differs between the checkpoint's weights and the config's model."""
     try:
         theirs = architecture(strip_module_prefix(state["encoder"]), strip_module_prefix(state["predictor"]))
@@ -232,6 +231,7 @@ class Trainer:
         self._saved_step: Optional[int] = None
 
         self.complete = False  # resumed from a checkpoint that already holds every epoch
+        self.resume_file: Optional[Path] = None
         resume_path = self.checkpoints.resolve_resume(cfg.meta.read_checkpoint, cfg.meta.load_checkpoint)
         if resume_path is not None:
             state = load_checkpoint_file(resume_path)
@@ -501,12 +501,12 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        where = getattr(self, "resume_file", None) or "the checkpoint"
+        where = self.resume_file or "the checkpoint"
         missing = [k for k in ("encoder", "predictor", "target_encoder", "opt") if k not in state]
         if missing:
             raise UserError(f"{where} lacks {missing}: not a training checkpoint. Resume from another file "
                             f"(meta.load_checkpoint=true meta.read_checkpoint=FILE) or use a new logging.folder")
-        check_architecture(state, unwrap(self.encoder), unwrap(self.predictor), self.cfg, where)
+        check_architecture(state, unwrap(self.encoder), unwrap(self.predictor), where)
         try:
             unwrap(self.encoder).load_state_dict(strip_module_prefix(state["encoder"]))
             unwrap(self.predictor).load_state_dict(strip_module_prefix(state["predictor"]))

@@ -65,6 +65,7 @@ def test_resume_mid_epoch_and_at_epoch_end_equals_uninterrupted(shards, uninterr
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert torch.load(run / "jepa-latest.pth.tar", weights_only=False)["step"] == stop_at
         assert read_csv(run, 0)["step"].tolist() == list(range(1, stop_at + 1))
+        assert "raise or remove optimization.stop_at_step" in proc.stdout and "same command" not in proc.stdout
         if stop_at == 5:  # stopping on the last step of an epoch still writes that epoch's file
             assert torch.load(run / "jepa-ep1.pth.tar", weights_only=False)["step"] == 5
     proc = run_main(config)
@@ -85,6 +86,17 @@ def test_resume_mid_epoch_and_at_epoch_end_equals_uninterrupted(shards, uninterr
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
     for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def test_rerunning_a_complete_run_trains_nothing_and_says_so(uninterrupted, tmp_path):
+    run, _ = uninterrupted
+    before = [read_csv(run, rank) for rank in (0, 1)]
+    proc = run_main(run.parent / "c.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "run complete: all 2 epochs (step 10)" in proc.stdout and "optimization.epochs=4" in proc.stdout
+    assert "resumed from" not in proc.stdout
+    for rank in (0, 1):
+        assert read_csv(run, rank).equals(before[rank])
 
 
 def test_resume_with_other_world_size_mid_epoch_is_refused(shards, tmp_path):
