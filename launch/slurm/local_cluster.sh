@@ -153,6 +153,7 @@ start_munged() {
   install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge
   [ -s /etc/munge/munge.key ] || runuser -u munge -- mungekey --create
   runuser -u munge -- munged
+  touch "$STATE/run/munged.ours"  # munged keeps its pid in /run/munge: stop only one this script started
   wait_for 10 munged bash -c "munge -n | unmunge"
 }
 
@@ -211,10 +212,15 @@ cmd_start() {
 
 stop_daemon() {
   local name=$1 pid i
+  if [ "$name" = munged ] && [ ! -e "$STATE/run/munged.ours" ]; then return 0; fi
   pid=$(running_pid "$name") || return 0
   kill -TERM "$pid"
   for i in $(seq 1 100); do
-    running_pid "$name" >/dev/null || { say "stopped $name ($pid)"; rm -f "$(pidfile "$name")"; return 0; }
+    if ! running_pid "$name" >/dev/null; then
+      say "stopped $name ($pid)"
+      rm -f "$(pidfile "$name")" "$STATE/run/$name.ours"
+      return 0
+    fi
     sleep 0.2
   done
   kill -KILL "$pid" 2>/dev/null || true
