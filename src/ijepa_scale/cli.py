@@ -31,7 +31,7 @@ def parse_train_args(argv=None, prog=None):
 
 def train_main(argv=None, prog=None) -> int:
     from .config import load_config
-    from .errors import UserError
+    from .errors import UserError, one_line
     from .launchers.local import launch
 
     args = parse_train_args(argv, prog)
@@ -39,7 +39,7 @@ def train_main(argv=None, prog=None) -> int:
         cfg = load_config(args.fname, args.overrides)
         return launch(cfg, args.devices)
     except (UserError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

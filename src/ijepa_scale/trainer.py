@@ -99,6 +99,17 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+def _os_error_in(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind `exc`: torch.save reports a full disk as a RuntimeError raised while
+    handling the OSError."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def describe_write_error(exc: OSError, target: Path, last_step: Optional[int]) -> str:
     """One line for a failed checkpoint write: the file, the cause, the free space, what to do."""
     folder = target.parent
@@ -563,8 +574,11 @@ class Trainer:
             try:
                 path = self.checkpoints.save(state, periodic)
                 logger.info("saved checkpoint %s (step %d)", path.name, self.step)
-            except OSError as exc:
-                error = describe_write_error(exc, periodic or self.checkpoints.latest, self._saved_step)
+            except (OSError, RuntimeError) as exc:
+                cause = _os_error_in(exc)
+                if cause is None:
+                    raise
+                error = describe_write_error(cause, periodic or self.checkpoints.latest, self._saved_step)
         # Doubles as the barrier: every rank learns whether the checkpoint was committed.
         error = dist_utils.broadcast_object(error)
         if error is not None:

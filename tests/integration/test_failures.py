@@ -155,3 +155,31 @@ def test_a_diverged_loss_stops_with_one_line(shards, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "2 consecutive skipped steps" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 512 KiB tmpfs: room for the CSVs and params-ijepa.yaml, not for a checkpoint."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip() or 'not root'})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_during_a_save_is_one_line_naming_the_file(shards, tmp_path, tiny_disk):
+    run = tiny_disk / "run"
+    config = write_config(tmp_path / "c.yaml", tiny_config(shards, run))
+    proc = run_main(config, "optimization.stop_at_step=1")
+    assert proc.returncode == 1
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(f"error: cannot write checkpoint {run / 'jepa-latest.pth.tar'}: no space "
+                                f"left on device (") and "MB free in" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not any(".tmp-" in p.name for p in run.iterdir())  # no partial file left behind

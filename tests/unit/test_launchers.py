@@ -10,6 +10,7 @@ from ijepa_scale.config import ConfigError, config_from_dict, load_config
 from ijepa_scale.errors import RunFailure, UserError
 from ijepa_scale.launchers import local
 from ijepa_scale.launchers.entry import check_logging_folder, run_rank
+from ijepa_scale.trainer import NonFiniteLossError
 from tests.helpers.photos import make_photo_shards
 
 
@@ -63,6 +64,8 @@ def test_failure_reports_print_one_line_or_the_first_traceback():
     disk = local.describe(RunFailure("cannot write checkpoint /x/a.pth.tar: no space left"), rank=0)
     assert local.format_failure(disk) == "error: rank 0: cannot write checkpoint /x/a.pth.tar: no space left"
     assert local.exit_code(disk) == 1
+    shared = local.describe(NonFiniteLossError("3 consecutive skipped steps"), rank=1)  # raised on every rank
+    assert local.format_failure(shared) == "error: 3 consecutive skipped steps" and local.exit_code(shared) == 1
     try:
         raise KeyError("boom")
     except KeyError as exc:

@@ -48,7 +48,7 @@ class Failure:
 
     at: float  # time.time() when the exception left the training code
     rank: int
-    kind: str  # "user", "failure" (known cause, one line) or "crash" (traceback)
+    kind: str  # "user", "failure" (known cause, one line), "shared" (a failure every rank had) or "crash"
     message: str
     details: str = ""  # the traceback, for a crash
 
@@ -58,7 +58,7 @@ def describe(exc: BaseException, rank: int) -> Failure:
     if isinstance(exc, (UserError, FileNotFoundError)):
         return Failure(at, rank, "user", one_line(exc))
     if isinstance(exc, RunFailure):
-        return Failure(at, rank, "failure", one_line(exc))
+        return Failure(at, rank, "shared" if exc.on_every_rank else "failure", one_line(exc))
     first = (str(exc).strip().splitlines() or [""])[0]
     text = "".join(traceback.format_exception(exc))
     return Failure(at, rank, "crash", f"{type(exc).__name__}: {first}", text)
@@ -69,7 +69,7 @@ def exit_code(failure: Failure) -> int:
 
 
 def format_failure(failure: Failure) -> str:
-    if failure.kind == "user":
+    if failure.kind in ("user", "shared"):
         return f"error: {failure.message}"
     if failure.kind == "failure":
         return f"error: rank {failure.rank}: {failure.message}"
@@ -86,10 +86,11 @@ def _spawned_rank(rank: int, cfg: Config, devices: list[str], threads: Optional[
         failure = describe(exc, rank)
         report.send(failure)
         report.close()
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code(failure))
+        # Data workers ignore SIGTERM, which multiprocessing's exit hook would use on them.
+        for child in multiprocessing.active_children():
+            child.kill()
+            child.join(timeout=5)
+        sys.exit(exit_code(failure))
 
 
 def _torchrun_device(devices: list[str] | None, local_rank: int) -> str:
@@ -232,6 +233,7 @@ class _Ranks:
         deaths: list[Failure] = []
         live = {p.sentinel: (rank, p) for rank, p in enumerate(self.processes)}
         kill_at: Optional[float] = None
+        killed_here: set[int] = set()
         while live or readers:
             timeout = 1.0 if kill_at is None else max(0.0, min(1.0, kill_at - time.monotonic()))
             for ready in multiprocessing.connection.wait(list(live) + list(readers), timeout=timeout):
@@ -252,9 +254,12 @@ class _Ranks:
                     kill_at = time.monotonic() + KILL_PEERS_AFTER_S
             if kill_at is not None and time.monotonic() >= kill_at:
                 for rank, process in live.values():
+                    killed_here.add(rank)
                     process.kill()
-        # A rank that died without a report (killed) and reported failures compete on time.
-        reports = failures + [d for d in deaths if not any(f.rank == d.rank for f in failures)]
+        # A rank that died without a report (killed from outside) and the reported failures compete on
+        # time; a rank this launcher killed is a consequence, never the cause.
+        deaths = [d for d in deaths if d.rank not in killed_here and not any(f.rank == d.rank for f in failures)]
+        reports = failures + deaths
         if self.aborted:
             print("aborted: the ranks were killed without saving; the newest checkpoint is from before the "
                   "interrupt", file=sys.stderr, flush=True)
@@ -262,6 +267,10 @@ class _Ranks:
         if not reports:
             return 0
         first = min(reports, key=lambda f: f.at)
+        if first.kind == "crash" and any(d.kind == "death" for d in deaths):
+            # A rank killed by a signal (the OOM killer) breaks its peers' collectives: their
+            # crash reports can race the launcher's notice of the death, so the death wins.
+            first = min(deaths, key=lambda f: f.at)
         if first.kind == "death":
             print(f"error: {first.message}; the other ranks were stopped", file=sys.stderr, flush=True)
             return FAILURE_EXIT
