@@ -1,0 +1,537 @@
+"""SLURM launcher on submitit: submission (flags, presets, checks, dry run, batch) and the job itself.
+
+Submission checks everything it can before sbatch: the typed config (with overrides), the
+flags and preset, and the partition (against `sinfo`). It writes the resolved config, the
+command line and the git state next to submitit's files in `--folder/job_<id>/`.
+
+In the job every task is one rank. A SLURM warning signal (USR2, `--signal-delay` seconds
+before the time limit, or sent by `scancel --signal=USR2` on preemption) makes every rank
+finish its step; the ranks agree on that step, a checkpoint of it is committed, and only then
+rank 0 hands over to submitit's own USR2 handler, which asks `checkpoint()` for the next
+submission and requeues the job. The requeued job resumes from the newest checkpoint in
+`logging.folder`, found when it starts. Requeue bookkeeping is ours (submitit calls every
+signal a time-out when --time <= 10 min): time-limit requeues count against --max-requeues,
+preemptions do not, and a requeue at the same step as the previous one (no progress) stops
+the job instead of looping. A failed run is never requeued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ..config import Config, dump_config, load_config
+from ..errors import RunFailure, UserError, one_line
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+PRESET_DIRS = (Path("launch/slurm"), REPO_ROOT / "launch" / "slurm")
+# Our own bookkeeping decides about requeues; submitit's time-out countdown must never stop one.
+SUBMITIT_MAX_NUM_TIMEOUT = 1_000_000
+# SLURM may send the warning signal up to 60 s before --signal-delay (sbatch(1)); plus start-up.
+EARLY_SIGNAL_SLACK_S = 90
+WAIT_FOR_REQUEUE_S = 300
+
+
+# ------------------------------------------------------------------ options
+
+
+@dataclass
+class SlurmOptions:
+    """Resources and requeue policy of a submission: flags over preset over these defaults."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    exclude: Optional[str] = None
+    constraint: Optional[str] = None
+    nodelist: Optional[str] = None
+    nodes: int = 1
+    tasks_per_node: int = 1
+    cpus_per_task: int = 10
+    gpus_per_node: Optional[int] = None  # None: one GPU per task (as official)
+    mem_per_gpu: Optional[str] = None
+    mem: Optional[str] = None
+    time: int = 4300
+    signal_delay: int = 120
+    max_requeues: int = 20
+    job_name: Optional[str] = None
+
+    def validate(self) -> None:
+        for name in ("nodes", "tasks_per_node", "cpus_per_task", "time"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{_flag(name)} {getattr(self, name)}: must be at least 1")
+        for name in ("gpus_per_node", "signal_delay", "max_requeues"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{_flag(name)} {getattr(self, name)}: must be 0 or more")
+        if self.gpus_per_node and self.gpus_per_node != self.tasks_per_node:
+            raise UserError(f"--gpus-per-node {self.gpus_per_node} with --tasks-per-node {self.tasks_per_node}: "
+                            "one task per GPU, so make them equal (or --gpus-per-node 0 for a CPU job)")
+        if self.signal_delay >= self.time * 60:
+            raise UserError(f"--signal-delay {self.signal_delay} s leaves no time to train within --time "
+                            f"{self.time} min: lower it or raise --time")
+        if self.mem and self.mem_per_gpu:
+            raise UserError(f"--mem {self.mem} and --mem-per-gpu {self.mem_per_gpu}: give only one")
+        if self.mem_per_gpu and not self.gpus_per_node:
+            raise UserError(f"--mem-per-gpu {self.mem_per_gpu} in a CPU job (--gpus-per-node 0): use --mem")
+        for name in ("mem", "mem_per_gpu"):
+            value = getattr(self, name)
+            if value is not None and not re.fullmatch(r"\d+[KMGT]?", value):
+                raise UserError(f"--{_flag(name)} {value!r}: use SLURM's form, e.g. 55G or 4000M")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+OPTION_TYPES = {f.name: (int if f.type in ("int", "Optional[int]") else str) for f in dataclasses.fields(SlurmOptions)}
+
+
+def preset_path(name: str) -> Path:
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"--preset {name}: file not found")
+        return path
+    for folder in PRESET_DIRS:
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    known = sorted({p.stem for folder in PRESET_DIRS if folder.is_dir() for p in folder.glob("*.yaml")})
+    raise UserError(f"--preset {name}: unknown preset (known: {', '.join(known) or 'none'}; "
+                    f"a preset is launch/slurm/NAME.yaml)")
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = preset_path(name)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"preset {path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"preset {path}: must be a mapping of option: value")
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in OPTION_TYPES:
+            close = difflib.get_close_matches(name, list(OPTION_TYPES), n=1, cutoff=0.0)
+            raise UserError(f"preset {path}: unknown key {key!r} (did you mean {close[0]!r}?)")
+        if value is None:
+            continue
+        if OPTION_TYPES[name] is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UserError(f"preset {path}: {key} must be an integer, got {value!r}")
+        values[name] = value if OPTION_TYPES[name] is int else str(value)
+    return values
+
+
+def resolve_options(args: argparse.Namespace) -> SlurmOptions:
+    preset = load_preset(args.preset) if args.preset else {}
+    values = {}
+    for name in OPTION_TYPES:
+        flag = getattr(args, name)
+        if flag is not None:
+            values[name] = flag
+        elif name in preset:
+            values[name] = preset[name]
+    options = SlurmOptions(**values)
+    if options.gpus_per_node is None:
+        options.gpus_per_node = options.tasks_per_node
+    options.validate()
+    return options
+
+
+# ------------------------------------------------------------------ command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line, like every other user mistake (argparse would print the whole usage first).
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog, description="Submit I-JEPA pretraining to SLURM (submitit); requeues itself on time limits "
+                               "and preemption. Flags override --preset, which overrides the defaults shown.")
+    add = parser.add_argument
+    add("--fname", default="configs.yaml", help="YAML config (with --batch-launch: a YAML list of configs)")
+    add("--folder", default="logs/submitit", help="submitit's folder: per-job stdout/stderr, pickles, the "
+                                                  "submission record (default %(default)s)")
+    add("--preset", help="launch/slurm/NAME.yaml (or a path): partition, account, qos, cpus, memory, ...")
+    add("--partition", help="SLURM partition (default: the cluster's default)")
+    add("--account")
+    add("--qos")
+    add("--exclude", help="nodes not to use")
+    add("--constraint", help="node features, e.g. volta32gb")
+    add("--nodelist", help="nodes to use")
+    add("--nodes", type=int, help="default 1")
+    add("--tasks-per-node", type=int, help="ranks per node, one per GPU (default 1)")
+    add("--cpus-per-task", type=int, help="torch threads plus data workers per rank (default 10)")
+    add("--gpus-per-node", type=int, help="default: --tasks-per-node; 0 = CPU job (gloo)")
+    add("--mem-per-gpu", help="e.g. 55G")
+    add("--mem", help="memory per node, e.g. 64G")
+    add("--time", type=int, help="time limit in minutes (default 4300)")
+    add("--signal-delay", type=int, help="seconds of warning before the time limit (default 120)")
+    add("--max-requeues", type=int, help="requeues after time limits (preemptions are not counted; default 20)")
+    add("--job-name", help="default ijepa-<config name>")
+    add("--batch-launch", action="store_true", help="--fname lists config files; submit all in one batch")
+    add("--dry-run", action="store_true", help="print the sbatch script and the resolved config; submit nothing")
+    add("overrides", nargs="*", help="config overrides such as optimization.epochs=2 (applied to every config)")
+    return parser
+
+
+def parse_args(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
+    return build_parser(prog).parse_intermixed_args(argv)
+
+
+def config_files(fname: str, batch: bool) -> list[Path]:
+    path = Path(fname)
+    if not path.is_file():
+        raise UserError(f"{'--batch-launch list' if batch else 'config file'} not found: {fname}")
+    if not batch:
+        return [path]
+    try:
+        listed = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        listed = None
+    if not isinstance(listed, list) or not listed or not all(isinstance(x, str) for x in listed):
+        raise UserError(f"--batch-launch: {fname} must be a YAML list of config files (- configs/a.yaml)")
+    files = []
+    for item in listed:
+        candidates = [Path(item), path.parent / item]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise UserError(f"--batch-launch: {fname} lists {item}, which is neither a file here nor beside {fname}")
+        files.append(found)
+    return files
+
+
+def load_job_configs(files: list[Path], overrides: list[str]) -> list[Config]:
+    configs, seen = [], {}
+    for path in files:
+        cfg = load_config(path, overrides)
+        # Absolute, so that the job and the printed paths do not depend on the working directory.
+        cfg.logging.folder = str(Path(cfg.logging.folder).expanduser().resolve())
+        key = (cfg.logging.folder, cfg.logging.write_tag)
+        if key in seen:
+            raise UserError(f"{path} and {seen[key]} write to the same logging.folder {cfg.logging.folder}: "
+                            "give each config its own folder")
+        seen[key] = path
+        configs.append(cfg)
+    return configs
+
+
+def check_partition(partition: Optional[str]) -> None:
+    if partition is None or shutil.which("sinfo") is None:
+        return
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise UserError("sinfo did not answer within 30 s: is the SLURM controller up?") from None
+    if out.returncode != 0:
+        raise UserError(f"sinfo failed, cannot check --partition {partition}: {out.stderr.strip()}")
+    known = sorted(set(out.stdout.split()))
+    if partition not in known:
+        raise UserError(f"--partition {partition}: sinfo does not know it (partitions: {', '.join(known)})")
+
+
+def sbatch_parameters(options: SlurmOptions, job_name: str) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "job_name": job_name, "time": options.time, "nodes": options.nodes,
+        "ntasks_per_node": options.tasks_per_node, "cpus_per_task": options.cpus_per_task,
+        "signal_delay_s": options.signal_delay,
+    }
+    for name in ("partition", "account", "qos", "exclude", "constraint", "nodelist", "mem", "mem_per_gpu"):
+        if getattr(options, name) is not None:
+            params[name] = getattr(options, name)
+    if options.gpus_per_node:
+        params["gpus_per_node"] = options.gpus_per_node
+    return params
+
+
+def sbatch_script(folder: Path, params: dict[str, Any], count: int) -> str:
+    """The script submitit writes for these parameters (what sbatch receives)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=folder, map_count=count if count > 1 else None, **params)
+
+
+def git_state(root: Path) -> tuple[str, str]:
+    """(commit and status lines, diff against HEAD) of the code that runs, or a note when not in git."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=60)
+
+    if shutil.which("git") is None or git("rev-parse", "--git-dir").returncode != 0:
+        return f"not a git checkout: {root}\n", ""
+    head = git("rev-parse", "HEAD").stdout.strip()
+    status = git("status", "--short").stdout
+    return f"commit {head}\nrepository {root}\n{status}", git("diff", "HEAD").stdout
+
+
+# ------------------------------------------------------------------ submission
+
+
+def _warn_cpu_budget(configs: list[Config], files: list[Path], options: SlurmOptions) -> None:
+    for cfg, path in zip(configs, files):
+        if cfg.data.num_workers >= options.cpus_per_task:
+            print(f"warning: {path}: data.num_workers={cfg.data.num_workers} leaves no CPU of --cpus-per-task "
+                  f"{options.cpus_per_task} for the rank itself (workers will share cores)", file=sys.stderr)
+
+
+def submit(args: argparse.Namespace, command_line: str) -> int:
+    options = resolve_options(args)
+    files = config_files(args.fname, args.batch_launch)
+    configs = load_job_configs(files, args.overrides)
+    check_partition(options.partition)
+    folder = Path(args.folder).expanduser().resolve() / "job_%j"
+    job_name = options.job_name or ("ijepa-batch" if args.batch_launch else f"ijepa-{files[0].stem}")
+    params = sbatch_parameters(options, job_name)
+    jobs_to_submit = [SlurmTrainingJob(cfg, options) for cfg in configs]
+
+    if args.dry_run:
+        _warn_cpu_budget(configs, files, options)
+        print(f"# dry run: nothing submitted. sbatch script ({folder}/..._submission.sh):")
+        print(sbatch_script(folder, params, len(configs)))
+        for cfg, path in zip(configs, files):
+            print(f"# resolved config of {path} (logging.folder gets the CSVs and checkpoints):")
+            print(dump_config(cfg))
+        return 0
+
+    for cfg in configs:
+        try:
+            Path(cfg.logging.folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"logging.folder {cfg.logging.folder} cannot be created ({exc.strerror}): "
+                            "choose a folder the job can write") from None
+        if not os.access(cfg.logging.folder, os.W_OK):
+            raise UserError(f"logging.folder {cfg.logging.folder} is not writable: choose a folder the job can write")
+
+    _warn_cpu_budget(configs, files, options)
+
+    import submitit
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=SUBMITIT_MAX_NUM_TIMEOUT)
+    executor.update_parameters(**params)
+    commit, diff = git_state(REPO_ROOT)
+    try:
+        if len(jobs_to_submit) == 1:
+            jobs = [executor.submit(jobs_to_submit[0])]
+        else:
+            with executor.batch():
+                jobs = [executor.submit(job) for job in jobs_to_submit]
+    except (FailedJobError, FailedSubmissionError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"error: sbatch refused the submission: {message}", file=sys.stderr)
+        return 1
+    for job, cfg, path in zip(jobs, configs, files):
+        record = job.paths.folder
+        record.mkdir(parents=True, exist_ok=True)
+        (record / "config.yaml").write_text(dump_config(cfg))
+        (record / "command.txt").write_text(command_line + "\n")
+        (record / "git.txt").write_text(commit)
+        (record / "git.diff").write_text(diff)
+        base = job.job_id.split("_")[0]
+        print(f"submitted job {job.job_id} ({job_name}, {path}): {options.nodes} node(s) x {options.tasks_per_node} "
+              f"task(s), {options.gpus_per_node or 'no'} GPU(s) per node, {options.time} min")
+        print(f"  logging.folder (CSVs, checkpoints): {cfg.logging.folder}")
+        print(f"  submitit files, config and git record: {record}")
+        print(f"  rank 0 log: {job.paths.stdout}  (stderr: {job.paths.stderr})")
+        print(f"  watch: squeue -j {base}   or   sacct -j {job.job_id} -X -o JobID,JobName,State,Elapsed,ExitCode")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None, prog: str = "main_distributed.py") -> int:
+    args = parse_args(argv, prog)
+    shown = sys.argv[1:] if argv is None else argv
+    command_line = f"cd {shlex.quote(os.getcwd())} && " + shlex.join([sys.executable, prog, *shown])
+    try:
+        return submit(args, command_line)
+    except (UserError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ------------------------------------------------------------------ the job
+
+
+def classify_signal(elapsed_s: float, time_min: int, signal_delay_s: int) -> str:
+    """'time-limit' when a USR2 came at the end of the allocation, else 'preemption'."""
+    return "time-limit" if elapsed_s >= time_min * 60 - signal_delay_s - EARLY_SIGNAL_SLACK_S else "preemption"
+
+
+def decide_requeue(history: dict, *, signals: tuple[str, ...], step: Any, elapsed_s: float, time_min: int,
+                   signal_delay_s: int, max_requeues: int) -> dict:
+    """Whether a stopped run is requeued; returns {requeue, kind, reason, history}."""
+    if "SIGUSR2" not in signals:
+        return {"requeue": False, "kind": "stopped", "history": history,
+                "reason": f"stopped by {'/'.join(signals) or 'request'} at step {step}; not requeued by this job "
+                          "(SLURM itself requeues a preempted job whose partition has PreemptMode=REQUEUE)"}
+    kind = classify_signal(elapsed_s, time_min, signal_delay_s)
+    if history.get("last_requeue_step") == step:
+        return {"requeue": False, "kind": kind, "history": history,
+                "reason": f"{kind} at step {step} again: no step completed since the previous requeue; stopping "
+                          "instead of looping (is --signal-delay too close to --time?)"}
+    if kind == "time-limit" and history.get("time_limit_requeues", 0) >= max_requeues:
+        return {"requeue": False, "kind": kind, "history": history,
+                "reason": f"time limit reached at step {step} after {max_requeues} time-limit requeue(s): "
+                          "--max-requeues exhausted; resubmit the same command to continue"}
+    new = dict(history)
+    counter = "time_limit_requeues" if kind == "time-limit" else "preemption_requeues"
+    new[counter] = new.get(counter, 0) + 1
+    new["last_requeue_step"] = step
+    return {"requeue": True, "kind": kind, "history": new,
+            "reason": f"{kind} at step {step}: requeued ({new.get('time_limit_requeues', 0)}/{max_requeues} "
+                      f"time-limit requeues used, {new.get('preemption_requeues', 0)} preemption(s))"}
+
+
+def master_port(job_id: str, restart: int) -> int:
+    # A requeued job keeps its id: a new port per restart avoids the old run's socket.
+    return random.Random(f"{job_id}/{restart}").randint(20000, 60000)
+
+
+def _say(message: str) -> None:
+    print(f"[slurm] {time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+class SlurmTrainingJob:
+    """The submitted callable: one call per task; `checkpoint()` is submitit's requeue hook."""
+
+    def __init__(self, cfg: Config, options: SlurmOptions, history: Optional[dict] = None):
+        self.cfg = cfg
+        self.options = options
+        self.history = dict(history or {})
+        self._decision: Optional[dict] = None
+
+    def device_name(self, local_rank: int) -> str:
+        if not self.options.gpus_per_node:
+            return "cpu"
+        import torch
+
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UserError(f"--gpus-per-node {self.options.gpus_per_node} but the job sees no CUDA device")
+        # One visible GPU: SLURM bound one GPU to each task; else the node's GPUs are all visible.
+        return f"cuda:{local_rank if count > 1 else 0}"
+
+    def cpu_threads(self) -> Optional[int]:
+        if "OMP_NUM_THREADS" in os.environ:
+            return None
+        return max(1, self.options.cpus_per_task - self.cfg.data.num_workers)
+
+    def __call__(self) -> dict:
+        import submitit
+
+        from .. import distributed as dist_utils
+        from ..procutil import block_stop_signals
+        from .entry import run_rank
+
+        # A stop signal from here on waits for run_rank's handler (which unblocks it): it then
+        # becomes a stop agreed before the first step, saved, and requeued like any other.
+        block_stop_signals()
+        started = time.time()
+        env = submitit.JobEnvironment()
+        rank, world, local_rank = env.global_rank, env.num_tasks, env.local_rank
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        os.environ.update(MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(master_port(env.job_id, restart)),
+                          RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
+                          LOCAL_WORLD_SIZE=str(world // env.num_nodes))
+        if rank == 0:
+            _say(f"job {env.job_id} run {restart + 1} (SLURM_RESTART_COUNT={restart}): {world} rank(s) on "
+                 f"{env.num_nodes} node(s), master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}; "
+                 f"requeues so far: {self.history or 'none'}; logging.folder {self.cfg.logging.folder}")
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        self._decision = None
+
+        def agree(result) -> None:  # every rank, after the checkpoint of the stop step is committed
+            decision = None
+            if rank == 0:
+                decision = decide_requeue(
+                    self.history, signals=result.signals, step=result.step, elapsed_s=time.time() - started,
+                    time_min=self.options.time, signal_delay_s=self.options.signal_delay,
+                    max_requeues=self.options.max_requeues)
+            self._decision = dist_utils.broadcast_object(decision)
+
+        try:
+            result = run_rank(self.cfg, rank, world, self.device_name(local_rank), local_rank=local_rank,
+                              cpu_threads=self.cpu_threads(), on_stop=agree)
+        except (UserError, FileNotFoundError) as exc:
+            if rank == 0:
+                _say(f"error: {one_line(exc)}\nnot requeued: a user error stops the job (fix it and resubmit)")
+            raise
+        except Exception as exc:
+            if rank == 0:
+                cause = one_line(exc) if isinstance(exc, RunFailure) else f"{type(exc).__name__}: {exc}"
+                _say(f"failed: {cause}\nnot requeued: a failed run stops the job (the newest checkpoint in "
+                     f"{self.cfg.logging.folder} is kept; resubmit to resume)")
+            raise
+        summary = {"completed": result.completed, "step": result.step, "stop_reason": result.stop_reason,
+                   "signals": list(result.signals), "history": self.history}
+        if result.completed or result.stop_reason != "signal" or self._decision is None:
+            return summary
+        decision = self._decision
+        if rank == 0:
+            _say(decision["reason"])
+        if not decision["requeue"]:
+            if decision["kind"] == "stopped":
+                return summary
+            from submitit.core.utils import UncompletedJobError
+
+            raise UncompletedJobError(decision["reason"])
+        if rank != 0:
+            self._wait_for_requeue()
+        if not callable(submitit_handler):
+            raise RuntimeError("submitit's USR2 handler is missing: not running under submitit?")
+        # submitit's protocol: it calls self.checkpoint(), stores the next submission, runs
+        # `scontrol requeue` and exits this process.
+        submitit_handler(signal.SIGUSR2, None)
+        return summary
+
+    @staticmethod
+    def _wait_for_requeue() -> None:
+        # Rank 0 requeues the job; SLURM then ends every task with SIGTERM. Leave at once then,
+        # so the job restarts without waiting for KillWait.
+        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+        deadline = time.time() + WAIT_FOR_REQUEUE_S
+        while time.time() < deadline:
+            time.sleep(1)
+        raise RuntimeError(f"rank 0 did not requeue the job within {WAIT_FOR_REQUEUE_S} s")
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """submitit's requeue hook: the next submission, or None to stop (reason logged)."""
+        import submitit
+
+        decision = self._decision
+        if decision is None:
+            # USR2 outside training (start-up, or after the end): nothing new to save.
+            decision = decide_requeue(self.history, signals=("SIGUSR2",), step="start-up", elapsed_s=0.0,
+                                      time_min=self.options.time, signal_delay_s=self.options.signal_delay,
+                                      max_requeues=self.options.max_requeues)
+            _say(decision["reason"])
+        if not decision["requeue"]:
+            return None
+        return submitit.helpers.DelayedSubmission(
+            SlurmTrainingJob(copy.deepcopy(self.cfg), self.options, history=decision["history"]))
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_decision"] = None
+        return state
+
+
+__all__ = ["SlurmOptions", "SlurmTrainingJob", "main", "parse_args", "decide_requeue", "classify_signal"]

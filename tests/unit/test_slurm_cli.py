@@ -1,0 +1,242 @@
+"""main_distributed.py without a cluster: flags, presets, one-line errors, dry run, requeue bookkeeping."""
+
+from __future__ import annotations
+
+import pickle
+import stat
+
+import pytest
+import yaml
+
+from ijepa_scale.launchers import slurm
+from tests.integration.common import ROOT, tiny_config, write_config
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """`sinfo` that knows partitions debug and gpu; `sbatch` that records being called."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "sbatch-called"
+    for name, body in (("sinfo", "printf 'debug\\ngpu\\n'"), ("sbatch", f"touch {marker}; exit 1"),
+                       ("srun", "exit 1")):
+        path = bin_dir / name
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    return marker
+
+
+@pytest.fixture
+def config(tmp_path):
+    return write_config(tmp_path / "tiny.yaml", tiny_config("/data/train-{000000..000004}.tar", tmp_path / "run"))
+
+
+def run(capsys, *argv):
+    code = slurm.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+BASE = ("--preset", "local-cpu", "--tasks-per-node", "2")
+
+
+def test_missing_config_is_one_line(capsys, fake_slurm, tmp_path):
+    line = one_line_error(*run(capsys, "--fname", str(tmp_path / "nope.yaml"), *BASE)[::2])
+    assert "config file not found" in line and "nope.yaml" in line
+    assert not fake_slurm.exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (("--nodes", "0"), "--nodes 0: must be at least 1"),
+    (("--tasks-per-node", "0"), "--tasks-per-node 0: must be at least 1"),
+    (("--time", "1", "--signal-delay", "60"), "--signal-delay 60 s leaves no time"),
+    (("--gpus-per-node", "4"), "one task per GPU"),
+    (("--mem", "lots"), "--mem 'lots'"),
+    (("--mem-per-gpu", "10G"), "CPU job"),
+    (("--partition", "nosuch"), "--partition nosuch: sinfo does not know it (partitions: debug, gpu)"),
+])
+def test_bad_flags_are_one_line_before_submission(capsys, fake_slurm, config, flags, expected):
+    code, _, err = run(capsys, "--fname", str(config), *BASE, *flags)
+    assert expected in one_line_error(code, err)
+    assert not fake_slurm.exists()
+
+
+def test_unknown_preset_lists_the_known_ones(capsys, fake_slurm, config):
+    line = one_line_error(*run(capsys, "--fname", str(config), "--preset", "nosuch")[::2])
+    assert "--preset nosuch: unknown preset" in line and "local-cpu" in line and "example" in line
+
+
+def test_preset_with_unknown_key(capsys, fake_slurm, config, tmp_path):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("partition: debug\ncpus_per_tsk: 4\n")
+    line = one_line_error(*run(capsys, "--fname", str(config), "--preset", str(preset))[::2])
+    assert "unknown key 'cpus_per_tsk'" in line and "cpus_per_task" in line
+
+
+def test_override_that_does_not_validate(capsys, fake_slurm, config):
+    line = one_line_error(*run(capsys, "--fname", str(config), *BASE, "data.batchsize=4")[::2])
+    assert "data.batchsize" in line and "data.batch_size" in line
+    line = one_line_error(*run(capsys, "--fname", str(config), *BASE, "optimization.epochs=zero")[::2])
+    assert "optimization.epochs" in line
+    assert not fake_slurm.exists()
+
+
+def test_preset_values_and_flags_over_them():
+    options = slurm.resolve_options(slurm.parse_args(["--preset", "local-cpu", "--cpus-per-task", "2"]))
+    assert (options.partition, options.gpus_per_node, options.cpus_per_task, options.time) == ("debug", 0, 2, 10)
+    options = slurm.resolve_options(slurm.parse_args(["--preset", "example", "--tasks-per-node", "8",
+                                                      "--nodes", "2"]))
+    assert (options.partition, options.mem_per_gpu, options.gpus_per_node, options.nodes) == ("learnlab", "55G", 8, 2)
+    # Official defaults without a preset: one GPU per task.
+    options = slurm.resolve_options(slurm.parse_args(["--tasks-per-node", "4"]))
+    assert (options.gpus_per_node, options.cpus_per_task, options.time, options.max_requeues) == (4, 10, 4300, 20)
+
+
+def test_dry_run_prints_script_and_config_and_submits_nothing(capsys, fake_slurm, config, tmp_path):
+    folder = tmp_path / "submitit"
+    code, out, err = run(capsys, "--fname", str(config), *BASE, "--folder", str(folder), "--dry-run",
+                         "optimization.epochs=3", "--job-name", "tiny")
+    assert code == 0, err
+    for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=1", "#SBATCH --partition=debug",
+                 "#SBATCH --signal=USR2@30", "#SBATCH --time=10", "#SBATCH --job-name=tiny", "#SBATCH --nodes=1",
+                 f"#SBATCH --output={folder}/job_%j/%j_0_log.out", "-m submitit.core._submit"):
+        assert line in out
+    assert "gpus-per-node" not in out
+    resolved = yaml.safe_load(out.split("logging.folder gets the CSVs and checkpoints):\n", 1)[1])
+    assert resolved["optimization"]["epochs"] == 3
+    assert resolved["logging"]["folder"] == str(tmp_path / "run")
+    assert not fake_slurm.exists() and not folder.exists()
+
+
+def test_dry_run_gpu_job(capsys, fake_slurm, config):
+    code, out, err = run(capsys, "--fname", str(config), "--preset", "example", "--partition", "gpu",
+                         "--nodes", "2", "--tasks-per-node", "8", "--dry-run")
+    assert code == 0, err
+    for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --mem-per-gpu=55G", "#SBATCH --account=my-project",
+                 "#SBATCH --constraint=volta32gb", "#SBATCH --nodes=2", "#SBATCH --signal=USR2@120"):
+        assert line in out
+
+
+def test_batch_launch_dry_run_and_list_errors(capsys, fake_slurm, tmp_path):
+    shards = "/data/train-{000000..000004}.tar"
+    write_config(tmp_path / "a.yaml", tiny_config(shards, tmp_path / "run_a"))
+    write_config(tmp_path / "b.yaml", tiny_config(shards, tmp_path / "run_b"))
+    listing = tmp_path / "batch.yaml"
+    listing.write_text("- a.yaml\n- b.yaml\n")
+    code, out, err = run(capsys, "--fname", str(listing), "--batch-launch", *BASE, "--dry-run")
+    assert code == 0, err
+    assert "#SBATCH --array=0-1%2" in out and str(tmp_path / "run_a") in out and str(tmp_path / "run_b") in out
+
+    listing.write_text("- a.yaml\n- missing.yaml\n")
+    assert "lists missing.yaml" in one_line_error(*run(capsys, "--fname", str(listing), "--batch-launch",
+                                                       *BASE)[::2])
+    write_config(tmp_path / "c.yaml", tiny_config(shards, tmp_path / "run_a"))
+    listing.write_text("- a.yaml\n- c.yaml\n")
+    assert "same logging.folder" in one_line_error(*run(capsys, "--fname", str(listing), "--batch-launch",
+                                                        *BASE)[::2])
+    listing.write_text("configs: [a.yaml]\n")
+    assert "must be a YAML list" in one_line_error(*run(capsys, "--fname", str(listing), "--batch-launch",
+                                                        *BASE)[::2])
+    assert not fake_slurm.exists()
+
+
+# ---------------------------------------------------------------- requeue bookkeeping
+
+POLICY = dict(time_min=60, signal_delay_s=120, max_requeues=2)
+
+
+def test_classify_signal_by_time_left():
+    # Warning at 60 min - 120 s (SLURM may send it up to 60 s early): a time limit.
+    assert slurm.classify_signal(60 * 60 - 120 - 60, 60, 120) == "time-limit"
+    assert slurm.classify_signal(30 * 60, 60, 120) == "preemption"
+    # A short --time (submitit would call every signal a time-out here): early signals are preemptions.
+    assert slurm.classify_signal(20, 10, 30) == "preemption"
+    assert slurm.classify_signal(520, 10, 30) == "time-limit"
+
+
+def test_preemptions_do_not_count_time_limits_do():
+    history = {}
+    for step in (10, 20, 30):  # preempted three times: always requeued
+        decision = slurm.decide_requeue(history, signals=("SIGUSR2",), step=step, elapsed_s=60, **POLICY)
+        assert decision["requeue"] and decision["kind"] == "preemption"
+        history = decision["history"]
+    assert history == {"preemption_requeues": 3, "last_requeue_step": 30}
+    for step in (40, 50):
+        decision = slurm.decide_requeue(history, signals=("SIGUSR2",), step=step, elapsed_s=3500, **POLICY)
+        assert decision["requeue"] and decision["kind"] == "time-limit"
+        history = decision["history"]
+    assert history["time_limit_requeues"] == 2
+    decision = slurm.decide_requeue(history, signals=("SIGUSR2",), step=60, elapsed_s=3500, **POLICY)
+    assert not decision["requeue"] and "--max-requeues exhausted" in decision["reason"]
+    # A preemption is still requeued after the time-limit budget is spent.
+    assert slurm.decide_requeue(history, signals=("SIGUSR2",), step=60, elapsed_s=60, **POLICY)["requeue"]
+
+
+def test_no_progress_since_the_last_requeue_stops():
+    decision = slurm.decide_requeue({}, signals=("SIGUSR2",), step=0, elapsed_s=1, **POLICY)
+    assert decision["requeue"]
+    again = slurm.decide_requeue(decision["history"], signals=("SIGUSR2",), step=0, elapsed_s=1, **POLICY)
+    assert not again["requeue"] and "no step completed since the previous requeue" in again["reason"]
+
+
+def test_sigterm_alone_is_not_requeued_by_the_job():
+    decision = slurm.decide_requeue({}, signals=("SIGTERM",), step=7, elapsed_s=1, **POLICY)
+    assert not decision["requeue"] and decision["kind"] == "stopped"
+
+
+def test_checkpoint_hands_submitit_the_next_job_without_a_resume_path(tmp_path):
+    cfg = slurm.load_config(write_config(tmp_path / "t.yaml", tiny_config("/d/x-{0..1}.tar", tmp_path / "run")))
+    options = slurm.resolve_options(slurm.parse_args(["--preset", "local-cpu", "--tasks-per-node", "2"]))
+    job = slurm.SlurmTrainingJob(cfg, options)
+    job._decision = slurm.decide_requeue({}, signals=("SIGUSR2",), step=7, elapsed_s=5, time_min=10,
+                                         signal_delay_s=30, max_requeues=3)
+    delayed = job.checkpoint()
+    nxt = delayed.function
+    assert isinstance(nxt, slurm.SlurmTrainingJob) and nxt is not job
+    assert nxt.history == {"preemption_requeues": 1, "last_requeue_step": 7}
+    # The next job finds the newest checkpoint when it starts: nothing about files is pickled.
+    assert nxt.cfg.meta.read_checkpoint == cfg.meta.read_checkpoint and nxt.cfg.meta.load_checkpoint is False
+    assert b"pth.tar" not in pickle.dumps(nxt)
+    assert pickle.loads(pickle.dumps(job))._decision is None
+    job._decision = {"requeue": False, "kind": "time-limit", "reason": "x", "history": {}}
+    assert job.checkpoint() is None
+
+
+def test_checkpoint_outside_training_requeues_once_then_stops():
+    job = slurm.SlurmTrainingJob(slurm.Config.__new__(slurm.Config), slurm.SlurmOptions(time=10, signal_delay=30))
+    first = job.checkpoint()
+    assert first is not None
+    assert first.function.checkpoint() is None
+
+
+def test_master_port_changes_with_each_restart():
+    ports = {slurm.master_port("1234", restart) for restart in range(5)}
+    assert len(ports) == 5 and all(20000 <= p <= 60000 for p in ports)
+
+
+def test_main_distributed_is_thin():
+    assert len((ROOT / "main_distributed.py").read_text().splitlines()) < 60
+
+
+def test_argparse_mistakes_are_one_line(capsys, fake_slurm, config):
+    with pytest.raises(SystemExit) as exit_info:
+        slurm.main(["--fname", str(config), "--nodes", "two"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--nodes: invalid int value: 'two'" in err
+
+
+def test_unwritable_logging_folder_is_refused_before_sbatch(capsys, fake_slurm, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    config = write_config(tmp_path / "c.yaml", tiny_config("/d/x-{0..1}.tar", blocker / "run"))
+    code, _, err = run(capsys, "--fname", str(config), *BASE, "--folder", str(tmp_path / "s"))
+    assert "cannot be created" in one_line_error(code, err) and not fake_slurm.exists()
