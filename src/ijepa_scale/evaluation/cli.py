@@ -83,7 +83,10 @@ def evaluate_rank(rank: int, world_size: int, device_name: str, args, checkpoint
         dist_utils.destroy()
 
 
-def _spawned(rank, world_size, devices, args, checkpoint, sources, threads, queue):
+def _spawned(rank, world_size, devices, args, checkpoint, sources, threads, queue, parent_pid):
+    from ..procutil import die_with_parent
+
+    die_with_parent(parent_pid)  # evaluation keeps no state worth saving: a killed launcher ends its ranks
     try:
         rows = evaluate_rank(rank, world_size, devices[rank], args, checkpoint, sources, threads)
         if rank == 0:
@@ -123,7 +126,8 @@ def _run(args, checkpoint: Path, sources) -> list[dict] | None:
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     processes = [context.Process(target=_spawned, args=(r, len(devices), devices, args, checkpoint, sources,
-                                                        threads, queue)) for r in range(len(devices))]
+                                                        threads, queue, os.getpid()))
+                 for r in range(len(devices))]
     for p in processes:
         p.start()
     try:
