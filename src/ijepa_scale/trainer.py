@@ -275,34 +275,30 @@ class Trainer:
             logger.info("data: %s; %d steps per epoch of %d x %d images", source.describe(),
                         self.steps_per_epoch, env.world_size, cfg.data.batch_size)
 
-    def _build_source_once(self, data_cfg):
-        """Rank 0 lists the data (and counts unindexed shards); the others receive its result."""
+    def _on_main_then_broadcast(self, build):
+        """Run `build()` on rank 0 only (listing, counting unindexed shards) and hand its result to
+        every rank; an exception is raised on every rank, so none is left waiting in a collective."""
         result = None
         if self.env.is_main:
             try:
-                result = build_source(data_cfg)
-            except Exception as exc:  # every rank raises it, so none waits in a collective
+                result = build()
+            except Exception as exc:
                 result = exc
         result = dist_utils.broadcast_object(result)
         if isinstance(result, Exception):
             raise result
         return result
+
+    def _build_source_once(self, data_cfg):
+        return self._on_main_then_broadcast(lambda: build_source(data_cfg))
 
     def _open_eval_sources_once(self, data_cfg):
         """The periodic evaluation's (train, val) shard sources, listed on rank 0 like the training data."""
         from .evaluation.evaluate import open_eval_shards
 
-        result = None
-        if self.env.is_main:
-            try:
-                result = (open_eval_shards(data_cfg.eval_train_shards, "data.eval_train_shards"),
-                          open_eval_shards(data_cfg.eval_val_shards, "data.eval_val_shards"))
-            except Exception as exc:  # every rank raises it, so none waits in a collective
-                result = exc
-        result = dist_utils.broadcast_object(result)
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return self._on_main_then_broadcast(
+            lambda: (open_eval_shards(data_cfg.eval_train_shards, "data.eval_train_shards"),
+                     open_eval_shards(data_cfg.eval_val_shards, "data.eval_val_shards")))
 
     # ---------------------------------------------------------------- step
     def _set_optimizer_hyperparameters(self, lr: float, wd: float) -> None:

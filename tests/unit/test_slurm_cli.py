@@ -240,3 +240,17 @@ def test_unwritable_logging_folder_is_refused_before_sbatch(capsys, fake_slurm, 
     config = write_config(tmp_path / "c.yaml", tiny_config("/d/x-{0..1}.tar", blocker / "run"))
     code, _, err = run(capsys, "--fname", str(config), *BASE, "--folder", str(tmp_path / "s"))
     assert "cannot be created" in one_line_error(code, err) and not fake_slurm.exists()
+
+
+def test_unreachable_controller_refuses_submission_but_not_a_dry_run(capsys, fake_slurm, config, tmp_path):
+    (fake_slurm.parent / "bin" / "sinfo").write_text(
+        "#!/bin/sh\necho 'slurm_load_partitions: Unable to contact slurm controller' >&2\nexit 1\n")
+    folder = tmp_path / "submitit"
+    code, out, err = run(capsys, "--fname", str(config), *BASE, "--folder", str(folder))
+    assert one_line_error(code, err) == ("error: cannot check --partition debug: sinfo failed: "
+                                         "slurm_load_partitions: Unable to contact slurm controller")
+    assert not fake_slurm.exists()
+    code, out, err = run(capsys, "--fname", str(config), *BASE, "--folder", str(folder), "--dry-run")
+    assert code == 0, err
+    assert err.startswith("warning: --partition debug not checked: sinfo failed")
+    assert "#SBATCH --partition=debug" in out and not fake_slurm.exists()
