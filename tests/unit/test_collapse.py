@@ -11,7 +11,6 @@ from ijepa_scale.distributed import DistEnv
 from ijepa_scale.evaluation.collapse import CollapseMonitor
 from ijepa_scale.objectives.ijepa import METRIC_NAMES, collapse_metrics, effective_rank
 from ijepa_scale.trainer import Trainer
-from tests.helpers.photos import make_photo_shards
 
 
 def test_effective_rank_counts_equally_used_directions():
@@ -80,13 +79,6 @@ def test_collapse_and_eval_keys_are_validated():
     cfg = config_from_dict({"data": {"shards": "x.tar", "eval_train_shards": "a.tar", "eval_val_shards": "b.tar"},
                             "logging": {"eval_every_steps": 5}})
     assert cfg.logging.eval_every_steps == 5 and cfg.logging.eval_every_epochs == 0
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shards")
-    make_photo_shards(folder, sizes=[12, 12], num_classes=2, size=(40, 40))
-    return str(folder / "train-{000000..000001}.tar")
 
 
 def make_trainer(shards, folder, **logging_cfg):

@@ -6,14 +6,6 @@ import torch
 from ijepa_scale.config import config_from_dict
 from ijepa_scale.distributed import DistEnv
 from ijepa_scale.trainer import Trainer
-from tests.helpers.photos import make_photo_shards
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shards")
-    make_photo_shards(folder, sizes=[12, 12], num_classes=2, size=(40, 40))
-    return str(folder / "train-{000000..000001}.tar")
 
 
 def make_trainer(shards, folder, batch_size=4, **meta):

@@ -9,17 +9,9 @@ import torch
 from ijepa_scale.distributed import DistEnv
 from ijepa_scale.errors import UserError
 from ijepa_scale.trainer import CheckpointWriteError, Trainer
-from tests.helpers.photos import make_photo_shards
 from tests.unit.test_launchers import tiny_cfg
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shards")
-    make_photo_shards(folder, sizes=[12, 12], num_classes=2, size=(40, 40))
-    return str(folder / "train-{000000..000001}.tar")
 
 
 def trainer_for(shards, folder, depth=1, **optimization):
