@@ -187,6 +187,12 @@ class OptimizationConfig:
     weight_decay: float = 0.04
     loss: str = "smooth_l1"
     """smooth_l1 (official code) or l2 (as in the paper)."""
+    variance_weight: float = 0.0
+    """Weight of a VICReg variance term on the context encoder's pooled, layer-normed output (0 = off, official)."""
+    covariance_weight: float = 0.0
+    """Weight of the matching VICReg covariance term (0 = off, official)."""
+    variance_target: float = 1.0
+    """Std per feature below which the variance term penalises (VICReg's gamma)."""
     clip_grad: Optional[float] = None
     """Clip the global gradient norm to this value (None = no clipping)."""
     max_consecutive_nonfinite: int = 10
@@ -198,6 +204,8 @@ class OptimizationConfig:
         _positive(self, "epochs", "ipe_scale", "max_consecutive_nonfinite")
         _non_negative(self, "stop_at_step")
         _non_negative(self, "final_lr", "lr", "start_lr", "warmup", "weight_decay", "final_weight_decay")
+        _non_negative(self, "variance_weight", "covariance_weight")
+        _positive(self, "variance_target")
         _range_pair(self, "ema", high=1.0, allow_zero=True)
         _choice(self, "loss", ("smooth_l1", "l2"))
         if self.clip_grad is not None and self.clip_grad <= 0:

@@ -63,13 +63,41 @@ def collapse_metrics(predictions: torch.Tensor, normed_tokens: torch.Tensor,
         }
 
 
-class IJEPAObjective:
-    metric_names = METRIC_NAMES
+def variance_covariance(features: torch.Tensor, gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's variance and covariance terms of a [N, D] batch of features.
 
-    def __init__(self, loss: str = "smooth_l1"):
+    variance: mean over dimensions of relu(gamma - std across the batch); covariance: sum of the squared
+    off-diagonal entries of the batch covariance matrix, divided by D.
+    """
+    x = features.float()
+    x = x - x.mean(dim=0, keepdim=True)
+    n, d = x.shape
+    std = torch.sqrt(x.var(dim=0) + 1e-4)
+    variance = F.relu(gamma - std).mean()
+    cov = (x.T @ x) / max(1, n - 1)
+    off_diagonal = cov.pow(2).sum() - cov.diagonal().pow(2).sum()
+    return variance, off_diagonal / d
+
+
+class IJEPAObjective:
+    """I-JEPA's loss, optionally with variance/covariance terms on the context encoder's pooled output.
+
+    The terms act on the mean over visible tokens of the context encoder's output, layer-normed without
+    affine parameters so the final norm's gain cannot fake spread. They are off by default (the official
+    objective); at small scale and short budgets they keep the encoder from discarding content while the
+    predictor learns (measured in the README's "Does it learn?").
+    """
+
+    def __init__(self, loss: str = "smooth_l1", variance_weight: float = 0.0, covariance_weight: float = 0.0,
+                 variance_target: float = 1.0):
         if loss not in ("smooth_l1", "l2"):
             raise ValueError(f"optimization.loss={loss!r} must be smooth_l1 or l2")
         self.loss = loss
+        self.variance_weight = variance_weight
+        self.covariance_weight = covariance_weight
+        self.variance_target = variance_target
+        self.regularised = variance_weight > 0 or covariance_weight > 0
+        self.metric_names = METRIC_NAMES + (("pred_loss", "var_loss", "cov_loss") if self.regularised else ())
 
     def _mask_targets(self, normed: torch.Tensor, masks_enc, masks_pred) -> torch.Tensor:
         h = apply_masks(normed, masks_pred)
@@ -91,13 +119,22 @@ class IJEPAObjective:
             tokens = target_encoder(images)
             normed = F.layer_norm(tokens, (tokens.size(-1),))
             h = self._mask_targets(normed, masks_enc, masks_pred)
-        z = self.predictions(encoder, predictor, images, masks_enc, masks_pred)
+        context = encoder(images, masks_enc)
+        z = predictor(context, masks_enc, masks_pred)
         if self.loss == "smooth_l1":
             loss = F.smooth_l1_loss(z, h)
         else:
             loss = F.mse_loss(z, h)
-        return loss, collapse_metrics(z.detach(), normed, tokens.mean(dim=1))
+        metrics = collapse_metrics(z.detach(), normed, tokens.mean(dim=1))
+        if self.regularised:
+            with torch.autocast(images.device.type, enabled=False):
+                pooled = F.layer_norm(context.float(), (context.size(-1),)).mean(dim=1)
+                var_loss, cov_loss = variance_covariance(pooled, self.variance_target)
+            metrics.update(pred_loss=loss.detach(), var_loss=var_loss.detach(), cov_loss=cov_loss.detach())
+            loss = loss + self.variance_weight * var_loss + self.covariance_weight * cov_loss
+        return loss, metrics
 
 
 def build_objective(opt_cfg) -> IJEPAObjective:
-    return IJEPAObjective(loss=opt_cfg.loss)
+    return IJEPAObjective(loss=opt_cfg.loss, variance_weight=opt_cfg.variance_weight,
+                          covariance_weight=opt_cfg.covariance_weight, variance_target=opt_cfg.variance_target)
