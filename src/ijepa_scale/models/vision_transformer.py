@@ -152,9 +152,17 @@ class Block(nn.Module):
         # int() truncation as upstream: ViT-g gets int(1408 * 48/11) = 6144.
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
+    def attn_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention residual branch alone (what ``forward`` adds to ``x`` first)."""
+        return self.attn(self.norm1(x))
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP residual branch alone (what ``forward`` adds second)."""
+        return self.mlp(self.norm2(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attn_branch(x)
+        return x + self.mlp_branch(x)
 
 
 class PatchEmbed(nn.Module):
@@ -271,14 +279,23 @@ class VisionTransformer(nn.Module):
         ``masks``: None (all tokens), a LongTensor [B, K] or a list of them. With masks the
         output is ``[len(masks) * B, K, D]``, mask-major (see :func:`apply_masks`).
         """
+        x = self.embed(x, masks)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def embed(self, x: torch.Tensor, masks: MaskArg = None) -> torch.Tensor:
+        """Patch tokens plus positions, masked like ``forward``: the input of ``blocks[0]``.
+
+        ``forward(x, masks) == norm(blocks[-1](...blocks[0](embed(x, masks))))``, so callers can run
+        the blocks one by one (e.g. to act between them).
+        """
         grid_hw = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         x = self.patch_embed(x)
         x = x + self._pos_embed_for(grid_hw)
         if masks is not None:
             x = apply_masks(x, masks)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return x
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""What an objective tells the trainer (see the package docstring for the whole contract)."""
+
+from __future__ import annotations
+
+import abc
+import copy
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+BATCH_KINDS = ("multiblock", "views", "images")
+
+
+def resolve(networks: Mapping[str, nn.Module], path: str) -> nn.Module:
+    """``networks['student'].encoder`` for path ``student.encoder`` (unwrapping DDP/compile's ``module``)."""
+    head, *rest = path.split(".")
+    module = networks[head]
+    for name in rest:
+        if not hasattr(module, name) and hasattr(module, "module"):
+            module = module.module
+        module = getattr(module, name)
+    return module
+
+
+class Objective(abc.ABC):
+    """Base of the non-I-JEPA objectives.
+
+    Subclasses set ``name``, ``batch_kind`` (one of BATCH_KINDS), ``metric_names``, ``ema`` (EMA network
+    name -> dotted path of the online module it follows), ``encoder_name`` (the network exported and
+    evaluated) and implement ``build_networks`` and ``__call__``.
+    """
+
+    name = ""
+    batch_kind = "images"
+    metric_names: tuple[str, ...] = ()
+    ema: dict[str, str] = {}
+    encoder_name = ""
+
+    @abc.abstractmethod
+    def build_networks(self, encoder: nn.Module, **kwargs) -> dict[str, nn.Module]:
+        """The trained networks by name, built around the backbone ``encoder``."""
+
+    def ema_networks(self, networks: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+        """Frozen deep copies of the modules named in ``ema`` (build them before wrapping)."""
+        copies = {}
+        for name, path in self.ema.items():
+            copies[name] = copy.deepcopy(resolve(networks, path))
+            for p in copies[name].parameters():
+                p.requires_grad_(False)
+        return copies
+
+    @staticmethod
+    @torch.no_grad()
+    def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+        """target <- momentum * target + (1 - momentum) * online, parameter by parameter."""
+        for t, o in zip(target.parameters(), online.parameters()):
+            t.mul_(momentum).add_(o.detach(), alpha=1.0 - momentum)
+
+    @abc.abstractmethod
+    def __call__(self, networks: Mapping[str, nn.Module], batch: Mapping[str, torch.Tensor]):
+        """(loss, metrics) of one batch; ``networks`` holds the trained and the EMA networks."""
