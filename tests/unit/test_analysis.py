@@ -1,11 +1,13 @@
-"""Analysis pieces: attention maps (checked against the block's own output), overlays, PNG grids and the
-correlation dimension of points on manifolds of known dimension."""
+"""Analysis pieces: attention maps (checked against the block's own output), overlays, PNG grids, the
+correlation dimension of points on manifolds of known dimension, and the Gated I-JEPA gate statistics."""
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ijepa_scale.evaluation.analysis import (attention_grid, attention_maps, attention_overlay,
@@ -75,3 +77,47 @@ def test_correlation_dimension_plot_and_errors(tmp_path):
     assert original.log_radii[0] < result.log_radii[0]
     with pytest.raises(ValueError, match="coincide"):
         correlation_dimension(torch.ones(5, 3))
+
+
+def test_gate_map_summary_and_closed_token_loss_by_hand(tmp_path):
+    from ijepa_scale.evaluation.analysis import closed_token_loss, gate_map_summary, save_heat_map
+    grid = torch.zeros(4, 4)
+    grid[1:3, 1:3] = 1.0
+    grid[0, 0] = 0.5
+    summary = gate_map_summary(torch.stack([grid.flatten(), grid.flatten()]))
+    assert summary["centre_mean"] == 1.0 and summary["corner_mean"] == pytest.approx(0.5 / 4)
+    assert torch.equal(summary["map"], grid)
+    with Image.open(save_heat_map(summary["map"], tmp_path / "gates.png", scale=8)) as image:
+        assert image.size == (32, 32) and image.getpixel((12, 12)) == 255 and image.getpixel((0, 0)) == 128
+    p = torch.zeros(2, 2, 1)
+    t = torch.tensor([[[1.0], [2.0]], [[3.0], [0.0]]])
+    gates = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    # image 0: only token 1 is closed -> 4; image 1: both closed -> (9 + 0) / 2
+    assert closed_token_loss(p, t, gates).item() == pytest.approx((4 + 4.5) / 2, rel=1e-5)
+
+
+def test_gate_ablation_and_noise_statistics_on_a_small_gated_model():
+    from ijepa_scale.evaluation.analysis import gate_ablation, open_fraction_real_vs_noise
+    from ijepa_scale.objectives.gated import GatedObjective
+    torch.manual_seed(0)
+    enc = build_encoder("vit_tiny", img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2)
+    nets = GatedObjective().build_networks(enc, pred_depth=1, pred_emb_dim=8)
+    student, predictor, teacher = nets["student"].eval(), nets["predictor"].eval(), copy.deepcopy(enc).eval()
+    images = torch.randn(3, 3, 16, 16)
+    norm = lambda x: F.layer_norm(x, (16,))
+    target = norm(teacher(images))
+    with torch.no_grad():
+        student.gate.proj.bias.fill_(-1e3)  # every gate closed
+        result = gate_ablation(student, predictor, teacher, images, torch.Generator().manual_seed(0))
+        closed_tokens, _, _ = student(images)
+        expected = (norm(predictor(closed_tokens)) - target).pow(2).sum(-1).mean().item()
+        all_open = (norm(predictor(enc(images))) - target).pow(2).sum(-1).mean().item()
+        # forced gates replace the gate's own
+        assert torch.allclose(student(images, gates=torch.ones(3, 4))[0], enc(images), atol=1e-6)
+    assert result["learned"] == pytest.approx(expected, rel=1e-4)
+    assert result["random"] == pytest.approx(expected, rel=1e-4)  # open rate ~0: random gates all closed
+    assert result["all_open"] == pytest.approx(all_open, rel=1e-5)
+    assert result["learned_open_fraction"] == 0.0
+    stats = open_fraction_real_vs_noise(student, images, torch.Generator().manual_seed(0))
+    assert stats["real"].shape == stats["noise"].shape == (3,)
+    assert stats["real"].max() < 1e-3

@@ -180,3 +180,74 @@ def plot_correlation_dimension(result: CorrelationDimension, path: str | Path, s
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Gated I-JEPA: what the gates learned
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def open_probabilities(student, images: torch.Tensor) -> torch.Tensor:
+    """sigmoid(log_alpha) [B, N] of a GatedViT at its own gate location (the original always rebuilt the
+    model with final-token gating, which disagrees with a model trained with gating inside a block)."""
+    _, _, log_alpha = student(images)
+    return torch.sigmoid(log_alpha)
+
+
+def gate_map_summary(open_probs: torch.Tensor) -> dict:
+    """Mean open probability per position [side, side], and its mean in the central half box and in the
+    four quarter-size corners."""
+    side = math.isqrt(open_probs.shape[1])
+    mean_map = open_probs.float().mean(dim=0).reshape(side, side)
+    lo, hi = side // 4, side - side // 4
+    quarter = max(1, side // 4)
+    corners = torch.cat([mean_map[:quarter, :quarter].flatten(), mean_map[:quarter, -quarter:].flatten(),
+                         mean_map[-quarter:, :quarter].flatten(), mean_map[-quarter:, -quarter:].flatten()])
+    return {"map": mean_map, "centre_mean": mean_map[lo:hi, lo:hi].mean().item(),
+            "corner_mean": corners.mean().item()}
+
+
+def save_heat_map(values: torch.Tensor, path: str | Path, scale: int = 16) -> Path:
+    """A [h, w] map in [0, 1] as a grayscale PNG (white = 1), each cell ``scale`` pixels wide."""
+    pixels = (values.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, "L").resize((values.shape[1] * scale, values.shape[0] * scale), Image.NEAREST).save(path)
+    return path
+
+
+def closed_token_loss(prediction: torch.Tensor, target: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """mean_b sum_i (1 - r_bi) ||p_bi - t_bi||^2 / (sum_i (1 - r_bi) + 1e-6): the error on closed tokens."""
+    closed = 1.0 - gates.float()
+    errors = (prediction.float() - target.float()).pow(2).sum(dim=-1)
+    return ((closed * errors).sum(dim=1) / (closed.sum(dim=1) + 1e-6)).mean()
+
+
+@torch.no_grad()
+def gate_ablation(student, predictor, teacher, images: torch.Tensor, generator: torch.Generator | None = None):
+    """Reconstruction error with the learned hard gates, with random gates of the same per-image open rate
+    (Bernoulli(mean_i pi_bi) per token), both on closed tokens, and with every gate open (all tokens).
+    The modules must be in eval mode."""
+    target = teacher(images)
+    target = F.layer_norm(target, (target.size(-1),))
+    norm = lambda x: F.layer_norm(x, (x.size(-1),))
+    learned_tokens, learned_gates, log_alpha = student(images)
+    rate = torch.sigmoid(log_alpha).mean(dim=1, keepdim=True).expand_as(log_alpha)
+    random_gates = torch.bernoulli(rate.cpu(), generator=generator).to(images.device)
+    random_tokens, _, _ = student(images, gates=random_gates)
+    open_tokens, _, _ = student(images, gated=False)
+    return {
+        "learned": closed_token_loss(norm(predictor(learned_tokens)), target, learned_gates).item(),
+        "random": closed_token_loss(norm(predictor(random_tokens)), target, random_gates).item(),
+        "all_open": (norm(predictor(open_tokens)) - target).pow(2).sum(dim=-1).mean().item(),
+        "learned_open_fraction": learned_gates.mean().item(),
+        "random_open_fraction": random_gates.mean().item(),
+    }
+
+
+@torch.no_grad()
+def open_fraction_real_vs_noise(student, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+    """Per-image open fraction mean_i pi for the images and for N(0, 1) noise of the same shape."""
+    noise = torch.randn(images.shape, generator=generator).to(images.device, images.dtype)
+    real = open_probabilities(student, images).mean(dim=1)
+    fake = open_probabilities(student, noise).mean(dim=1)
+    return {"real": real, "noise": fake}

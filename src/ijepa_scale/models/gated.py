@@ -77,8 +77,10 @@ class GatedViT(nn.Module):
         init_weights_as_official(self.gate, std=init_std)
         nn.init.trunc_normal_(self.mask_token, std=init_std)
 
-    def _mix(self, tokens: torch.Tensor, images: torch.Tensor):
+    def _mix(self, tokens: torch.Tensor, images: torch.Tensor, forced: torch.Tensor | None = None):
         gates, log_alpha = self.gate(tokens)
+        if forced is not None:
+            gates = forced.float()
         fill = self.mask_token
         if self.mask_position:
             grid_hw = (images.shape[-2] // self.encoder.patch_size, images.shape[-1] // self.encoder.patch_size)
@@ -86,30 +88,30 @@ class GatedViT(nn.Module):
         r = gates.to(tokens.dtype).unsqueeze(-1)
         return r * tokens + (1 - r) * fill.to(tokens.dtype), gates, log_alpha
 
-    def forward(self, images: torch.Tensor, gated: bool = True):
+    def forward(self, images: torch.Tensor, gated: bool = True, gates: torch.Tensor | None = None):
         """images [B, C, H, W] -> (tokens [B, N, D], gates [B, N], log_alpha [B, N]).
 
         ``gated=False`` returns the plain encoder tokens (the ``all_open`` evaluation; gates and
-        log_alpha are then None).
+        log_alpha are then None). ``gates`` [B, N] replaces the gate's own values (ablations).
         """
         if not gated:
             return self.encoder(images), None, None
         if self.gate_layer is None:
-            return self._mix(self.encoder(images), images)
+            return self._mix(self.encoder(images), images, gates)
         x = self.encoder.embed(images)
         for index, block in enumerate(self.encoder.blocks):
             if index != self.gate_layer:
                 x = block(x)
                 continue
             if self.gate_location == "attn":
-                mixed, gates, log_alpha = self._mix(block.attn_branch(x), images)
+                mixed, gates, log_alpha = self._mix(block.attn_branch(x), images, gates)
                 x = x + mixed
                 x = x + block.mlp_branch(x)
             elif self.gate_location == "skip":
-                x, gates, log_alpha = self._mix(x + block.attn_branch(x), images)
+                x, gates, log_alpha = self._mix(x + block.attn_branch(x), images, gates)
                 x = x + block.mlp_branch(x)
             else:
-                x, gates, log_alpha = self._mix(block(x), images)
+                x, gates, log_alpha = self._mix(block(x), images, gates)
         return self.encoder.norm(x), gates, log_alpha
 
 
