@@ -13,6 +13,8 @@ COMMANDS = {
     "bench-masks": ("ijepa_scale.benchmarks.masks", "main", "mask sampler speed (ms per batch)"),
     "bench-data": ("ijepa_scale.benchmarks.data", "main", "input pipeline throughput (img/s)"),
     "eval": ("ijepa_scale.evaluation.cli", "main", "eval linear|knn: frozen-feature accuracy of a checkpoint"),
+    "download": ("ijepa_scale.download", "main", "fetch a released checkpoint into the verified cache (--list)"),
+    "export": ("ijepa_scale.hf", "export_main", "write weights as a Hugging Face directory or official .pth.tar"),
 }
 
 
