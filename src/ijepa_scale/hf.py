@@ -119,11 +119,7 @@ def hf_to_official(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, 
             raise ValueError(f"layer {index} {kind}: query/key/value incomplete (have {sorted(parts)})")
         out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
 
-    def order(key):  # official order: embeddings, blocks by index, final norm
-        match = re.match(r"blocks\.(\d+)\.", key)
-        return (1, int(match.group(1)), key) if match else ((0 if not key.startswith("norm.") else 2), 0, key)
-
-    return OrderedDict((k, out[k]) for k in sorted(out, key=order))
+    return OrderedDict(out)
 
 
 def read_hf(source: str | os.PathLike) -> HFStateDict:
