@@ -144,9 +144,17 @@ class MetaConfig:
     embed_dim: Optional[int] = None
     depth: Optional[int] = None
     num_heads: Optional[int] = None
+    init_from: Optional[str] = None
+    """Start a new run from these weights (registry name, path, URL, Hugging Face dir): encoder, target
+    encoder and predictor where present; schedules and data position start from zero."""
+    init_optimizer: bool = False
+    """With init_from: also take the optimizer state (AdamW moments) from it."""
 
     def validate(self) -> None:
         from .models.vision_transformer import VIT_SIZES
+
+        if self.init_optimizer and not self.init_from:
+            raise ConfigError("meta.init_optimizer=true needs meta.init_from (the checkpoint to take it from)")
 
         if self.model_name not in VIT_SIZES:
             raise ConfigError(

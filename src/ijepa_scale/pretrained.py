@@ -145,7 +145,7 @@ def _heads_for(embed_dim: int, depth: int | None, num_heads: int | None, what: s
             return cfg["num_heads"]
     raise ValueError(
         f"cannot infer num_heads for a {what} with embed_dim={embed_dim}: it is not in the "
-        f"official size table; pass num_heads explicitly"
+        f"official size table; pass num_heads= (--num-heads on the command line)"
     )
 
 

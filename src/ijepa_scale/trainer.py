@@ -24,7 +24,7 @@ from .config import Config, dump_config
 from .data.sources import build_source
 from .data.stream import DataStream
 from .data.transforms import ImageTransform, normalize
-from .errors import RunFailure, UserError
+from .errors import RunFailure, UserError, one_line
 from .evaluation.collapse import CollapseMonitor
 from .masks import MultiBlockMaskCollator
 from .metrics import CSVMetrics
@@ -174,6 +174,33 @@ def check_architecture(state: dict, encoder: torch.nn.Module, predictor: torch.n
                         f"or start a new logging.folder")
 
 
+def _load_exactly(module: torch.nn.Module, weights: dict, where: str) -> None:
+    """load_state_dict, but a wrong shape or a missing/unexpected key is a UserError naming the tensor."""
+    ours = module.state_dict()
+    for name, value in weights.items():
+        if name in ours and tuple(value.shape) != tuple(ours[name].shape):
+            hint = ""
+            if value.ndim and ours[name].ndim and value.shape[-1] != ours[name].shape[-1]:
+                hint = " (a different width: meta.model_name / meta.embed_dim / meta.pred_emb_dim)"
+            elif name.endswith("pos_embed"):
+                hint = " (a different number of patches: data.crop_size / mask.patch_size)"
+            elif name.endswith("patch_embed.proj.weight"):
+                hint = " (a different patch size: mask.patch_size)"
+            raise UserError(f"{where}: {name} has shape {list(value.shape)} there but {list(ours[name].shape)} in "
+                            f"this model{hint}; set the model config to the checkpoint's architecture")
+    missing = sorted(set(ours) - set(weights))
+    unexpected = sorted(set(weights) - set(ours))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+        raise UserError(f"{where}: {'; '.join(parts)} (a different depth: meta.depth / meta.pred_depth?); set the "
+                        f"model config to the checkpoint's architecture")
+    module.load_state_dict(weights)
+
+
 def max_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -265,6 +292,11 @@ class Trainer:
                 logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, self.step,
                             self.stream.epoch + 1, self.stream.batch_in_epoch)
                 self._warn_if_schedules_changed(state)
+            if env.is_main and cfg.meta.init_from:
+                logger.info("meta.init_from=%s is not applied: this run continues from its own checkpoint",
+                            cfg.meta.init_from)
+        elif cfg.meta.init_from:
+            self.init_from(cfg.meta.init_from, with_optimizer=cfg.meta.init_optimizer)
         if env.is_main and not self.complete:
             # Written once the run is known to go ahead, so a refused run leaves the old one in place.
             (self.folder / "params-ijepa.yaml").write_text(dump_config(cfg))
@@ -638,6 +670,61 @@ class Trainer:
                 schedule.load_state_dict({"step": position})
             logger.warning("steps per epoch changed: schedules continue from epoch %d (position %d)",
                            self.stream.epoch, position)
+
+    def init_from(self, source: str, with_optimizer: bool = False) -> None:
+        """Take weights (and optionally the optimizer state) from `source`; step, schedules and data
+        position stay at zero. Rank 0 fetches first, so a URL is downloaded once into the cache."""
+        from .pretrained import fetch, load_checkpoint, strip_prefixes
+
+        where = f"meta.init_from={source}"
+
+        def fetch_once():
+            try:
+                return str(fetch(source))
+            except FileNotFoundError as exc:
+                raise UserError(f"{where}: {exc}") from None
+
+        path = self._on_main_then_broadcast(fetch_once)
+        try:
+            state = load_checkpoint(path if Path(path).exists() else source)
+        except UserError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise UserError(f"{where}: cannot read it ({type(exc).__name__}: {first})") from None
+        if not isinstance(state, dict):
+            raise UserError(f"{where} holds a {type(state).__name__}, not weights")
+        nets = {k: strip_prefixes(state[k]) for k in ("encoder", "target_encoder", "predictor")
+                if isinstance(state.get(k), dict)}
+        if not nets and "patch_embed.proj.weight" in strip_prefixes(state):
+            nets["encoder"] = strip_prefixes(state)  # a bare encoder state dict (or a Hugging Face model)
+        if "encoder" not in nets and "target_encoder" not in nets:
+            raise UserError(f"{where} has no encoder weights (keys: {', '.join(map(str, list(state)[:8]))})")
+        # One encoder only (e.g. Hugging Face): it starts both the context and the target encoder.
+        nets.setdefault("encoder", nets.get("target_encoder"))
+        nets.setdefault("target_encoder", nets["encoder"])
+        modules = {"encoder": unwrap(self.encoder), "target_encoder": self.target_encoder,
+                   "predictor": unwrap(self.predictor)}
+        for name, weights in nets.items():
+            _load_exactly(modules[name], weights, f"{where} ({name})")
+        taken = sorted(nets)
+        if with_optimizer:
+            if not isinstance(state.get("opt"), dict):
+                raise UserError(f"{where} has no optimizer state; set meta.init_optimizer=false")
+            if "predictor" not in nets:
+                raise UserError(f"{where} has no predictor, so its optimizer state cannot fit; set "
+                                f"meta.init_optimizer=false")
+            try:
+                self.optimizer.load_state_dict(state["opt"])
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise UserError(f"{where}: its optimizer state does not fit this model ({one_line(exc)}); set "
+                                f"meta.init_optimizer=false") from None
+            taken.append("optimizer")
+        self.lineage = [{"init_from": source}]
+        if self.env.is_main:
+            missing = "" if "predictor" in nets else " (it has no predictor: the predictor starts from random weights)"
+            logger.info("initialised %s from %s%s; step, schedules and data start from zero", ", ".join(taken),
+                        source, missing)
 
     def save(self, periodic: Optional[Path] = None) -> None:
         if self._saved_step == self.step and periodic is None:
