@@ -14,6 +14,7 @@ COMMANDS = {
     "bench-data": ("ijepa_scale.benchmarks.data", "main", "input pipeline throughput (img/s)"),
     "eval": ("ijepa_scale.evaluation.cli", "main", "eval linear|knn: frozen-feature accuracy of a checkpoint"),
     "download": ("ijepa_scale.download", "main", "fetch a released checkpoint into the verified cache (--list)"),
+    "report": ("ijepa_scale.report", "main", "summary and PNG of a run's per-rank CSVs (also while it runs)"),
     "export": ("ijepa_scale.hf", "export_main", "write weights as a Hugging Face directory or official .pth.tar"),
 }
 

@@ -46,3 +46,9 @@ def test_two_rank_run_starts_from_downloaded_weights(tmp_path, monkeypatch):
             if net != "target_encoder":
                 assert torch.equal(saved[net][name], value), (net, name)
     assert len(os.listdir(tmp_path / "cache")) == 2  # the file and its pinned sha256
+    # The run's report: both ranks, every step, a PNG.
+    from ijepa_scale.report import report
+
+    _, png, summary = report(tmp_path / "run")
+    assert [r["steps"] for r in summary["ranks"].values()] == [5, 5] and summary["world_size"] == 2
+    assert summary["img_per_s_total"] > 0 and png.read_bytes()[:4] == b"\x89PNG"
