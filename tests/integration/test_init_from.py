@@ -52,3 +52,9 @@ def test_two_rank_run_starts_from_downloaded_weights(tmp_path, monkeypatch):
     _, png, summary = report(tmp_path / "run")
     assert [r["steps"] for r in summary["ranks"].values()] == [5, 5] and summary["world_size"] == 2
     assert summary["img_per_s_total"] > 0 and png.read_bytes()[:4] == b"\x89PNG"
+    # What a user sees: the ETA on progress lines, an end-of-run summary, rank 0's log kept as a file.
+    assert "ETA epoch " in proc.stdout and " run " in proc.stdout.split("ETA epoch ", 1)[1]
+    summary_line = next(line for line in proc.stdout.splitlines() if "run finished:" in line)
+    assert "5 steps in this session" in summary_line and "jepa-latest.pth.tar" in summary_line
+    log = (tmp_path / "run" / "jepa_r0.log").read_text()
+    assert "initialised encoder" in log and "run finished:" in log and "[rank 1]" not in log
