@@ -5,6 +5,7 @@
 Cache layout (``$IJEPA_SCALE_CACHE``, else ``~/.cache/ijepa_scale``), per URL:
 - ``{tag}-{name}``: the complete, verified file (``tag`` = a hash of the URL);
 - ``{tag}-{name}.part``: an unfinished download, continued with an HTTP Range request;
+- ``.{tag}-{name}.lock``: taken while one process fetches or verifies the file;
 - ``{tag}-{name}.json``: URL, size and sha256. No checksums are published upstream, so the first
   complete download pins them (unless the user pinned one); every later use re-hashes the file
   and a mismatch is fetched again, never used.
@@ -14,6 +15,8 @@ A file only gets its final name after it is complete and verified.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import http.client
 import json
@@ -299,34 +302,53 @@ def fetch(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
         print(f"note: the sha256 you gave differs from the one pinned for {dest.name}; using yours",
               file=sys.stderr)
 
-    if dest.is_file():
-        actual = sha256_of(dest)
-        if pinned is None or actual == pinned:
-            if pinned is None:
-                _write_meta(meta_path, source_str, dest.stat().st_size, actual)
-            return dest
-        print(f"warning: cached {dest} fails its sha256 check (pinned {pinned}, found {actual}); downloading "
-              f"it again", file=sys.stderr)
-        dest.unlink()
+    # Two processes fetching the same URL (two jobs, or ranks of a node without init ordering)
+    # take turns; the second finds the verified file and downloads nothing.
+    with _locked(dest.with_name(f".{dest.name}.lock")):
+        pinned = expected or _read_meta(meta_path).get("sha256")  # another process may have pinned it meanwhile
+        if dest.is_file():
+            actual = sha256_of(dest)
+            if pinned is None or actual == pinned:
+                if pinned is None:
+                    _write_meta(meta_path, source_str, dest.stat().st_size, actual)
+                return dest
+            print(f"warning: cached {dest} fails its sha256 check (pinned {pinned}, found {actual}); downloading "
+                  f"it again", file=sys.stderr)
+            dest.unlink()
 
-    label = os.path.basename(dest.name.split("-", 1)[-1])
-    if source_str.startswith(("http://", "https://")):
-        _http_download(source_str, part, label, quiet, timeout)
-    else:
-        _fsspec_download(source_str, part, label, quiet)
-    actual = sha256_of(part)
-    if pinned is not None and actual != pinned:
-        part.unlink()
-        if expected:
-            fix = "check the sha256 you gave (sha256= / --sha256)"
+        label = os.path.basename(dest.name.split("-", 1)[-1])
+        if source_str.startswith(("http://", "https://")):
+            _http_download(source_str, part, label, quiet, timeout)
         else:
-            fix = (f"it differs from the sha256 pinned by the first download; run again to retry, or if the file "
-                   f"changed upstream on purpose, delete {meta_path}")
-        raise DownloadError(f"sha256 mismatch for {source_str}: expected {pinned}, got {actual}; the download was "
-                            f"deleted; {fix}")
-    os.replace(part, dest)
-    _write_meta(meta_path, source_str, dest.stat().st_size, actual)
-    return dest
+            _fsspec_download(source_str, part, label, quiet)
+        actual = sha256_of(part)
+        if pinned is not None and actual != pinned:
+            part.unlink()
+            if expected:
+                fix = "check the sha256 you gave (sha256= / --sha256)"
+            else:
+                fix = (f"it differs from the sha256 pinned by the first download; run again to retry, or if the file "
+                       f"changed upstream on purpose, delete {meta_path}")
+            raise DownloadError(f"sha256 mismatch for {source_str}: expected {pinned}, got {actual}; the download was "
+                                f"deleted; {fix}")
+        os.replace(part, dest)
+        _write_meta(meta_path, source_str, dest.stat().st_size, actual)
+        return dest
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    try:
+        handle = open(path, "a")
+    except OSError:  # a read-only shared cache: nothing can be written there anyway
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_meta(path: Path, url: str, size: int, digest: str) -> None:

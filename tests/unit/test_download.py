@@ -31,7 +31,7 @@ def test_download_pins_sha256_and_reuses_the_cache_offline(server, tmp_path):
     assert path.read_bytes() == PAYLOAD and path == cache_path(url, tmp_path)
     meta = json.loads(path.with_name(path.name + ".json").read_text())
     assert meta["sha256"] == SHA and meta["size"] == len(PAYLOAD)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.name + ".json"])
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted([path.name, path.name + ".json"])
     # Filled cache: no request reaches the server (it is shut down: any call would fail).
     server.__exit__(None, None, None)
     n = len(server.requests)
@@ -67,7 +67,7 @@ def test_corrupt_copy_from_the_server_never_gets_the_final_name(server, tmp_path
     server.corrupt["/ijepa/w.pth.tar"] = True
     with pytest.raises(DownloadError, match="sha256 mismatch"):
         fetch(url, cache_dir=tmp_path, sha256=SHA, quiet=True)
-    assert list(tmp_path.iterdir()) == []  # nothing under the final name, no partial left
+    assert [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []  # no final name, no partial
     server.corrupt.clear()
     assert fetch(url, cache_dir=tmp_path, sha256=SHA, quiet=True).read_bytes() == PAYLOAD
 
@@ -128,3 +128,18 @@ def test_load_checkpoint_from_the_server(server, tmp_path):
     server.files["/ijepa/c.pth.tar"] = buf.getvalue()
     state = load_checkpoint(server.url("/ijepa/c.pth.tar"), cache_dir=tmp_path)
     assert state["epoch"] == 2 and state["encoder"]["w"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_two_processes_fetching_at_once_download_once(server, tmp_path):
+    import threading
+
+    url = server.url("/ijepa/w.pth.tar")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(fetch(url, cache_dir=tmp_path, quiet=True)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and len(set(results)) == 1 and results[0].read_bytes() == PAYLOAD
+    assert len(server.requests) == 1
