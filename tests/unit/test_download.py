@@ -143,3 +143,14 @@ def test_two_processes_fetching_at_once_download_once(server, tmp_path):
         t.join()
     assert len(results) == 3 and len(set(results)) == 1 and results[0].read_bytes() == PAYLOAD
     assert len(server.requests) == 1
+
+
+def test_eval_checkpoint_accepts_a_registry_name(server, tmp_path, monkeypatch):
+    from ijepa_scale.evaluation.evaluate import resolve_checkpoint
+
+    release = find_release("ijepa_vitg16_22k")
+    server.files[f"/ijepa/{release.file}"] = PAYLOAD
+    monkeypatch.setenv(download.MIRROR_ENV_VAR, server.url("/ijepa"))
+    monkeypatch.setenv(download.CACHE_ENV_VAR, str(tmp_path))
+    path = resolve_checkpoint("ijepa_vitg16_22k")
+    assert path.parent == tmp_path and path.read_bytes() == PAYLOAD
