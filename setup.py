@@ -17,11 +17,15 @@ setup(
         "pillow",
         "submitit",
         "aiohttp",
+        "safetensors",
+        "matplotlib",
     ],
     extras_require={
         "s3": ["s3fs"],
         "gcs": ["gcsfs"],
-        "dev": ["pytest", "pytest-timeout", "scikit-image", "scikit-learn"],
+        "hf": ["transformers"],
+        "tensorboard": ["tensorboard"],
+        "dev": ["pytest", "pytest-timeout", "scikit-image", "scikit-learn", "transformers", "tensorboard"],
     },
     entry_points={"console_scripts": ["ijepa-scale=ijepa_scale.cli:main"]},
 )

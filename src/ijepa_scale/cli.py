@@ -1,8 +1,9 @@
-"""`ijepa-scale` command line: train, make-shards, fashion-mnist, bench-masks, bench-data, eval."""
+"""`ijepa-scale` command line: one subcommand per entry of COMMANDS."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -13,6 +14,10 @@ COMMANDS = {
     "bench-masks": ("ijepa_scale.benchmarks.masks", "main", "mask sampler speed (ms per batch)"),
     "bench-data": ("ijepa_scale.benchmarks.data", "main", "input pipeline throughput (img/s)"),
     "eval": ("ijepa_scale.evaluation.cli", "main", "eval linear|knn: frozen-feature accuracy of a checkpoint"),
+    "download": ("ijepa_scale.download", "main", "fetch a released checkpoint into the verified cache (--list)"),
+    "report": ("ijepa_scale.report", "main", "summary and PNG of a run's per-rank CSVs (also while it runs)"),
+    "show-masks": ("ijepa_scale.show_masks", "main", "draw the configured context/target blocks over real images"),
+    "export": ("ijepa_scale.hf", "export_main", "write weights as a Hugging Face directory or official .pth.tar"),
 }
 
 
@@ -44,14 +49,29 @@ def train_main(argv=None, prog=None) -> int:
         return 2
 
 
+def usage() -> str:
+    lines = [f"  {name:<14} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return ("usage: ijepa-scale COMMAND [options]   (ijepa-scale COMMAND --help for its options)\n\ncommands:\n"
+            + "\n".join(lines))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<14} {help_}" for name, (_, _, help_) in COMMANDS.items()]
-        print("usage: ijepa-scale COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"error: unknown command {argv[0]!r}{hint}\n\n{usage()}", file=sys.stderr)
+        return 2
     module, function, _ = COMMANDS[argv[0]]
-    result = getattr(importlib.import_module(module), function)(argv[1:])
+    # A parser without its own prog takes argv[0]: make every usage line read `ijepa-scale SUB`.
+    saved, sys.argv[0:1] = sys.argv[0:1], [f"ijepa-scale {argv[0]}"]
+    try:
+        result = getattr(importlib.import_module(module), function)(argv[1:])
+    finally:
+        sys.argv[0:1] = saved
     return int(result or 0)
 
 

@@ -92,6 +92,8 @@ class LoggingConfig:
     """Warn when the effective rank of the pooled target features stays below this (0 = never)."""
     collapse_patience: int = 5
     """Consecutive progress lines below a threshold before the collapse warning."""
+    tensorboard: bool = False
+    """Rank 0 also writes TensorBoard event files to {folder}/tensorboard (needs `pip install tensorboard`)."""
 
     def validate(self) -> None:
         _positive(self, "log_freq", "checkpoint_freq")
@@ -101,6 +103,12 @@ class LoggingConfig:
         _positive(self, "collapse_patience")
         if not self.write_tag or "/" in self.write_tag:
             raise ConfigError(f"logging.write_tag={self.write_tag!r} must be a non-empty file-name prefix")
+        if self.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                                  "(or pip install -e '.[tensorboard]'), or set logging.tensorboard=false")
 
 
 @dataclass
@@ -144,9 +152,17 @@ class MetaConfig:
     embed_dim: Optional[int] = None
     depth: Optional[int] = None
     num_heads: Optional[int] = None
+    init_from: Optional[str] = None
+    """Start a new run from these weights (registry name, path, URL, Hugging Face dir): encoder, target
+    encoder and predictor where present; schedules and data position start from zero."""
+    init_optimizer: bool = False
+    """With init_from: also take the optimizer state (AdamW moments) from it."""
 
     def validate(self) -> None:
         from .models.vision_transformer import VIT_SIZES
+
+        if self.init_optimizer and not self.init_from:
+            raise ConfigError("meta.init_optimizer=true needs meta.init_from (the checkpoint to take it from)")
 
         if self.model_name not in VIT_SIZES:
             raise ConfigError(

@@ -16,7 +16,6 @@ resulting dict as ``source``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -27,10 +26,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
 
-from .fileutil import atomic_write
+from .download import CACHE_ENV_VAR, RELEASES, default_cache_dir, is_url  # noqa: F401 (re-exported)
+from .download import fetch as _download_fetch
+from .hf import HFStateDict, num_heads_of
 from .models.vision_transformer import (
     VIT_SIZES,
     VisionTransformer,
@@ -39,99 +39,20 @@ from .models.vision_transformer import (
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV_VAR = "IJEPA_SCALE_CACHE"
 _STRIPPABLE_PREFIXES = ("module.", "backbone.", "_orig_mod.")
-_CHUNK = 8 * 1024 * 1024
 
-OFFICIAL_CHECKPOINT_URLS = {
-    "vit_huge_14_224_in1k": "https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar",
-    "vit_huge_16_448_in1k": "https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.16-448px-300e.pth.tar",
-    "vit_huge_14_224_in22k": "https://dl.fbaipublicfiles.com/ijepa/IN22K-vit.h.14-900e.pth.tar",
-    "vit_giant_16_224_in22k": "https://dl.fbaipublicfiles.com/ijepa/IN22K-vit.g.16-600e.pth.tar",
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Fetching and reading files
-# --------------------------------------------------------------------------------------------
-def default_cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV_VAR)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ijepa_scale"
+# Kept for existing callers: name -> URL of each released checkpoint (see ijepa_scale.download).
+OFFICIAL_CHECKPOINT_URLS = {alias: r.url for r in RELEASES for alias in (r.name,) + r.aliases}
 
 
 def _is_url(source: str) -> bool:
-    return "://" in source
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _cache_path(url: str, cache_dir: Path) -> Path:
-    # The URL hash keeps equally named files from different hosts or folders apart.
-    name = os.path.basename(url.rstrip("/").split("?", 1)[0]) or "checkpoint"
-    tag = hashlib.sha256(url.encode()).hexdigest()[:16]
-    return cache_dir / f"{tag}-{name}"
-
-
-def _download(url: str, dest: Path) -> str:
-    """Copy ``url`` to ``dest`` atomically; return the sha256 of what was written."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-
-    def copy(out) -> str:
-        digest = hashlib.sha256()
-        with fsspec.open(url, "rb") as src:
-            for chunk in iter(lambda: src.read(_CHUNK), b""):
-                digest.update(chunk)
-                out.write(chunk)
-        return digest.hexdigest()
-
-    return atomic_write(dest, copy, tmp_prefix=f".{dest.name}.part.")
+    return is_url(source)
 
 
 def fetch(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
           sha256: str | None = None) -> Path:
-    """Return a local path for ``source``, downloading URLs into the cache.
-
-    Local paths are used in place (a bad sha256 raises but never deletes them). URLs (any
-    protocol fsspec understands, ``file://`` included) are copied once into ``cache_dir``
-    (default ``$IJEPA_SCALE_CACHE`` or ``~/.cache/ijepa_scale``) and reused afterwards. A
-    cached file that fails the sha256 check is fetched again; a fresh download that fails it
-    is deleted and ValueError is raised.
-    """
-    expected = sha256.lower() if sha256 else None
-    source_str = os.fspath(source)
-    if not _is_url(source_str):
-        path = Path(source_str).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        if expected is not None:
-            actual = _sha256_of(path)
-            if actual != expected:
-                raise ValueError(
-                    f"sha256 mismatch for {path}: expected {expected}, actual {actual}"
-                )
-        return path
-
-    dest = _cache_path(source_str, Path(cache_dir) if cache_dir else default_cache_dir())
-    if dest.is_file():
-        if expected is None or _sha256_of(dest) == expected:
-            return dest
-        logger.warning("cached %s fails its sha256 check; downloading it again", dest)
-        dest.unlink()
-    logger.info("downloading %s to %s", source_str, dest)
-    actual = _download(source_str, dest)
-    if expected is not None and actual != expected:
-        dest.unlink()
-        raise ValueError(
-            f"sha256 mismatch for {source_str}: expected {expected}, actual {actual} "
-            f"(the downloaded file was deleted)"
-        )
-    return dest
+    """A local path for a registry name, URL or path (see :func:`ijepa_scale.download.fetch`)."""
+    return _download_fetch(source, cache_dir=cache_dir, sha256=sha256)
 
 
 def load_checkpoint(
@@ -150,7 +71,17 @@ def load_checkpoint(
     unpickling, with a warning: full unpickling can run code, so only use it on files you
     trust. Pass ``weights_only=True`` to forbid the fallback, ``False`` to skip the safe try.
     """
+    from .hf import is_hf_source, read_hf
+
     path = fetch(source, cache_dir=cache_dir, sha256=sha256)
+    if is_hf_source(path):
+        return read_hf(path)
+    if path.is_dir():
+        latest = sorted(path.glob("*-latest.pth.tar"))
+        if len(latest) != 1:
+            raise FileNotFoundError(f"{path} is a folder but neither a Hugging Face model (config.json + "
+                                    f"model.safetensors) nor a run folder with one *-latest.pth.tar")
+        path = latest[0]
     if weights_only is not None:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     try:
@@ -214,7 +145,7 @@ def _heads_for(embed_dim: int, depth: int | None, num_heads: int | None, what: s
             return cfg["num_heads"]
     raise ValueError(
         f"cannot infer num_heads for a {what} with embed_dim={embed_dim}: it is not in the "
-        f"official size table; pass num_heads explicitly"
+        f"official size table; pass num_heads= (--num-heads on the command line)"
     )
 
 
@@ -349,15 +280,18 @@ def load_encoder(
 ) -> VisionTransformer:
     """Load an encoder (eval mode) with its architecture inferred from the weights.
 
-    ``source``: path, URL, an already loaded checkpoint dict, or a bare encoder state dict
-    (then ``key`` is ignored). ``key``: ``"target_encoder"`` (EMA encoder, default) or
+    ``source``: registry name (``ijepa-scale download --list``), URL, local official ``.pth.tar``,
+    our checkpoint or run folder, a Hugging Face I-JEPA directory (``config.json`` +
+    ``model.safetensors``) or ``.safetensors`` file, an already loaded checkpoint dict, or a bare
+    encoder state dict. A Hugging Face source holds one encoder, so ``key`` is ignored for it (the
+    published facebook/ijepa_* ports hold the context encoder). ``key``: ``"target_encoder"`` (EMA encoder, default) or
     ``"encoder"`` (context encoder). ``num_heads`` is only needed for widths outside the
     official size table.
     Weights stored in any float dtype are cast to ``dtype``; loading is strict.
     """
     checkpoint = _checkpoint_from(source, cache_dir, sha256)
     state_dict = _select_state_dict(checkpoint, key, "patch_embed.proj.weight")
-    cfg = infer_encoder_config(state_dict, num_heads=num_heads)
+    cfg = infer_encoder_config(state_dict, num_heads=num_heads or num_heads_of(checkpoint))
     in_chans = state_dict["patch_embed.proj.weight"].shape[1]
     qkv_bias = "blocks.0.attn.qkv.bias" in state_dict or cfg["depth"] == 0
 
@@ -389,8 +323,36 @@ def load_predictor(
     """Load the predictor (eval mode) with its architecture inferred from the weights."""
     checkpoint = _checkpoint_from(source, cache_dir, sha256)
     state_dict = _select_state_dict(checkpoint, key, "predictor_embed.weight")
-    cfg = infer_predictor_config(state_dict, num_heads=num_heads)
+    cfg = infer_predictor_config(state_dict, num_heads=num_heads or num_heads_of(checkpoint))
     qkv_bias = "predictor_blocks.0.attn.qkv.bias" in state_dict or cfg["depth"] == 0
     return _materialise(
         lambda: VisionTransformerPredictor(**cfg, qkv_bias=qkv_bias), state_dict, dtype, device
     )
+
+
+def load_pretrained(
+    source: str | os.PathLike | Mapping[str, Any],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    num_heads: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    sha256: str | None = None,
+) -> dict[str, torch.nn.Module]:
+    """All networks a source holds, read once: ``{"encoder", "target_encoder", "predictor"}``.
+
+    A Hugging Face source holds one encoder: it is returned as ``encoder`` only.
+    """
+    checkpoint = _checkpoint_from(source, cache_dir, sha256)
+    common = dict(num_heads=num_heads, dtype=dtype, device=device)
+    if isinstance(checkpoint, HFStateDict):
+        return {"encoder": load_encoder(checkpoint, **common)}
+    nets = {}
+    for key in ("encoder", "target_encoder"):
+        if isinstance(checkpoint.get(key), Mapping):
+            nets[key] = load_encoder(checkpoint, key=key, **common)
+    if isinstance(checkpoint.get("predictor"), Mapping):
+        nets["predictor"] = load_predictor(checkpoint, **common)
+    if not nets:
+        nets["encoder"] = load_encoder(checkpoint, **common)  # a bare encoder state dict
+    return nets

@@ -24,7 +24,7 @@ from .config import Config, dump_config
 from .data.sources import build_source
 from .data.stream import DataStream
 from .data.transforms import ImageTransform, normalize
-from .errors import RunFailure, UserError
+from .errors import RunFailure, UserError, one_line
 from .evaluation.collapse import CollapseMonitor
 from .masks import MultiBlockMaskCollator
 from .metrics import CSVMetrics
@@ -174,6 +174,103 @@ def check_architecture(state: dict, encoder: torch.nn.Module, predictor: torch.n
                         f"or start a new logging.folder")
 
 
+SLOW_NOTICE_S = 10.0
+
+
+class slow_notice:
+    """Log "`what`: still waiting after N s" if the block takes longer than `after` seconds, and how
+    long it took once it ends; a fast block logs nothing."""
+
+    def __init__(self, what: str, enabled: bool = True, after: float = SLOW_NOTICE_S):
+        self.what, self.enabled, self.after = what, enabled, after
+        self.fired = False
+
+    def _fire(self):
+        self.fired = True
+        logger.info("%s: still waiting after %.0f s ...", self.what, self.after)
+
+    def __enter__(self):
+        import threading
+
+        self.began = time.perf_counter()
+        self.timer = threading.Timer(self.after, self._fire) if self.enabled else None
+        if self.timer:
+            self.timer.daemon = True
+            self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        if self.fired:
+            self.fired = False
+            logger.info("%s: done after %.1f s", self.what, time.perf_counter() - self.began)
+        return False
+
+
+class TensorBoardLog:
+    """Rank 0's scalars as TensorBoard event files in `{folder}/tensorboard`."""
+
+    SCALARS = ("loss", "lr", "wd", "momentum", "grad_norm", "img_per_s", "data_ms", "mask-A", "mask-B", "time (ms)")
+
+    def __init__(self, folder: Path, purge_step: Optional[int]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"), purge_step=purge_step)
+
+    def log(self, metrics: dict, extra_names: tuple) -> None:
+        step = metrics["step"]
+        for name in self.SCALARS + tuple(extra_names):
+            value = metrics.get(name)
+            if value is not None and isinstance(value, (int, float)) and math.isfinite(value):
+                group = "eval" if name == EVAL_COLUMN else ("masks" if name.startswith("mask-") else "train")
+                self.writer.add_scalar(f"{group}/{name.replace(' ', '_')}", value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(max(0.0, seconds))
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def _load_exactly(module: torch.nn.Module, weights: dict, where: str) -> None:
+    """load_state_dict, but a wrong shape or a missing/unexpected key is a UserError naming the tensor."""
+    ours = module.state_dict()
+    for name, value in weights.items():
+        if name in ours and tuple(value.shape) != tuple(ours[name].shape):
+            hint = ""
+            if value.ndim and ours[name].ndim and value.shape[-1] != ours[name].shape[-1]:
+                hint = " (a different width: meta.model_name / meta.embed_dim / meta.pred_emb_dim)"
+            elif name.endswith("pos_embed"):
+                hint = " (a different number of patches: data.crop_size / mask.patch_size)"
+            elif name.endswith("patch_embed.proj.weight"):
+                hint = " (a different patch size: mask.patch_size)"
+            raise UserError(f"{where}: {name} has shape {list(value.shape)} there but {list(ours[name].shape)} in "
+                            f"this model{hint}; set the model config to the checkpoint's architecture")
+    missing = sorted(set(ours) - set(weights))
+    unexpected = sorted(set(weights) - set(ours))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+        raise UserError(f"{where}: {'; '.join(parts)} (a different depth: meta.depth / meta.pred_depth?); set the "
+                        f"model config to the checkpoint's architecture")
+    module.load_state_dict(weights)
+
+
 def max_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -265,12 +362,20 @@ class Trainer:
                 logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, self.step,
                             self.stream.epoch + 1, self.stream.batch_in_epoch)
                 self._warn_if_schedules_changed(state)
+            if env.is_main and cfg.meta.init_from:
+                logger.info("meta.init_from=%s is not applied: this run continues from its own checkpoint",
+                            cfg.meta.init_from)
+        elif cfg.meta.init_from:
+            self.init_from(cfg.meta.init_from, with_optimizer=cfg.meta.init_optimizer)
         if env.is_main and not self.complete:
             # Written once the run is known to go ahead, so a refused run leaves the old one in place.
             (self.folder / "params-ijepa.yaml").write_text(dump_config(cfg))
         self.metrics = CSVMetrics(self.folder / f"{cfg.logging.write_tag}_r{env.rank}.csv",
                                   resume_step=self.step if resume_path is not None else None,
                                   extra_columns=self.metric_names + (EVAL_COLUMN,))
+        self.tensorboard = None
+        if env.is_main and cfg.logging.tensorboard:
+            self.tensorboard = TensorBoardLog(self.folder, purge_step=self.step + 1 if resume_path is not None else None)
         if env.is_main:
             logger.info("data: %s; %d steps per epoch of %d x %d images", source.describe(),
                         self.steps_per_epoch, env.world_size, cfg.data.batch_size)
@@ -290,7 +395,11 @@ class Trainer:
         return result
 
     def _build_source_once(self, data_cfg):
-        return self._on_main_then_broadcast(lambda: build_source(data_cfg))
+        def build():
+            with slow_notice(f"listing the training shards ({data_cfg.shards or data_cfg.root_path})"):
+                return build_source(data_cfg)
+
+        return self._on_main_then_broadcast(build)
 
     def _open_eval_sources_once(self, data_cfg):
         """The periodic evaluation's (train, val) shard sources, listed on rank 0 like the training data."""
@@ -435,11 +544,11 @@ class Trainer:
         avg = self.epoch_loss_sum / max(1, self.epoch_loss_count)
         logger.info(
             "[ep %d, itr %d/%d, step %d] loss %.4f (avg %.4f) | masks %d/%d | lr %.3g wd %.3g m %.5f | "
-            "%.0f ms/step %.1f img/s data %.0f ms | mem %.0f MB%s",
+            "%.0f ms/step %.1f img/s data %.0f ms | mem %.0f MB | %s%s",
             metrics["epoch"], metrics["itr"] + 1, self.steps_per_epoch, metrics["step"], metrics["loss"], avg,
             metrics["mask-A"], metrics["mask-B"], metrics["lr"], metrics["wd"], metrics["momentum"],
             metrics["time (ms)"], metrics["img_per_s"], metrics["data_ms"], metrics["max_mem_mb"],
-            self._metrics_text(metrics),
+            self._eta_text(metrics["itr"]), self._metrics_text(metrics),
         )
 
     def _metrics_text(self, metrics: dict) -> str:
@@ -488,13 +597,18 @@ class Trainer:
             return True
         every_steps = self.cfg.logging.checkpoint_every_steps
         global_batch = self.env.world_size * self.cfg.data.batch_size
+        self._session = {"began": time.perf_counter(), "first_step": self.step, "timed_from": None}
+        first_batch = slow_notice("waiting for the first batch (decoding, workers starting)", self.env.is_main)
+        first_batch.__enter__()
         while self.stream.epoch < epochs:
             if self._should_stop():
+                first_batch.__exit__(None, None, None)
                 return self._stop(periodic=None)
             if self.stream.batch_in_epoch == 0:
                 self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
             wait_start = time.perf_counter()
             for batch in self.stream.epoch_batches():
+                first_batch.__exit__(None, None, None)
                 data_ms = (time.perf_counter() - wait_start) * 1000.0
                 metrics = self.train_step(batch)
                 step_s = time.perf_counter() - wait_start
@@ -504,6 +618,10 @@ class Trainer:
                 knn = self.evaluate_knn() if self._eval_due(metrics["epoch"], last_in_epoch) else None
                 metrics[EVAL_COLUMN] = knn if self.env.is_main else None
                 self.metrics.log(**metrics)
+                if self.tensorboard is not None:
+                    self.tensorboard.log(metrics, self.metric_names + (EVAL_COLUMN,))
+                if self._session["timed_from"] is None:  # the first step includes start-up: ETA from the next
+                    self._session["timed_from"] = (time.perf_counter(), self.step)
                 progress_line = self.step % self.cfg.logging.log_freq == 0 or self.step == 1
                 if self.env.is_main and (progress_line or knn is not None or not math.isfinite(metrics["loss"])):
                     self._log_progress(metrics)
@@ -518,7 +636,39 @@ class Trainer:
             if self.env.is_main:
                 logger.info("epoch %d done: avg loss %.5f", self.stream.epoch,
                             self.epoch_loss_sum / max(1, self.epoch_loss_count))
+        first_batch.__exit__(None, None, None)
+        self._log_summary("run finished")
         return True
+
+    def _seconds_per_step(self) -> float:
+        timed = getattr(self, "_session", {}).get("timed_from")
+        if not timed or self.step <= timed[1]:
+            return float("nan")
+        return (time.perf_counter() - timed[0]) / (self.step - timed[1])
+
+    def _eta_text(self, itr: int) -> str:
+        per_step = self._seconds_per_step()
+        total = self.cfg.optimization.epochs * self.steps_per_epoch
+        if self.cfg.optimization.stop_at_step:
+            total = min(total, self.cfg.optimization.stop_at_step)
+        epoch_left = (self.steps_per_epoch - itr - 1) * per_step
+        return f"ETA epoch {format_eta(epoch_left)} run {format_eta((total - self.step) * per_step)}"
+
+    def _log_summary(self, how: str) -> None:
+        """Rank 0's end-of-run line: steps, time, images/s, final loss, the checkpoint."""
+        session = getattr(self, "_session", None)
+        if not self.env.is_main or session is None:
+            return
+        steps = self.step - session["first_step"]
+        seconds = time.perf_counter() - session["began"]
+        images = steps * self.env.world_size * self.cfg.data.batch_size
+        checkpoint = self.checkpoint_of_step()
+        logger.info("%s: %d steps in this session (step %d of %d, epoch %d), %s, %.1f img/s; final epoch-average "
+                    "loss %.5f; checkpoint %s; report: ijepa-scale report %s", how, steps, self.step,
+                    self.cfg.optimization.epochs * self.steps_per_epoch, self.stream.epoch,
+                    format_eta(seconds) if seconds >= 60 else f"{seconds:.1f}s",
+                    images / max(seconds, 1e-9), self.epoch_loss_sum / max(1, self.epoch_loss_count),
+                    checkpoint or "none", self.folder)
 
     def _epoch_end_path(self) -> Optional[Path]:
         """The -ep{N} file for the epoch that ends with the current step, if it is kept."""
@@ -536,6 +686,7 @@ class Trainer:
         if not self.env.is_main:
             return False
         stop_at = self.cfg.optimization.stop_at_step
+        self._log_summary("run stopped")
         if self.stop_agreed:
             logger.info("stopped on request (%s) at step %d, checkpoint saved; run the same command to resume",
                         ", ".join(self.agreed_signals) or "stop", self.step)
@@ -639,6 +790,61 @@ class Trainer:
             logger.warning("steps per epoch changed: schedules continue from epoch %d (position %d)",
                            self.stream.epoch, position)
 
+    def init_from(self, source: str, with_optimizer: bool = False) -> None:
+        """Take weights (and optionally the optimizer state) from `source`; step, schedules and data
+        position stay at zero. Rank 0 fetches first, so a URL is downloaded once into the cache."""
+        from .pretrained import fetch, load_checkpoint, strip_prefixes
+
+        where = f"meta.init_from={source}"
+
+        def fetch_once():
+            try:
+                return str(fetch(source))
+            except FileNotFoundError as exc:
+                raise UserError(f"{where}: {exc}") from None
+
+        path = self._on_main_then_broadcast(fetch_once)
+        try:
+            state = load_checkpoint(path if Path(path).exists() else source)
+        except UserError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise UserError(f"{where}: cannot read it ({type(exc).__name__}: {first})") from None
+        if not isinstance(state, dict):
+            raise UserError(f"{where} holds a {type(state).__name__}, not weights")
+        nets = {k: strip_prefixes(state[k]) for k in ("encoder", "target_encoder", "predictor")
+                if isinstance(state.get(k), dict)}
+        if not nets and "patch_embed.proj.weight" in strip_prefixes(state):
+            nets["encoder"] = strip_prefixes(state)  # a bare encoder state dict (or a Hugging Face model)
+        if "encoder" not in nets and "target_encoder" not in nets:
+            raise UserError(f"{where} has no encoder weights (keys: {', '.join(map(str, list(state)[:8]))})")
+        # One encoder only (e.g. Hugging Face): it starts both the context and the target encoder.
+        nets.setdefault("encoder", nets.get("target_encoder"))
+        nets.setdefault("target_encoder", nets["encoder"])
+        modules = {"encoder": unwrap(self.encoder), "target_encoder": self.target_encoder,
+                   "predictor": unwrap(self.predictor)}
+        for name, weights in nets.items():
+            _load_exactly(modules[name], weights, f"{where} ({name})")
+        taken = sorted(nets)
+        if with_optimizer:
+            if not isinstance(state.get("opt"), dict):
+                raise UserError(f"{where} has no optimizer state; set meta.init_optimizer=false")
+            if "predictor" not in nets:
+                raise UserError(f"{where} has no predictor, so its optimizer state cannot fit; set "
+                                f"meta.init_optimizer=false")
+            try:
+                self.optimizer.load_state_dict(state["opt"])
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise UserError(f"{where}: its optimizer state does not fit this model ({one_line(exc)}); set "
+                                f"meta.init_optimizer=false") from None
+            taken.append("optimizer")
+        self.lineage = [{"init_from": source}]
+        if self.env.is_main:
+            missing = "" if "predictor" in nets else " (it has no predictor: the predictor starts from random weights)"
+            logger.info("initialised %s from %s%s; step, schedules and data start from zero", ", ".join(taken),
+                        source, missing)
+
     def save(self, periodic: Optional[Path] = None) -> None:
         if self._saved_step == self.step and periodic is None:
             return
@@ -707,3 +913,5 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        if getattr(self, "tensorboard", None) is not None:
+            self.tensorboard.close()

@@ -47,3 +47,20 @@ def test_missing_shard_exits_2_naming_the_url(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "shard not found: /nowhere/a-0.tar" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_command_says_so(capsys):
+    assert main(["nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown command 'nonsense'") and "usage: ijepa-scale COMMAND" in err
+    assert main(["reprot"]) == 2
+    assert "did you mean 'report'?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "make-shards", "fashion-mnist", "bench-masks", "bench-data", "eval",
+                                     "download", "export", "report", "show-masks"])
+def test_every_subcommand_usage_names_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: ijepa-scale {command} ")

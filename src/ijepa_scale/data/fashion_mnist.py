@@ -140,7 +140,7 @@ def make_fashion_mnist_shards(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m ijepa_scale.data.fashion_mnist",
+        prog="ijepa-scale fashion-mnist",
         description="Convert Debian's dataset-fashion-mnist into tar shards.",
     )
     parser.add_argument("--out", required=True, help="output directory")

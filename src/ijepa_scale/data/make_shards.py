@@ -504,7 +504,7 @@ def summary_line(index: dict, out_dir: str | os.PathLike) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m ijepa_scale.data.make_shards",
+        prog="ijepa-scale make-shards",
         description="Convert an ImageFolder tree (src/<class>/**/*.jpg) into tar shards.",
     )
     parser.add_argument("--src", required=True, help="ImageFolder root")

@@ -83,9 +83,12 @@ def evaluate(encoder: torch.nn.Module, train_source, val_source, methods=("knn",
 
 # ---------------------------------------------------------------------------------------- checkpoints
 def resolve_checkpoint(source: str) -> Path:
-    """A local checkpoint file: the file itself, a run folder's `*-latest.pth.tar`, or a downloaded URL."""
+    """A local checkpoint file: the file itself, a run folder's `*-latest.pth.tar`, or a downloaded URL
+    (a registry name such as `ijepa_vith14_1k` is its URL)."""
+    from ..download import resolve_source
     from ..pretrained import _is_url, fetch
 
+    source = resolve_source(source)
     if _is_url(source):
         return Path(fetch(source))
     path = Path(source)

@@ -53,12 +53,27 @@ class RunResult:
     previous_handlers: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-def setup_logging(rank: int) -> None:
+def setup_logging(rank: int, log_file: Optional[Path] = None) -> None:
+    """Rank 0 logs INFO to stdout, others WARNING to stderr; rank 0 also appends to `log_file`."""
     level = logging.INFO if rank == 0 else logging.WARNING
     handler = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    formatter = logging.Formatter(f"[rank {rank}] %(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handler.setFormatter(formatter)
+    handlers: list[logging.Handler] = [handler]
+    if rank == 0 and log_file is not None:
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            to_file = logging.FileHandler(log_file, mode="a")
+            to_file.setFormatter(logging.Formatter(f"[rank {rank}] %(asctime)s %(levelname)s %(message)s",
+                                                   "%Y-%m-%d %H:%M:%S"))
+            handlers.append(to_file)
+        except OSError as exc:  # an unwritable folder is reported by the trainer with its own message
+            print(f"warning: cannot write the log file {log_file}: {exc}", file=sys.stderr)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for old in root.handlers:
+        if isinstance(old, logging.FileHandler):
+            old.close()
+    root.handlers[:] = handlers
     root.setLevel(level)
 
 
@@ -89,7 +104,7 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
     """
     from ..trainer import Trainer
 
-    setup_logging(rank)
+    setup_logging(rank, Path(cfg.logging.folder) / f"{cfg.logging.write_tag}_r0.log")
     # Stop requests that arrive while the trainer is being built are kept, not lost: the
     # ranks agree on them in the first step's all-reduce, then save that step and stop.
     pending: list[int] = []
