@@ -31,7 +31,8 @@ from .metrics import CSVMetrics
 from .models import build_encoder, build_predictor
 from .models.vision_transformer import VIT_SIZES
 from .objectives import build_objective
-from .parallel import autocast_context, make_grad_scaler, unwrap, wrap_data_parallel
+from .parallel import (ParallelPlan, autocast_context, ema_update_, grad_norm_and_clip_, is_sharded,
+                       make_grad_scaler, no_grad_sync, parallelize, unwrap)
 from .procutil import STOP_SIGNALS
 from .schedules import build_schedules
 
@@ -197,11 +198,15 @@ class Trainer:
             embed_dim=cfg.meta.embed_dim, depth=cfg.meta.depth, num_heads=cfg.meta.num_heads,
         )
         predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim)
-        self.target_encoder = copy.deepcopy(encoder).to(self.device)
-        for p in self.target_encoder.parameters():
+        target_encoder = copy.deepcopy(encoder)
+        for p in target_encoder.parameters():
             p.requires_grad_(False)
-        self.encoder = wrap_data_parallel(encoder, self.device, env.world_size)
-        self.predictor = wrap_data_parallel(predictor, self.device, env.world_size)
+        self.plan = ParallelPlan.from_config(cfg.meta)
+        self.accum_steps = cfg.optimization.accum_steps
+        self.encoder = parallelize(encoder, self.device, self.plan)
+        self.predictor = parallelize(predictor, self.device, self.plan)
+        self.target_encoder = parallelize(target_encoder, self.device, self.plan, trainable=False)
+        self.sharded = is_sharded(self.encoder)
         self.optimizer = torch.optim.AdamW(official_param_groups(encoder, predictor))
         self.scaler = make_grad_scaler(self.device, self.dtype)
         self.objective = objective if objective is not None else build_objective(cfg.optimization)
@@ -229,7 +234,11 @@ class Trainer:
             rank=env.rank, world_size=env.world_size, seed=cfg.meta.seed, shuffle_buffer=cfg.data.shuffle_buffer,
             on_error=cfg.data.on_error, pin_memory=cfg.data.pin_mem and self.device.type == "cuda",
         )
-        self.steps_per_epoch = self.stream.steps_per_epoch
+        # Optimizer steps per epoch; an epoch's micro-batches beyond a multiple of accum_steps are not used.
+        self.steps_per_epoch = self.stream.steps_per_epoch // self.accum_steps
+        if self.steps_per_epoch == 0:
+            raise UserError(f"optimization.accum_steps={self.accum_steps} is more than the {self.stream.steps_per_epoch} "
+                            f"micro-batches per epoch; lower optimization.accum_steps or data.batch_size")
         self.lr_schedule, self.wd_schedule, self.momentum_schedule = build_schedules(
             cfg.optimization, self.steps_per_epoch
         )
@@ -308,27 +317,14 @@ class Trainer:
                 group["weight_decay"] = wd
 
     def _ema_update(self, momentum: float) -> None:
-        with torch.no_grad():
-            target = list(self.target_encoder.parameters())
-            online = list(unwrap(self.encoder).parameters())
-            torch._foreach_mul_(target, momentum)
-            torch._foreach_add_(target, online, alpha=1.0 - momentum)
+        ema_update_(self.target_encoder.parameters(), unwrap(self.encoder).parameters(), momentum)
 
     def _grad_norm_and_clip(self) -> float:
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if self.cfg.optimization.clip_grad is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optimization.clip_grad, norm)
-        return float(norm)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return float(grad_norm_and_clip_(params, self.cfg.optimization.clip_grad))
 
-    def train_step(self, batch: dict) -> dict:
-        """One optimisation step on one batch; returns the logged metrics."""
-        lr = self.lr_schedule.step()
-        wd = self.wd_schedule.step()
-        momentum = self.momentum_schedule.step()
-        self._set_optimizer_hyperparameters(lr, wd)
-
-        start = time.perf_counter()
+    def _forward(self, batch: dict):
+        """(loss or None, metrics, masks_enc, masks_pred) of one micro-batch."""
         images = normalize(batch["images"].to(self.device, non_blocking=True))
         masks_enc = [m.to(self.device, non_blocking=True) for m in batch["masks_enc"]]
         masks_pred = [m.to(self.device, non_blocking=True) for m in batch["masks_pred"]]
@@ -339,9 +335,11 @@ class Trainer:
                                       masks_pred)
             if isinstance(loss, tuple):  # (loss, metrics); a plain loss is accepted too
                 loss, extra = loss
+        return loss, extra, masks_enc, masks_pred
 
-        # One collective decides for every rank: the global mean loss, which ranks cannot
-        # step (non-finite loss, or no decodable sample), and whether any rank was asked to stop.
+    def _agree(self, loss, extra) -> tuple[torch.Tensor, list]:
+        """One collective decides for every rank: the global mean loss, which ranks cannot step
+        (non-finite loss, or no decodable sample), and whether any rank was asked to stop."""
         world = self.env.world_size
         local_ok = loss is not None and bool(torch.isfinite(loss.detach()).item())
         # The stop flags and the objective's metrics (as global means) ride in the same collective.
@@ -357,15 +355,44 @@ class Trainer:
         shared = shared.cpu()
         bad_ranks = [r for r in range(world) if shared[1 + r] > 0]
         self._take_stop_flags(shared, world + 1)
+        return shared, bad_ranks
+
+    def train_step(self, batch: dict | list[dict]) -> dict:
+        """One optimisation step on one batch, or on a list of accumulation micro-batches; returns the
+        logged metrics."""
+        micro = batch if isinstance(batch, list) else [batch]
+        batch = micro[-1]
+        lr = self.lr_schedule.step()
+        wd = self.wd_schedule.step()
+        momentum = self.momentum_schedule.step()
+        self._set_optimizer_hyperparameters(lr, wd)
+
+        start = time.perf_counter()
+        metrics_at = self.env.world_size + 2 + len(STOP_SIGNALS)
+        global_loss, metric_sums = 0.0, [0.0] * len(self.metric_names)
+        bad_ranks: list = []
+        mask_sizes = None
+        trainable = (self.encoder, self.predictor)
+        for i, mb in enumerate(micro):
+            loss, extra, masks_enc, masks_pred = self._forward(mb)
+            if mask_sizes is None:
+                mask_sizes = (int(masks_enc[0].shape[1]), int(masks_pred[0].shape[1]))
+            shared, bad_ranks = self._agree(loss, extra)
+            if bad_ranks:
+                break  # every rank saw the same flags, so every rank leaves here together
+            global_loss += float(shared[0])
+            for j in range(len(self.metric_names)):
+                metric_sums[j] += float(shared[metrics_at + j])
+            if len(micro) > 1:
+                loss = loss / len(micro)
+            with no_grad_sync(trainable, skip=i < len(micro) - 1):
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
         grad_norm = float("nan")
         skipped = bool(bad_ranks)
         if not skipped:
             if self.scaler is not None:
-                self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
-            else:
-                loss.backward()
             grad_norm = self._grad_norm_and_clip()
             if self.scaler is not None:
                 # The scaler skips the update itself on inf/nan gradients and lowers its scale.
@@ -384,8 +411,9 @@ class Trainer:
         compute_ms = (time.perf_counter() - start) * 1000.0
 
         self.step += 1
-        global_loss = float(shared[0])
-        extra_metrics = {name: float("nan") if skipped else float(shared[metrics_at + i])
+        n = len(micro)
+        global_loss = global_loss / n if n > 1 else global_loss
+        extra_metrics = {name: float("nan") if skipped else (metric_sums[i] / n if n > 1 else metric_sums[i])
                          for i, name in enumerate(self.metric_names)}
         if skipped:
             self.skipped_steps += 1
@@ -396,7 +424,7 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"{self.consecutive_nonfinite} consecutive skipped steps (non-finite loss or gradient, or "
                     f"no decodable sample) ending at step {self.step} "
-                    f"(epoch {batch['epoch'] + 1}, itr {batch['batch']}); last on rank(s) {bad_ranks}. "
+                    f"(epoch {batch['epoch'] + 1}, itr {batch['batch'] // n}); last on rank(s) {bad_ranks}. "
                     f"Lower optimization.lr, set optimization.clip_grad, or resume from an earlier checkpoint"
                 )
             global_loss = float("nan")
@@ -405,20 +433,21 @@ class Trainer:
             self.epoch_loss_sum += global_loss
             self.epoch_loss_count += 1
 
-        if batch["errors"]:
-            self.skipped_samples += len(batch["errors"])
+        errors = [e for mb in micro for e in mb["errors"]]
+        if errors:
+            self.skipped_samples += len(errors)
             by_source = defaultdict(list)
-            for source, message in batch["errors"]:
+            for source, message in errors:
                 by_source[source].append(message)
             for source, messages in by_source.items():
                 logger.warning("rank %d: skipped %d sample(s) from %s: %s", self.env.rank, len(messages), source,
                                messages[0])
         return {
             "epoch": batch["epoch"] + 1,
-            "itr": batch["batch"],
+            "itr": batch["batch"] // n,
             "loss": global_loss,
-            "mask-A": int(masks_enc[0].shape[1]),
-            "mask-B": int(masks_pred[0].shape[1]),
+            "mask-A": mask_sizes[0],
+            "mask-B": mask_sizes[1],
             "time (ms)": round(compute_ms, 3),
             "step": self.step,
             "lr": lr,
@@ -494,13 +523,20 @@ class Trainer:
             if self.stream.batch_in_epoch == 0:
                 self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
             wait_start = time.perf_counter()
+            micro: list[dict] = []
             for batch in self.stream.epoch_batches():
+                if batch["batch"] >= self.steps_per_epoch * self.accum_steps:
+                    continue  # the epoch's tail that does not fill an optimizer step
+                micro.append(batch)
+                if len(micro) < self.accum_steps:
+                    continue
                 data_ms = (time.perf_counter() - wait_start) * 1000.0
-                metrics = self.train_step(batch)
+                metrics = self.train_step(micro if self.accum_steps > 1 else batch)
+                micro = []
                 step_s = time.perf_counter() - wait_start
                 metrics.update(data_ms=round(data_ms, 3), img_per_s=round(global_batch / step_s, 3),
                                max_mem_mb=round(max_memory_mb(self.device), 1))
-                last_in_epoch = batch["batch"] == self.steps_per_epoch - 1
+                last_in_epoch = batch["batch"] == self.stream.steps_per_epoch - 1
                 knn = self.evaluate_knn() if self._eval_due(metrics["epoch"], last_in_epoch) else None
                 metrics[EVAL_COLUMN] = knn if self.env.is_main else None
                 self.metrics.log(**metrics)
