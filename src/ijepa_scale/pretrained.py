@@ -142,7 +142,8 @@ def load_checkpoint(
     *,
     weights_only: bool | None = None,
 ) -> dict:
-    """Read a checkpoint from a local path or URL (see :func:`fetch` for caching).
+    """Read a checkpoint from a local path or URL (see :func:`fetch` for caching); a sharded
+    checkpoint folder (`*.dcp`, from meta.parallel=fsdp) is consolidated into the single-file layout.
 
     ``weights_only=None`` (default) first unpickles with ``torch.load(weights_only=True)``,
     which accepts everything official and ijepa-scale checkpoints contain (tensors, dicts,
@@ -150,6 +151,11 @@ def load_checkpoint(
     unpickling, with a warning: full unpickling can run code, so only use it on files you
     trust. Pass ``weights_only=True`` to forbid the fallback, ``False`` to skip the safe try.
     """
+    local = Path(os.fspath(source)).expanduser()
+    if not _is_url(os.fspath(source)) and local.is_dir():
+        from .checkpoint import consolidate  # a sharded (meta.parallel=fsdp) checkpoint folder
+
+        return consolidate(local)
     path = fetch(source, cache_dir=cache_dir, sha256=sha256)
     if weights_only is not None:
         return torch.load(path, map_location=map_location, weights_only=weights_only)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import errno
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from .checkpoint import CheckpointFiles, load_checkpoint_file
+from .checkpoint import (TRAINER_STATE, CheckpointFiles, atomic_save, dcp_tensor_shapes, load_checkpoint_file,
+                         optimizer_state_to_fqns)
 from .config import Config, dump_config
 from .data.sources import build_source
 from .data.stream import DataStream
@@ -175,6 +177,16 @@ def check_architecture(state: dict, encoder: torch.nn.Module, predictor: torch.n
                         f"or start a new logging.folder")
 
 
+def _clone_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone_tensors(v) for v in obj]
+    return obj
+
+
 def max_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -207,6 +219,15 @@ class Trainer:
         self.predictor = parallelize(predictor, self.device, self.plan)
         self.target_encoder = parallelize(target_encoder, self.device, self.plan, trainable=False)
         self.sharded = is_sharded(self.encoder)
+        # The trainable modules under one root, so parameter names are "encoder.*" / "predictor.*".
+        self._trainable = torch.nn.ModuleDict({"encoder": unwrap(self.encoder), "predictor": unwrap(self.predictor)})
+        self._pending_save = None  # (future, folder, periodic) of an asynchronous DCP save
+        self._checkpoint_group = None
+        if self.sharded and cfg.logging.async_checkpoint:
+            # Its own gloo group: the background writer's collectives must not interleave with training's.
+            import torch.distributed as dist
+
+            self._checkpoint_group = dist.new_group(backend="gloo")
         self.optimizer = torch.optim.AdamW(official_param_groups(encoder, predictor))
         self.scaler = make_grad_scaler(self.device, self.dtype)
         self.objective = objective if objective is not None else build_objective(cfg.optimization)
@@ -264,9 +285,12 @@ class Trainer:
         self.resume_file: Optional[Path] = None
         resume_path = self.checkpoints.resolve_resume(cfg.meta.read_checkpoint, cfg.meta.load_checkpoint)
         if resume_path is not None:
-            state = load_checkpoint_file(resume_path)
             self.resume_file = resume_path
-            self.load_state_dict(state)
+            if resume_path.is_dir() and self.sharded:
+                state = self._load_dcp(resume_path)
+            else:
+                state = load_checkpoint_file(resume_path)
+                self.load_state_dict(state)
             self.lineage = list(state.get("lineage", [])) + [{"file": resume_path.name, "step": state.get("step")}]
             self._saved_step = self.step
             self.complete = self.stream.epoch >= cfg.optimization.epochs
@@ -554,6 +578,7 @@ class Trainer:
             if self.env.is_main:
                 logger.info("epoch %d done: avg loss %.5f", self.stream.epoch,
                             self.epoch_loss_sum / max(1, self.epoch_loss_count))
+        self.wait_for_checkpoint()
         return True
 
     def _epoch_end_path(self) -> Optional[Path]:
@@ -569,6 +594,7 @@ class Trainer:
     def _stop(self, periodic: Optional[Path]) -> bool:
         trained = self._saved_step != self.step
         self.save(periodic=periodic)
+        self.wait_for_checkpoint()
         if not self.env.is_main:
             return False
         stop_at = self.cfg.optimization.stop_at_step
@@ -588,13 +614,29 @@ class Trainer:
         return {"data": self.stream.state_dict(), "rng": rng_state(), "skipped_samples": self.skipped_samples}
 
     def state_dict(self) -> dict:
-        """The full training state; every rank must call it (it gathers per-rank state)."""
+        """The full training state; every rank must call it (it gathers per-rank state).
+
+        Under FSDP the tensors are this rank's shards, by parameter name: `model` ("encoder.*",
+        "predictor.*"), `target_encoder` and `opt` (get_state_dict's layout), for a DCP save.
+        """
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+            model, opt = get_state_dict(self._trainable, self.optimizer)
+            tensors = {"model": model, "target_encoder": get_model_state_dict(self.target_encoder), "opt": opt}
+        else:
+            tensors = {
+                "encoder": add_module_prefix(unwrap(self.encoder).state_dict()),
+                "predictor": add_module_prefix(unwrap(self.predictor).state_dict()),
+                "target_encoder": add_module_prefix(self.target_encoder.state_dict()),
+                "opt": self.optimizer.state_dict(),
+            }
+        return {**tensors, **self._progress_state()}
+
+    def _progress_state(self) -> dict:
+        """Everything but the model and optimizer tensors."""
         per_rank = dist_utils.all_gather_objects(self._local_state())
         return {
-            "encoder": add_module_prefix(unwrap(self.encoder).state_dict()),
-            "predictor": add_module_prefix(unwrap(self.predictor).state_dict()),
-            "target_encoder": add_module_prefix(self.target_encoder.state_dict()),
-            "opt": self.optimizer.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "epoch": per_rank[0]["data"]["epoch"],
             "loss": self.epoch_loss_sum / max(1, self.epoch_loss_count),
@@ -628,15 +670,63 @@ class Trainer:
             raise UserError(f"{where} lacks {missing}: not a training checkpoint. Resume from another file "
                             f"(meta.load_checkpoint=true meta.read_checkpoint=FILE) or use a new logging.folder")
         check_architecture(state, unwrap(self.encoder), unwrap(self.predictor), where)
+        with self._loading_errors_as_user_errors(where):
+            if self.sharded:
+                self._load_full_into_shards(state)
+            else:
+                unwrap(self.encoder).load_state_dict(strip_module_prefix(state["encoder"]))
+                unwrap(self.predictor).load_state_dict(strip_module_prefix(state["predictor"]))
+                self.target_encoder.load_state_dict(strip_module_prefix(state["target_encoder"]))
+                self.optimizer.load_state_dict(state["opt"])
+        self._load_progress(state)
+
+    @contextlib.contextmanager
+    def _loading_errors_as_user_errors(self, where):
         try:
-            unwrap(self.encoder).load_state_dict(strip_module_prefix(state["encoder"]))
-            unwrap(self.predictor).load_state_dict(strip_module_prefix(state["predictor"]))
-            self.target_encoder.load_state_dict(strip_module_prefix(state["target_encoder"]))
-            self.optimizer.load_state_dict(state["opt"])
+            yield
         except (RuntimeError, ValueError, KeyError) as exc:
             first = (str(exc).strip().splitlines() or [""])[0]
             raise UserError(f"{where} does not fit this model/optimizer ({type(exc).__name__}: {first}); "
                             f"resume with the checkpoint's config or use a new logging.folder") from None
+
+    def _param_names_per_group(self) -> list[list[str]]:
+        names = {p: n for n, p in self._trainable.named_parameters()}
+        return [[names[p] for p in group["params"]] for group in self.optimizer.param_groups]
+
+    def _load_full_into_shards(self, state: dict) -> None:
+        """A single-file (unsharded) checkpoint into FSDP modules: each rank keeps its own shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        model = {f"{key}.{k}": v for key in ("encoder", "predictor")
+                 for k, v in strip_module_prefix(state[key]).items()}
+        opt = optimizer_state_to_fqns(state["opt"], self._param_names_per_group())
+        set_state_dict(self._trainable, self.optimizer, model_state_dict=model, optim_state_dict=opt, options=options)
+        set_model_state_dict(self.target_encoder, strip_module_prefix(state["target_encoder"]), options=options)
+
+    def _load_dcp(self, path: Path) -> dict:
+        """Resume from a DCP folder: every rank reads the parts of the shards it now holds (any world size)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        shapes = dcp_tensor_shapes(path)
+        # The size check reads shapes only, so a wrong architecture is named before any tensor is read.
+        weights = {key: {k[len(f"model.{key}."):]: torch.empty(size, device="meta") for k, size in shapes.items()
+                         if k.startswith(f"model.{key}.")} for key in ("encoder", "predictor")}
+        check_architecture({**weights, "config": state.get("config")}, unwrap(self.encoder), unwrap(self.predictor),
+                           path)
+        with self._loading_errors_as_user_errors(path):
+            tensors = self.state_dict()
+            tensors = {k: tensors[k] for k in ("model", "target_encoder", "opt")}
+            dcp.load(tensors, checkpoint_id=str(path))
+            set_state_dict(self._trainable, self.optimizer, model_state_dict=tensors["model"],
+                           optim_state_dict=tensors["opt"])
+            set_model_state_dict(self.target_encoder, tensors["target_encoder"])
+        self._load_progress(state)
+        return state
+
+    def _load_progress(self, state: dict) -> None:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if "step" not in state:
@@ -679,6 +769,9 @@ class Trainer:
         if self._saved_step == self.step and periodic is None:
             return
         self.metrics.sync()  # rows up to this step survive a machine crash together with the checkpoint
+        if self.sharded:
+            self._save_dcp(periodic)
+            return
         state = self.state_dict()
         error = None
         if self.env.is_main:
@@ -695,6 +788,72 @@ class Trainer:
         if error is not None:
             raise CheckpointWriteError(error)
         self._saved_step = self.step
+
+    def _share_error(self, error: Optional[str]) -> None:
+        error = dist_utils.broadcast_object(error)
+        if error is not None:
+            raise CheckpointWriteError(error)
+
+    def _save_dcp(self, periodic: Optional[Path]) -> None:
+        """Every rank writes its shards into one DCP folder; rank 0 commits it (marker, latest, retention)."""
+        import torch.distributed.checkpoint as dcp
+
+        self.wait_for_checkpoint()
+        state = self.state_dict()
+        tensors = {k: state.pop(k) for k in ("model", "target_encoder", "opt")}
+        path = self.checkpoints.dcp_path(periodic, self.step)
+        error = None
+        if self.env.is_main:
+            try:
+                self.checkpoints.begin_dcp(path)
+                atomic_save(state, path / TRAINER_STATE)
+            except OSError as exc:
+                error = describe_write_error(exc, path, self._saved_step)
+        self._share_error(error)
+        if self._checkpoint_group is not None:
+            # Staged copies: training goes on changing the live tensors while the writer thread runs.
+            staged = _clone_tensors(tensors)
+            future = dcp.async_save(staged, checkpoint_id=str(path), process_group=self._checkpoint_group)
+            self._pending_save = (future, path, periodic is not None, self.step)
+            self._saved_step = self.step
+            return
+        try:
+            dcp.save(tensors, checkpoint_id=str(path))
+        except Exception as exc:
+            cause = _os_error_in(exc)
+            if cause is None:
+                raise
+            error = describe_write_error(cause, path, self._saved_step)
+        self._share_error(error)
+        self._commit_dcp(path, periodic is not None, self.step)
+        self._saved_step = self.step
+
+    def _commit_dcp(self, path: Path, periodic: bool, step: int) -> None:
+        error = None
+        if self.env.is_main:
+            try:
+                self.checkpoints.commit_dcp(path, periodic)
+                logger.info("saved checkpoint %s (step %d)", path.name, step)
+            except OSError as exc:
+                error = describe_write_error(exc, path, None)
+        self._share_error(error)
+
+    def wait_for_checkpoint(self) -> None:
+        """Finish and commit an asynchronous save still being written (every rank must call it)."""
+        if self._pending_save is None:
+            return
+        future, path, periodic, step = self._pending_save
+        self._pending_save = None
+        error = None
+        try:
+            future.result()
+        except Exception as exc:
+            cause = _os_error_in(exc)
+            if cause is None:
+                raise
+            error = describe_write_error(cause, path, None)
+        self._share_error(error)
+        self._commit_dcp(path, periodic, step)
 
     def request_stop(self, signum=None, frame=None) -> None:
         """Ask to stop (a signal handler); all ranks agree on the step in the next all-reduce."""
@@ -736,10 +895,13 @@ class Trainer:
             self.agreed_signals = [sig.name for i, sig in enumerate(STOP_SIGNALS) if shared[at + 1 + i] > 0]
 
     def checkpoint_of_step(self) -> Optional[Path]:
-        """The committed checkpoint file that holds the current step, if there is one."""
-        if self._saved_step == self.step and self.checkpoints.latest.is_file():
-            return self.checkpoints.latest
+        """The committed checkpoint (file or DCP folder) that holds the current step, if there is one."""
+        self.wait_for_checkpoint()
+        if self._saved_step == self.step:
+            return self.checkpoints.current_latest()
         return None
 
     def close(self) -> None:
+        if self._pending_save is not None:
+            self.wait_for_checkpoint()
         self.metrics.close()
