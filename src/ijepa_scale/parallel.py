@@ -157,7 +157,7 @@ def ema_update_(target: Iterable[torch.Tensor], online: Iterable[torch.Tensor], 
 def grad_norm_and_clip_(params: list[torch.Tensor], max_norm: Optional[float]) -> torch.Tensor:
     """Global gradient norm (over every rank's shards under FSDP) as a 0-dim tensor; clips in place."""
     grads = [p.grad for p in params if p.grad is not None]
-    norm = full(torch.nn.utils.get_total_norm(grads))
+    norm = full(torch.nn.utils.get_total_norm(grads, foreach=True))
     if max_norm is not None:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_([local(g) for g in grads], coef)
