@@ -106,9 +106,11 @@ def estimate(cfg: Config, model_name: str, gpus: int, k_ctx: float, k_tgt: float
     return out
 
 
-def table(cfg: Config, gpus: int, gpu_mem_gib: float, sizes=None) -> str:
+def table(cfg: Config, gpus: int, gpu_mem_gib: float, sizes=None, unit: str = "GiB") -> str:
+    scale = GIB if unit == "GiB" else 2 ** 20
     k_ctx, k_tgt = mean_tokens(cfg)
-    names = list(sizes or VIT_SIZES)
+    # "config": the config's own encoder (meta.embed_dim/depth/num_heads applied), then the named sizes.
+    names = ["config"] + list(sizes or VIT_SIZES)
     header = (f"plan: {cfg.data.crop_size} px / patch {cfg.mask.patch_size}, batch {cfg.data.batch_size} per GPU, "
               f"{cfg.meta.resolved_dtype}, predictor {cfg.meta.pred_emb_dim} x {cfg.meta.pred_depth}, "
               f"{gpus} GPUs of {gpu_mem_gib:g} GiB; mean context {k_ctx:.0f} / target {k_tgt:.0f} tokens "
@@ -116,17 +118,21 @@ def table(cfg: Config, gpus: int, gpu_mem_gib: float, sizes=None) -> str:
     cols = ["model", "params M", "weights", "grads", "optim", "act", "act+AC", "DDP", "DDP+AC", "FSDP", "FSDP+AC"]
     rows = [cols]
     for name in names:
-        e = estimate(cfg, name, gpus, k_ctx, k_tgt)
-        cells = [name, f"{e['params'] / 1e6:.0f}"]
+        if name == "config":
+            e = estimate(cfg, cfg.meta.model_name, gpus, k_ctx, k_tgt, override_dims=True)
+            label = f"config ({cfg.meta.model_name})"
+        else:
+            e, label = estimate(cfg, name, gpus, k_ctx, k_tgt), name
+        cells = [label, f"{e['params'] / 1e6:.1f}"]
         for part in ("weights", "grads", "optimizer"):
-            cells.append(f"{e['ddp'][part] / GIB:.1f}/{e['fsdp'][part] / GIB:.2f}")
-        cells += [f"{e['ddp']['activations'] / GIB:.1f}", f"{e['ddp_ac']['activations'] / GIB:.1f}"]
+            cells.append(f"{e['ddp'][part] / scale:.1f}/{e['fsdp'][part] / scale:.2f}")
+        cells += [f"{e['ddp']['activations'] / scale:.1f}", f"{e['ddp_ac']['activations'] / scale:.1f}"]
         for key in ("ddp", "ddp_ac", "fsdp", "fsdp_ac"):
             fits = e[key]["fits"] <= gpu_mem_gib * GIB
-            cells.append(f"{e[key]['total'] / GIB:.1f} {'ok' if fits else 'NO'}")
+            cells.append(f"{e[key]['total'] / scale:.1f} {'ok' if fits else 'NO'}")
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-    lines = [header, "(GiB per GPU; weights/grads/optim as DDP/FSDP; totals before the 10 % + 2 GiB margin "
+    lines = [header, f"({unit} per GPU; weights/grads/optim as DDP/FSDP; totals before the 10 % + 2 GiB margin "
                      "that `ok` includes)"]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
@@ -137,12 +143,14 @@ def main(argv=None) -> int:
     parser.add_argument("--fname", required=True, help="YAML config (crop, patch, masks, batch, dtype, predictor)")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs in the run (FSDP shards over all; default 8)")
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
-    parser.add_argument("--sizes", nargs="*", default=None, help=f"encoder sizes (default all: {', '.join(VIT_SIZES)})")
+    parser.add_argument("--sizes", default=None, help=f"comma-separated encoder sizes (default all: {','.join(VIT_SIZES)})")
+    parser.add_argument("--unit", choices=("GiB", "MiB"), default="GiB", help="memory unit of the table")
     parser.add_argument("overrides", nargs="*", help="config overrides such as data.batch_size=64")
     args = parser.parse_args(argv)
     try:
         if args.gpus < 1 or args.gpu_mem <= 0:
             raise UserError(f"--gpus {args.gpus} / --gpu-mem {args.gpu_mem}: both must be positive")
+        args.sizes = args.sizes.split(",") if args.sizes else None
         unknown = [s for s in args.sizes or () if s not in VIT_SIZES]
         if unknown:
             raise UserError(f"--sizes {' '.join(unknown)}: not a ViT size; use {', '.join(VIT_SIZES)}")
@@ -150,5 +158,5 @@ def main(argv=None) -> int:
     except (UserError, FileNotFoundError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    print(table(cfg, args.gpus, args.gpu_mem, args.sizes))
+    print(table(cfg, args.gpus, args.gpu_mem, args.sizes, args.unit))
     return 0
