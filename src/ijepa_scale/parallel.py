@@ -112,15 +112,6 @@ def parallelize(module: torch.nn.Module, device: torch.device, plan: ParallelPla
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
-def wrap_data_parallel(module: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
-    """Replicate a trainable module across ranks with DDP (identity for one rank)."""
-    module.to(device)
-    if world_size <= 1:
-        return module
-    device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids)
-
-
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
