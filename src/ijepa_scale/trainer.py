@@ -436,6 +436,11 @@ class Trainer:
                 skipped = True
                 bad_ranks = ["all (non-finite gradient)"]
         self.optimizer.zero_grad(set_to_none=True)
+        if skipped and self.sharded:
+            # FSDP keeps the roots' parameters gathered after forward until their backward, which a
+            # skipped step never runs; reshard so state dicts and the EMA see the shards again.
+            for module in (self.encoder, self.predictor):
+                module.reshard()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         compute_ms = (time.perf_counter() - start) * 1000.0

@@ -104,3 +104,24 @@ def test_resume_from_a_two_rank_fsdp_checkpoint_on_one_rank(shards, uninterrupte
         assert_same_state(state, saved)
     finally:
         trainer.close()
+
+
+def test_fsdp_skips_a_step_that_is_nan_on_one_rank_and_goes_on(shards, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.integration.common import ROOT
+
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", tiny_config(shards, run, meta__parallel="fsdp"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "integration" / "nan_run.py"), str(config), "1", "2",
+                           "optimization.stop_at_step=3"], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frame = read_csv(run, 0)
+    assert frame["step"].tolist() == [1, 2, 3]
+    assert frame["loss"].astype(float).isna().tolist() == [False, True, False]
+    assert frame["skipped_steps"].tolist() == [0, 1, 1]
+    state = consolidate(run / "jepa-latest.dcp")
+    assert state["step"] == 3 and state["counters"]["skipped_steps"] == 1
