@@ -9,6 +9,14 @@ A file is written under a temporary name, fsynced, then renamed, so a crash
 mid-write never leaves a truncated file under a final name.  The periodic file
 and `latest` are the same bytes: latest is a hard link when the filesystem
 allows it.
+
+Under meta.parallel=fsdp a checkpoint is a torch.distributed.checkpoint (DCP) folder with the
+same stem, `{tag}-ep{N}.dcp/` or `{tag}-step{S}.dcp/` (`{tag}-latest-step{S}.dcp/` when only
+latest is kept): every rank writes its own shard file, rank 0 writes `.metadata` and
+`trainer.pt` (steps, schedules, per-rank data-stream and RNG state, config), and only after all
+of that the `COMMITTED` marker.  `{tag}-latest.dcp` is a symlink that is only ever pointed at a
+committed folder; folders without the marker (a crash mid-save) are never read and are removed
+by the next save.  `consolidate(folder)` turns one into the single-file layout.
 """
 
 from __future__ import annotations
@@ -28,6 +36,22 @@ from .fileutil import atomic_write, fsync_dir
 logger = logging.getLogger(__name__)
 
 TMP_MARK = ".tmp-"
+DCP_SUFFIX = ".dcp"
+COMMIT_MARKER = "COMMITTED"
+TRAINER_STATE = "trainer.pt"
+
+
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def is_committed(path: str | Path) -> bool:
+    return (Path(path) / COMMIT_MARKER).is_file()
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_file() or (is_dcp_checkpoint(path) and is_committed(path))
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -55,11 +79,53 @@ class CheckpointFiles:
         self.folder = Path(folder)
         self.tag = tag
         self.keep_last = keep_last
-        self._periodic = re.compile(rf"^{re.escape(tag)}-(ep|step)(\d+)\.pth\.tar$")
+        self._periodic = re.compile(rf"^{re.escape(tag)}-(ep|step)(\d+)(\.pth\.tar|\.dcp)$")
+        self._latest_only = re.compile(rf"^{re.escape(tag)}-latest-step(\d+)\.dcp$")
 
     @property
     def latest(self) -> Path:
         return self.folder / f"{self.tag}-latest.pth.tar"
+
+    @property
+    def latest_dcp(self) -> Path:
+        return self.folder / f"{self.tag}-latest{DCP_SUFFIX}"
+
+    def current_latest(self) -> Optional[Path]:
+        """The newest committed checkpoint: the latest file or the folder latest.dcp points at."""
+        found = []
+        if self.latest.is_file():
+            found.append((self.latest.stat().st_mtime_ns, self.latest))
+        if self.latest_dcp.is_symlink() and is_committed(self.latest_dcp):
+            target = self.latest_dcp.resolve()
+            found.append(((target / COMMIT_MARKER).stat().st_mtime_ns, target))
+        return max(found)[1] if found else None
+
+    def dcp_path(self, periodic: Optional[Path], step: int) -> Path:
+        if periodic is None:
+            return self.folder / f"{self.tag}-latest-step{step}{DCP_SUFFIX}"
+        return periodic.with_name(periodic.name[: -len(".pth.tar")] + DCP_SUFFIX)
+
+    def begin_dcp(self, path: Path) -> None:
+        """Rank 0, before every rank writes into `path`: clear it and any folder a crash left uncommitted."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for old in self.folder.glob(f"{self.tag}-*{DCP_SUFFIX}"):
+            if old.is_dir() and not old.is_symlink() and (old == path or not is_committed(old)):
+                shutil.rmtree(old, ignore_errors=True)
+        path.mkdir()
+
+    def commit_dcp(self, path: Path, periodic: bool) -> None:
+        """Rank 0, after every rank's shard and the metadata are written: mark, point latest, retention."""
+        atomic_write(path / COMMIT_MARKER, lambda f: f.write(b"ok\n"), tmp_prefix=COMMIT_MARKER + TMP_MARK)
+        tmp = self.latest_dcp.with_name(self.latest_dcp.name + TMP_MARK + "link")
+        tmp.unlink(missing_ok=True)
+        os.symlink(path.name, tmp)
+        os.replace(tmp, self.latest_dcp)
+        fsync_dir(self.folder)
+        for old in self.folder.glob(f"{self.tag}-latest-step*{DCP_SUFFIX}"):
+            if old != path and self._latest_only.match(old.name):
+                shutil.rmtree(old, ignore_errors=True)
+        if periodic:
+            self._apply_retention(keep=path)
 
     def epoch_path(self, epochs_done: int) -> Path:
         return self.folder / f"{self.tag}-ep{epochs_done}.pth.tar"
@@ -81,10 +147,11 @@ class CheckpointFiles:
 
     def periodic_files(self) -> list[Path]:
         found = []
-        for path in self.folder.glob(f"{self.tag}-*.pth.tar"):
+        for path in self.folder.glob(f"{self.tag}-*"):
             match = self._periodic.match(path.name)
-            if match:
-                found.append((path.stat().st_mtime_ns, path.name, path))
+            if match and (path.is_file() or is_committed(path)):
+                stamp = path if path.is_file() else path / COMMIT_MARKER
+                found.append((stamp.stat().st_mtime_ns, path.name, path))
         return [p for _, _, p in sorted(found)]
 
     def _apply_retention(self, keep: Path) -> None:
@@ -94,7 +161,10 @@ class CheckpointFiles:
         excess = len(files) + 1 - self.keep_last
         for path in files[: max(0, excess)]:
             logger.info("retention: removing %s", path.name)
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def remove_stale_temporaries(self) -> None:
         for path in self.folder.glob(f"{self.tag}-*{TMP_MARK}*"):
@@ -109,12 +179,12 @@ class CheckpointFiles:
         step), latest wins: a restarted job continues instead of going back to the same old
         file every time, while pointing at any other file still rolls back to it.
         """
-        latest = self.latest if self.latest.is_file() else None
+        latest = self.current_latest()
         if read_checkpoint and required:
             path = self.folder / read_checkpoint
-            if Path(read_checkpoint).is_absolute() or not path.is_file():
+            if Path(read_checkpoint).is_absolute() or not _is_checkpoint(path):
                 path = Path(read_checkpoint)
-            if not path.is_file():
+            if not _is_checkpoint(path):
                 raise FileNotFoundError(
                     f"meta.read_checkpoint={read_checkpoint!r}: no such checkpoint (looked in {self.folder})"
                 )
@@ -142,6 +212,8 @@ class CheckpointFiles:
 def _peek(path: Path) -> dict:
     """A checkpoint's small fields; tensors are memory-mapped, so nothing large is read."""
     try:
+        if path.is_dir():
+            return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return {}
@@ -153,7 +225,7 @@ RESUME_HINT = ("resume from another file with meta.load_checkpoint=true meta.rea
 
 def load_checkpoint_file(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = consolidate(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0]
         raise UserError(
@@ -165,4 +237,71 @@ def load_checkpoint_file(path: Path) -> dict:
             f"checkpoint {path} holds a {type(state).__name__}, not a training checkpoint (a dict with encoder, "
             f"predictor, target_encoder, opt); {RESUME_HINT}"
         )
+    return state
+
+
+# ------------------------------------------------------------------------------------- DCP layout
+def optimizer_state_to_ids(fqn_state: dict) -> dict:
+    """A get_state_dict optimizer state (keyed by parameter name) in torch.optim's own layout (keyed by
+    the parameter's position over all groups, which is how Optimizer.state_dict numbers them)."""
+    ids: dict[str, int] = {}
+    groups = []
+    for group in fqn_state["param_groups"]:
+        numbered = []
+        for name in group["params"]:
+            ids[name] = len(ids)
+            numbered.append(ids[name])
+        groups.append({**group, "params": numbered})
+    return {"state": {ids[name]: value for name, value in fqn_state["state"].items()}, "param_groups": groups}
+
+
+def optimizer_state_to_fqns(id_state: dict, names_per_group: list[list[str]]) -> dict:
+    """The inverse of optimizer_state_to_ids, for parameter names listed group by group."""
+    names = [name for group in names_per_group for name in group]
+    groups = [{**group, "params": list(group_names)}
+              for group, group_names in zip(id_state["param_groups"], names_per_group)]
+    return {"state": {names[int(i)]: value for i, value in id_state["state"].items()}, "param_groups": groups}
+
+
+def read_dcp(path: str | Path) -> dict:
+    """Every tensor and object of a DCP folder, in one process, as the nested dict that was saved."""
+    # What format_utils.dcp_to_torch_save does, without writing the result to another file first.
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    return state
+
+
+def dcp_tensor_shapes(path: str | Path) -> dict[str, torch.Size]:
+    """The global shape of every tensor in a DCP folder, by flattened key (from .metadata, no data read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(path)).read_metadata()
+    return {key: item.size for key, item in metadata.state_dict_metadata.items()
+            if isinstance(item, TensorStorageMetadata)}
+
+
+def consolidate(path: str | Path) -> dict:
+    """A committed DCP checkpoint folder as the single-file checkpoint dict (the layout of a
+    `{tag}-latest.pth.tar`: `module.`-prefixed encoder / predictor / target_encoder, torch.optim's
+    `opt`, and the trainer's progress fields), in this process, without a process group."""
+    path = Path(path).resolve()
+    if not is_dcp_checkpoint(path):
+        raise UserError(f"{path} is not a checkpoint folder (no .metadata): pass a checkpoint file or a "
+                        f"*{DCP_SUFFIX} checkpoint folder")
+    if not is_committed(path):
+        raise UserError(f"{path} has no {COMMIT_MARKER} marker: its save did not finish; use an older checkpoint")
+    tensors = read_dcp(path)
+    state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+    model = tensors["model"]
+    for key in ("encoder", "predictor"):
+        prefix = key + "."
+        state[key] = {"module." + k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
+    state["target_encoder"] = {"module." + k: v for k, v in tensors["target_encoder"].items()}
+    state["opt"] = optimizer_state_to_ids(tensors["opt"])
     return state

@@ -13,6 +13,8 @@ COMMANDS = {
     "fashion-mnist": ("ijepa_scale.data.fashion_mnist", "main", "Fashion-MNIST (Debian package) -> tar shards"),
     "bench-masks": ("ijepa_scale.benchmarks.masks", "main", "mask sampler speed (ms per batch)"),
     "bench-data": ("ijepa_scale.benchmarks.data", "main", "input pipeline throughput (img/s)"),
+    "bench-step": ("ijepa_scale.benchmarks.step", "main", "training step speed, phase split, MFU, vs official"),
+    "plan": ("ijepa_scale.benchmarks.plan", "main", "memory per GPU under DDP/FSDP, with/without checkpointing"),
     "eval": ("ijepa_scale.evaluation.cli", "main", "eval linear|knn: frozen-feature accuracy of a checkpoint"),
     "download": ("ijepa_scale.download", "main", "fetch a released checkpoint into the verified cache (--list)"),
     "report": ("ijepa_scale.report", "main", "summary and PNG of a run's per-rank CSVs (also while it runs)"),

@@ -94,6 +94,8 @@ class LoggingConfig:
     """Consecutive progress lines below a threshold before the collapse warning."""
     tensorboard: bool = False
     """Rank 0 also writes TensorBoard event files to {folder}/tensorboard (needs `pip install tensorboard`)."""
+    async_checkpoint: bool = False
+    """meta.parallel=fsdp only: write checkpoint shards in the background (the next save waits for it)."""
 
     def validate(self) -> None:
         _positive(self, "log_freq", "checkpoint_freq")
@@ -157,6 +159,12 @@ class MetaConfig:
     encoder and predictor where present; schedules and data position start from zero."""
     init_optimizer: bool = False
     """With init_from: also take the optimizer state (AdamW moments) from it."""
+    parallel: str = "ddp"
+    """ddp (replicate) or fsdp (FSDP2: shard every transformer block and the optimizer state over all ranks)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward (less memory, about 1/3 more compute)."""
+    compile: bool = False
+    """torch.compile each transformer block (dynamic sequence lengths; the first steps pay the compile)."""
 
     def validate(self) -> None:
         from .models.vision_transformer import VIT_SIZES
@@ -174,6 +182,10 @@ class MetaConfig:
                 _positive(self, name)
         if self.dtype is not None:
             _choice(self, "dtype", ("bfloat16", "float16", "float32"))
+        _choice(self, "parallel", ("ddp", "fsdp"))
+        if self.parallel == "fsdp" and self.resolved_dtype == "float16":
+            raise ConfigError("meta.parallel=fsdp does not support meta.dtype=float16 (its GradScaler needs "
+                              "unsharded gradients); use meta.dtype=bfloat16")
         if self.copy_data:
             raise ConfigError(
                 "meta.copy_data=true copies a tarball to the official cluster's scratch disk and is not "
@@ -215,9 +227,12 @@ class OptimizationConfig:
     """Stop the run after this many consecutive steps skipped for a non-finite loss or gradient."""
     stop_at_step: int = 0
     """Save and stop once the global step reaches this value (0 = train all epochs); schedules are unchanged."""
+    accum_steps: int = 1
+    """Gradient accumulation: micro-batches of data.batch_size per optimizer step (steps, schedules, EMA and
+    logs count optimizer steps; an epoch's micro-batches beyond a multiple of accum_steps are not used)."""
 
     def validate(self) -> None:
-        _positive(self, "epochs", "ipe_scale", "max_consecutive_nonfinite")
+        _positive(self, "epochs", "ipe_scale", "max_consecutive_nonfinite", "accum_steps")
         _non_negative(self, "stop_at_step")
         _non_negative(self, "final_lr", "lr", "start_lr", "warmup", "weight_decay", "final_weight_decay")
         _non_negative(self, "variance_weight", "covariance_weight")

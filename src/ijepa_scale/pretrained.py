@@ -63,7 +63,8 @@ def load_checkpoint(
     *,
     weights_only: bool | None = None,
 ) -> dict:
-    """Read a checkpoint from a local path or URL (see :func:`fetch` for caching).
+    """Read a checkpoint from a local path or URL (see :func:`fetch` for caching); a sharded
+    checkpoint folder (`*.dcp`, from meta.parallel=fsdp) is consolidated into the single-file layout.
 
     ``weights_only=None`` (default) first unpickles with ``torch.load(weights_only=True)``,
     which accepts everything official and ijepa-scale checkpoints contain (tensors, dicts,
@@ -71,16 +72,23 @@ def load_checkpoint(
     unpickling, with a warning: full unpickling can run code, so only use it on files you
     trust. Pass ``weights_only=True`` to forbid the fallback, ``False`` to skip the safe try.
     """
+    from .checkpoint import consolidate, is_dcp_checkpoint
     from .hf import is_hf_source, read_hf
 
+    local = Path(os.fspath(source)).expanduser()
+    if not _is_url(os.fspath(source)) and is_dcp_checkpoint(local):
+        return consolidate(local)  # a sharded (meta.parallel=fsdp) checkpoint folder
     path = fetch(source, cache_dir=cache_dir, sha256=sha256)
     if is_hf_source(path):
         return read_hf(path)
     if path.is_dir():
-        latest = sorted(path.glob("*-latest.pth.tar"))
+        latest = sorted(path.glob("*-latest.pth.tar")) or sorted(path.glob("*-latest.dcp"))
         if len(latest) != 1:
             raise FileNotFoundError(f"{path} is a folder but neither a Hugging Face model (config.json + "
-                                    f"model.safetensors) nor a run folder with one *-latest.pth.tar")
+                                    f"model.safetensors), a sharded checkpoint folder, nor a run folder with "
+                                    f"one *-latest.pth.tar or *-latest.dcp")
+        if is_dcp_checkpoint(latest[0]):
+            return consolidate(latest[0])
         path = latest[0]
     if weights_only is not None:
         return torch.load(path, map_location=map_location, weights_only=weights_only)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import errno
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from .checkpoint import CheckpointFiles, load_checkpoint_file
+from .checkpoint import (TRAINER_STATE, CheckpointFiles, atomic_save, dcp_tensor_shapes, load_checkpoint_file,
+                         optimizer_state_to_fqns)
 from .config import Config, dump_config
 from .data.sources import build_source
 from .data.stream import DataStream
@@ -31,7 +33,8 @@ from .metrics import CSVMetrics
 from .models import build_encoder, build_predictor
 from .models.vision_transformer import VIT_SIZES
 from .objectives import build_objective
-from .parallel import autocast_context, make_grad_scaler, unwrap, wrap_data_parallel
+from .parallel import (ParallelPlan, autocast_context, ema_update_, grad_norm_and_clip_, is_sharded,
+                       make_grad_scaler, no_grad_sync, parallelize, unwrap)
 from .procutil import STOP_SIGNALS
 from .schedules import build_schedules
 
@@ -72,6 +75,12 @@ def official_param_groups(encoder: torch.nn.Module, predictor: torch.nn.Module) 
         {"params": excluded(encoder), "WD_exclude": True, "weight_decay": 0},
         {"params": excluded(predictor), "WD_exclude": True, "weight_decay": 0},
     ]
+
+
+def make_optimizer(encoder: torch.nn.Module, predictor: torch.nn.Module) -> torch.optim.AdamW:
+    # foreach: a few multi-tensor kernels instead of ~10 small ops per parameter (torch picks the
+    # per-parameter loop on CPU by default); the same arithmetic, so the same losses.
+    return torch.optim.AdamW(official_param_groups(unwrap(encoder), unwrap(predictor)), foreach=True)
 
 
 def rng_state() -> dict:
@@ -244,8 +253,9 @@ def format_eta(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def _load_exactly(module: torch.nn.Module, weights: dict, where: str) -> None:
-    """load_state_dict, but a wrong shape or a missing/unexpected key is a UserError naming the tensor."""
+def _load_exactly(module: torch.nn.Module, weights: dict, where: str, sharded: bool = False) -> None:
+    """load_state_dict, but a wrong shape or a missing/unexpected key is a UserError naming the tensor.
+    With `sharded` (FSDP2 modules) every rank keeps its own shards of the full tensors given."""
     ours = module.state_dict()
     for name, value in weights.items():
         if name in ours and tuple(value.shape) != tuple(ours[name].shape):
@@ -268,7 +278,22 @@ def _load_exactly(module: torch.nn.Module, weights: dict, where: str) -> None:
             parts.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
         raise UserError(f"{where}: {'; '.join(parts)} (a different depth: meta.depth / meta.pred_depth?); set the "
                         f"model config to the checkpoint's architecture")
-    module.load_state_dict(weights)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True))
+    else:
+        module.load_state_dict(weights)
+
+
+def _clone_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone_tensors(v) for v in obj]
+    return obj
 
 
 def max_memory_mb(device: torch.device) -> float:
@@ -294,12 +319,25 @@ class Trainer:
             embed_dim=cfg.meta.embed_dim, depth=cfg.meta.depth, num_heads=cfg.meta.num_heads,
         )
         predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim)
-        self.target_encoder = copy.deepcopy(encoder).to(self.device)
-        for p in self.target_encoder.parameters():
+        target_encoder = copy.deepcopy(encoder)
+        for p in target_encoder.parameters():
             p.requires_grad_(False)
-        self.encoder = wrap_data_parallel(encoder, self.device, env.world_size)
-        self.predictor = wrap_data_parallel(predictor, self.device, env.world_size)
-        self.optimizer = torch.optim.AdamW(official_param_groups(encoder, predictor))
+        self.plan = ParallelPlan.from_config(cfg.meta)
+        self.accum_steps = cfg.optimization.accum_steps
+        self.encoder = parallelize(encoder, self.device, self.plan)
+        self.predictor = parallelize(predictor, self.device, self.plan)
+        self.target_encoder = parallelize(target_encoder, self.device, self.plan, trainable=False)
+        self.sharded = is_sharded(self.encoder)
+        # The trainable modules under one root, so parameter names are "encoder.*" / "predictor.*".
+        self._trainable = torch.nn.ModuleDict({"encoder": unwrap(self.encoder), "predictor": unwrap(self.predictor)})
+        self._pending_save = None  # (future, folder, periodic) of an asynchronous DCP save
+        self._checkpoint_group = None
+        if self.sharded and cfg.logging.async_checkpoint:
+            # Its own gloo group: the background writer's collectives must not interleave with training's.
+            import torch.distributed as dist
+
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        self.optimizer = make_optimizer(encoder, predictor)
         self.scaler = make_grad_scaler(self.device, self.dtype)
         self.objective = objective if objective is not None else build_objective(cfg.optimization)
         # Whatever extra metrics the objective returns are logged as CSV columns, in this order.
@@ -326,7 +364,11 @@ class Trainer:
             rank=env.rank, world_size=env.world_size, seed=cfg.meta.seed, shuffle_buffer=cfg.data.shuffle_buffer,
             on_error=cfg.data.on_error, pin_memory=cfg.data.pin_mem and self.device.type == "cuda",
         )
-        self.steps_per_epoch = self.stream.steps_per_epoch
+        # Optimizer steps per epoch; an epoch's micro-batches beyond a multiple of accum_steps are not used.
+        self.steps_per_epoch = self.stream.steps_per_epoch // self.accum_steps
+        if self.steps_per_epoch == 0:
+            raise UserError(f"optimization.accum_steps={self.accum_steps} is more than the {self.stream.steps_per_epoch} "
+                            f"micro-batches per epoch; lower optimization.accum_steps or data.batch_size")
         self.lr_schedule, self.wd_schedule, self.momentum_schedule = build_schedules(
             cfg.optimization, self.steps_per_epoch
         )
@@ -352,9 +394,12 @@ class Trainer:
         self.resume_file: Optional[Path] = None
         resume_path = self.checkpoints.resolve_resume(cfg.meta.read_checkpoint, cfg.meta.load_checkpoint)
         if resume_path is not None:
-            state = load_checkpoint_file(resume_path)
             self.resume_file = resume_path
-            self.load_state_dict(state)
+            if resume_path.is_dir() and self.sharded:
+                state = self._load_dcp(resume_path)
+            else:
+                state = load_checkpoint_file(resume_path)
+                self.load_state_dict(state)
             self.lineage = list(state.get("lineage", [])) + [{"file": resume_path.name, "step": state.get("step")}]
             self._saved_step = self.step
             self.complete = self.stream.epoch >= cfg.optimization.epochs
@@ -417,27 +462,14 @@ class Trainer:
                 group["weight_decay"] = wd
 
     def _ema_update(self, momentum: float) -> None:
-        with torch.no_grad():
-            target = list(self.target_encoder.parameters())
-            online = list(unwrap(self.encoder).parameters())
-            torch._foreach_mul_(target, momentum)
-            torch._foreach_add_(target, online, alpha=1.0 - momentum)
+        ema_update_(self.target_encoder.parameters(), unwrap(self.encoder).parameters(), momentum)
 
     def _grad_norm_and_clip(self) -> float:
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if self.cfg.optimization.clip_grad is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optimization.clip_grad, norm)
-        return float(norm)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return float(grad_norm_and_clip_(params, self.cfg.optimization.clip_grad))
 
-    def train_step(self, batch: dict) -> dict:
-        """One optimisation step on one batch; returns the logged metrics."""
-        lr = self.lr_schedule.step()
-        wd = self.wd_schedule.step()
-        momentum = self.momentum_schedule.step()
-        self._set_optimizer_hyperparameters(lr, wd)
-
-        start = time.perf_counter()
+    def _forward(self, batch: dict):
+        """(loss or None, metrics, masks_enc, masks_pred) of one micro-batch."""
         images = normalize(batch["images"].to(self.device, non_blocking=True))
         masks_enc = [m.to(self.device, non_blocking=True) for m in batch["masks_enc"]]
         masks_pred = [m.to(self.device, non_blocking=True) for m in batch["masks_pred"]]
@@ -448,9 +480,11 @@ class Trainer:
                                       masks_pred)
             if isinstance(loss, tuple):  # (loss, metrics); a plain loss is accepted too
                 loss, extra = loss
+        return loss, extra, masks_enc, masks_pred
 
-        # One collective decides for every rank: the global mean loss, which ranks cannot
-        # step (non-finite loss, or no decodable sample), and whether any rank was asked to stop.
+    def _agree(self, loss, extra) -> tuple[torch.Tensor, list]:
+        """One collective decides for every rank: the global mean loss, which ranks cannot step
+        (non-finite loss, or no decodable sample), and whether any rank was asked to stop."""
         world = self.env.world_size
         local_ok = loss is not None and bool(torch.isfinite(loss.detach()).item())
         # The stop flags and the objective's metrics (as global means) ride in the same collective.
@@ -466,15 +500,44 @@ class Trainer:
         shared = shared.cpu()
         bad_ranks = [r for r in range(world) if shared[1 + r] > 0]
         self._take_stop_flags(shared, world + 1)
+        return shared, bad_ranks
+
+    def train_step(self, batch: dict | list[dict]) -> dict:
+        """One optimisation step on one batch, or on a list of accumulation micro-batches; returns the
+        logged metrics."""
+        micro = batch if isinstance(batch, list) else [batch]
+        batch = micro[-1]
+        lr = self.lr_schedule.step()
+        wd = self.wd_schedule.step()
+        momentum = self.momentum_schedule.step()
+        self._set_optimizer_hyperparameters(lr, wd)
+
+        start = time.perf_counter()
+        metrics_at = self.env.world_size + 2 + len(STOP_SIGNALS)
+        global_loss, metric_sums = 0.0, [0.0] * len(self.metric_names)
+        bad_ranks: list = []
+        mask_sizes = None
+        trainable = (self.encoder, self.predictor)
+        for i, mb in enumerate(micro):
+            loss, extra, masks_enc, masks_pred = self._forward(mb)
+            if mask_sizes is None:
+                mask_sizes = (int(masks_enc[0].shape[1]), int(masks_pred[0].shape[1]))
+            shared, bad_ranks = self._agree(loss, extra)
+            if bad_ranks:
+                break  # every rank saw the same flags, so every rank leaves here together
+            global_loss += float(shared[0])
+            for j in range(len(self.metric_names)):
+                metric_sums[j] += float(shared[metrics_at + j])
+            if len(micro) > 1:
+                loss = loss / len(micro)
+            with no_grad_sync(trainable, skip=i < len(micro) - 1):
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
         grad_norm = float("nan")
         skipped = bool(bad_ranks)
         if not skipped:
             if self.scaler is not None:
-                self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
-            else:
-                loss.backward()
             grad_norm = self._grad_norm_and_clip()
             if self.scaler is not None:
                 # The scaler skips the update itself on inf/nan gradients and lowers its scale.
@@ -488,13 +551,19 @@ class Trainer:
                 skipped = True
                 bad_ranks = ["all (non-finite gradient)"]
         self.optimizer.zero_grad(set_to_none=True)
+        if skipped and self.sharded:
+            # FSDP keeps the roots' parameters gathered after forward until their backward, which a
+            # skipped step never runs; reshard so state dicts and the EMA see the shards again.
+            for module in (self.encoder, self.predictor):
+                module.reshard()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         compute_ms = (time.perf_counter() - start) * 1000.0
 
         self.step += 1
-        global_loss = float(shared[0])
-        extra_metrics = {name: float("nan") if skipped else float(shared[metrics_at + i])
+        n = len(micro)
+        global_loss = global_loss / n if n > 1 else global_loss
+        extra_metrics = {name: float("nan") if skipped else (metric_sums[i] / n if n > 1 else metric_sums[i])
                          for i, name in enumerate(self.metric_names)}
         if skipped:
             self.skipped_steps += 1
@@ -505,7 +574,7 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"{self.consecutive_nonfinite} consecutive skipped steps (non-finite loss or gradient, or "
                     f"no decodable sample) ending at step {self.step} "
-                    f"(epoch {batch['epoch'] + 1}, itr {batch['batch']}); last on rank(s) {bad_ranks}. "
+                    f"(epoch {batch['epoch'] + 1}, itr {batch['batch'] // n}); last on rank(s) {bad_ranks}. "
                     f"Lower optimization.lr, set optimization.clip_grad, or resume from an earlier checkpoint"
                 )
             global_loss = float("nan")
@@ -514,20 +583,21 @@ class Trainer:
             self.epoch_loss_sum += global_loss
             self.epoch_loss_count += 1
 
-        if batch["errors"]:
-            self.skipped_samples += len(batch["errors"])
+        errors = [e for mb in micro for e in mb["errors"]]
+        if errors:
+            self.skipped_samples += len(errors)
             by_source = defaultdict(list)
-            for source, message in batch["errors"]:
+            for source, message in errors:
                 by_source[source].append(message)
             for source, messages in by_source.items():
                 logger.warning("rank %d: skipped %d sample(s) from %s: %s", self.env.rank, len(messages), source,
                                messages[0])
         return {
             "epoch": batch["epoch"] + 1,
-            "itr": batch["batch"],
+            "itr": batch["batch"] // n,
             "loss": global_loss,
-            "mask-A": int(masks_enc[0].shape[1]),
-            "mask-B": int(masks_pred[0].shape[1]),
+            "mask-A": mask_sizes[0],
+            "mask-B": mask_sizes[1],
             "time (ms)": round(compute_ms, 3),
             "step": self.step,
             "lr": lr,
@@ -607,14 +677,21 @@ class Trainer:
             if self.stream.batch_in_epoch == 0:
                 self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
             wait_start = time.perf_counter()
+            micro: list[dict] = []
             for batch in self.stream.epoch_batches():
                 first_batch.__exit__(None, None, None)
+                if batch["batch"] >= self.steps_per_epoch * self.accum_steps:
+                    continue  # the epoch's tail that does not fill an optimizer step
+                micro.append(batch)
+                if len(micro) < self.accum_steps:
+                    continue
                 data_ms = (time.perf_counter() - wait_start) * 1000.0
-                metrics = self.train_step(batch)
+                metrics = self.train_step(micro if self.accum_steps > 1 else batch)
+                micro = []
                 step_s = time.perf_counter() - wait_start
                 metrics.update(data_ms=round(data_ms, 3), img_per_s=round(global_batch / step_s, 3),
                                max_mem_mb=round(max_memory_mb(self.device), 1))
-                last_in_epoch = batch["batch"] == self.steps_per_epoch - 1
+                last_in_epoch = batch["batch"] == self.stream.steps_per_epoch - 1
                 knn = self.evaluate_knn() if self._eval_due(metrics["epoch"], last_in_epoch) else None
                 metrics[EVAL_COLUMN] = knn if self.env.is_main else None
                 self.metrics.log(**metrics)
@@ -637,6 +714,7 @@ class Trainer:
                 logger.info("epoch %d done: avg loss %.5f", self.stream.epoch,
                             self.epoch_loss_sum / max(1, self.epoch_loss_count))
         first_batch.__exit__(None, None, None)
+        self.wait_for_checkpoint()
         self._log_summary("run finished")
         return True
 
@@ -683,6 +761,7 @@ class Trainer:
     def _stop(self, periodic: Optional[Path]) -> bool:
         trained = self._saved_step != self.step
         self.save(periodic=periodic)
+        self.wait_for_checkpoint()
         if not self.env.is_main:
             return False
         stop_at = self.cfg.optimization.stop_at_step
@@ -703,13 +782,29 @@ class Trainer:
         return {"data": self.stream.state_dict(), "rng": rng_state(), "skipped_samples": self.skipped_samples}
 
     def state_dict(self) -> dict:
-        """The full training state; every rank must call it (it gathers per-rank state)."""
+        """The full training state; every rank must call it (it gathers per-rank state).
+
+        Under FSDP the tensors are this rank's shards, by parameter name: `model` ("encoder.*",
+        "predictor.*"), `target_encoder` and `opt` (get_state_dict's layout), for a DCP save.
+        """
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+            model, opt = get_state_dict(self._trainable, self.optimizer)
+            tensors = {"model": model, "target_encoder": get_model_state_dict(self.target_encoder), "opt": opt}
+        else:
+            tensors = {
+                "encoder": add_module_prefix(unwrap(self.encoder).state_dict()),
+                "predictor": add_module_prefix(unwrap(self.predictor).state_dict()),
+                "target_encoder": add_module_prefix(self.target_encoder.state_dict()),
+                "opt": self.optimizer.state_dict(),
+            }
+        return {**tensors, **self._progress_state()}
+
+    def _progress_state(self) -> dict:
+        """Everything but the model and optimizer tensors."""
         per_rank = dist_utils.all_gather_objects(self._local_state())
         return {
-            "encoder": add_module_prefix(unwrap(self.encoder).state_dict()),
-            "predictor": add_module_prefix(unwrap(self.predictor).state_dict()),
-            "target_encoder": add_module_prefix(self.target_encoder.state_dict()),
-            "opt": self.optimizer.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "epoch": per_rank[0]["data"]["epoch"],
             "loss": self.epoch_loss_sum / max(1, self.epoch_loss_count),
@@ -743,15 +838,63 @@ class Trainer:
             raise UserError(f"{where} lacks {missing}: not a training checkpoint. Resume from another file "
                             f"(meta.load_checkpoint=true meta.read_checkpoint=FILE) or use a new logging.folder")
         check_architecture(state, unwrap(self.encoder), unwrap(self.predictor), where)
+        with self._loading_errors_as_user_errors(where):
+            if self.sharded:
+                self._load_full_into_shards(state)
+            else:
+                unwrap(self.encoder).load_state_dict(strip_module_prefix(state["encoder"]))
+                unwrap(self.predictor).load_state_dict(strip_module_prefix(state["predictor"]))
+                self.target_encoder.load_state_dict(strip_module_prefix(state["target_encoder"]))
+                self.optimizer.load_state_dict(state["opt"])
+        self._load_progress(state)
+
+    @contextlib.contextmanager
+    def _loading_errors_as_user_errors(self, where):
         try:
-            unwrap(self.encoder).load_state_dict(strip_module_prefix(state["encoder"]))
-            unwrap(self.predictor).load_state_dict(strip_module_prefix(state["predictor"]))
-            self.target_encoder.load_state_dict(strip_module_prefix(state["target_encoder"]))
-            self.optimizer.load_state_dict(state["opt"])
+            yield
         except (RuntimeError, ValueError, KeyError) as exc:
             first = (str(exc).strip().splitlines() or [""])[0]
             raise UserError(f"{where} does not fit this model/optimizer ({type(exc).__name__}: {first}); "
                             f"resume with the checkpoint's config or use a new logging.folder") from None
+
+    def _param_names_per_group(self) -> list[list[str]]:
+        names = {p: n for n, p in self._trainable.named_parameters()}
+        return [[names[p] for p in group["params"]] for group in self.optimizer.param_groups]
+
+    def _load_full_into_shards(self, state: dict) -> None:
+        """A single-file (unsharded) checkpoint into FSDP modules: each rank keeps its own shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        model = {f"{key}.{k}": v for key in ("encoder", "predictor")
+                 for k, v in strip_module_prefix(state[key]).items()}
+        opt = optimizer_state_to_fqns(state["opt"], self._param_names_per_group())
+        set_state_dict(self._trainable, self.optimizer, model_state_dict=model, optim_state_dict=opt, options=options)
+        set_model_state_dict(self.target_encoder, strip_module_prefix(state["target_encoder"]), options=options)
+
+    def _load_dcp(self, path: Path) -> dict:
+        """Resume from a DCP folder: every rank reads the parts of the shards it now holds (any world size)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        shapes = dcp_tensor_shapes(path)
+        # The size check reads shapes only, so a wrong architecture is named before any tensor is read.
+        weights = {key: {k[len(f"model.{key}."):]: torch.empty(size, device="meta") for k, size in shapes.items()
+                         if k.startswith(f"model.{key}.")} for key in ("encoder", "predictor")}
+        check_architecture({**weights, "config": state.get("config")}, unwrap(self.encoder), unwrap(self.predictor),
+                           path)
+        with self._loading_errors_as_user_errors(path):
+            tensors = self.state_dict()
+            tensors = {k: tensors[k] for k in ("model", "target_encoder", "opt")}
+            dcp.load(tensors, checkpoint_id=str(path))
+            set_state_dict(self._trainable, self.optimizer, model_state_dict=tensors["model"],
+                           optim_state_dict=tensors["opt"])
+            set_model_state_dict(self.target_encoder, tensors["target_encoder"])
+        self._load_progress(state)
+        return state
+
+    def _load_progress(self, state: dict) -> None:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if "step" not in state:
@@ -825,7 +968,7 @@ class Trainer:
         modules = {"encoder": unwrap(self.encoder), "target_encoder": self.target_encoder,
                    "predictor": unwrap(self.predictor)}
         for name, weights in nets.items():
-            _load_exactly(modules[name], weights, f"{where} ({name})")
+            _load_exactly(modules[name], weights, f"{where} ({name})", sharded=self.sharded)
         taken = sorted(nets)
         if with_optimizer:
             if not isinstance(state.get("opt"), dict):
@@ -834,7 +977,15 @@ class Trainer:
                 raise UserError(f"{where} has no predictor, so its optimizer state cannot fit; set "
                                 f"meta.init_optimizer=false")
             try:
-                self.optimizer.load_state_dict(state["opt"])
+                if self.sharded:
+                    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                    set_optimizer_state_dict(
+                        self._trainable, self.optimizer,
+                        optimizer_state_to_fqns(state["opt"], self._param_names_per_group()),
+                        options=StateDictOptions(full_state_dict=True))
+                else:
+                    self.optimizer.load_state_dict(state["opt"])
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise UserError(f"{where}: its optimizer state does not fit this model ({one_line(exc)}); set "
                                 f"meta.init_optimizer=false") from None
@@ -849,6 +1000,9 @@ class Trainer:
         if self._saved_step == self.step and periodic is None:
             return
         self.metrics.sync()  # rows up to this step survive a machine crash together with the checkpoint
+        if self.sharded:
+            self._save_dcp(periodic)
+            return
         state = self.state_dict()
         error = None
         if self.env.is_main:
@@ -865,6 +1019,72 @@ class Trainer:
         if error is not None:
             raise CheckpointWriteError(error)
         self._saved_step = self.step
+
+    def _share_error(self, error: Optional[str]) -> None:
+        error = dist_utils.broadcast_object(error)
+        if error is not None:
+            raise CheckpointWriteError(error)
+
+    def _save_dcp(self, periodic: Optional[Path]) -> None:
+        """Every rank writes its shards into one DCP folder; rank 0 commits it (marker, latest, retention)."""
+        import torch.distributed.checkpoint as dcp
+
+        self.wait_for_checkpoint()
+        state = self.state_dict()
+        tensors = {k: state.pop(k) for k in ("model", "target_encoder", "opt")}
+        path = self.checkpoints.dcp_path(periodic, self.step)
+        error = None
+        if self.env.is_main:
+            try:
+                self.checkpoints.begin_dcp(path)
+                atomic_save(state, path / TRAINER_STATE)
+            except OSError as exc:
+                error = describe_write_error(exc, path, self._saved_step)
+        self._share_error(error)
+        if self._checkpoint_group is not None:
+            # Staged copies: training goes on changing the live tensors while the writer thread runs.
+            staged = _clone_tensors(tensors)
+            future = dcp.async_save(staged, checkpoint_id=str(path), process_group=self._checkpoint_group)
+            self._pending_save = (future, path, periodic is not None, self.step)
+            self._saved_step = self.step
+            return
+        try:
+            dcp.save(tensors, checkpoint_id=str(path))
+        except Exception as exc:
+            cause = _os_error_in(exc)
+            if cause is None:
+                raise
+            error = describe_write_error(cause, path, self._saved_step)
+        self._share_error(error)
+        self._commit_dcp(path, periodic is not None, self.step)
+        self._saved_step = self.step
+
+    def _commit_dcp(self, path: Path, periodic: bool, step: int) -> None:
+        error = None
+        if self.env.is_main:
+            try:
+                self.checkpoints.commit_dcp(path, periodic)
+                logger.info("saved checkpoint %s (step %d)", path.name, step)
+            except OSError as exc:
+                error = describe_write_error(exc, path, None)
+        self._share_error(error)
+
+    def wait_for_checkpoint(self) -> None:
+        """Finish and commit an asynchronous save still being written (every rank must call it)."""
+        if self._pending_save is None:
+            return
+        future, path, periodic, step = self._pending_save
+        self._pending_save = None
+        error = None
+        try:
+            future.result()
+        except Exception as exc:
+            cause = _os_error_in(exc)
+            if cause is None:
+                raise
+            error = describe_write_error(cause, path, None)
+        self._share_error(error)
+        self._commit_dcp(path, periodic, step)
 
     def request_stop(self, signum=None, frame=None) -> None:
         """Ask to stop (a signal handler); all ranks agree on the step in the next all-reduce."""
@@ -906,12 +1126,15 @@ class Trainer:
             self.agreed_signals = [sig.name for i, sig in enumerate(STOP_SIGNALS) if shared[at + 1 + i] > 0]
 
     def checkpoint_of_step(self) -> Optional[Path]:
-        """The committed checkpoint file that holds the current step, if there is one."""
-        if self._saved_step == self.step and self.checkpoints.latest.is_file():
-            return self.checkpoints.latest
+        """The committed checkpoint (file or DCP folder) that holds the current step, if there is one."""
+        self.wait_for_checkpoint()
+        if self._saved_step == self.step:
+            return self.checkpoints.current_latest()
         return None
 
     def close(self) -> None:
+        if self._pending_save is not None:
+            self.wait_for_checkpoint()
         self.metrics.close()
         if getattr(self, "tensorboard", None) is not None:
             self.tensorboard.close()

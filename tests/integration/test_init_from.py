@@ -58,3 +58,28 @@ def test_two_rank_run_starts_from_downloaded_weights(tmp_path, monkeypatch):
     assert "5 steps in this session" in summary_line and "jepa-latest.pth.tar" in summary_line
     log = (tmp_path / "run" / "jepa_r0.log").read_text()
     assert "initialised encoder" in log and "run finished:" in log and "[rank 1]" not in log
+
+
+def test_fsdp_run_starts_from_a_local_checkpoint(tmp_path):
+    """meta.init_from under meta.parallel=fsdp: every rank keeps its shards of the full weights."""
+    from ijepa_scale.checkpoint import consolidate
+
+    torch.manual_seed(12)
+    encoder = build_encoder("vit_tiny", 32, 8, embed_dim=48, depth=2, num_heads=3)
+    predictor = build_predictor(encoder, pred_depth=1, pred_emb_dim=24)
+    source = {"encoder": {f"module.{k}": v for k, v in encoder.state_dict().items()},
+              "target_encoder": {f"module.{k}": v for k, v in encoder.state_dict().items()},
+              "predictor": {f"module.{k}": v for k, v in predictor.state_dict().items()}}
+    torch.save(source, tmp_path / "source.pth.tar")
+    config = tiny_config(make_shards(tmp_path / "shards"), tmp_path / "run",
+                         optimization__lr=0.0, optimization__start_lr=0.0, optimization__final_lr=0.0)
+    config["optimization"]["epochs"] = 1
+    config["meta"]["init_from"] = str(tmp_path / "source.pth.tar")
+    config["meta"]["parallel"] = "fsdp"
+    proc = run_main(write_config(tmp_path / "c.yaml", config))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "initialised encoder, predictor, target_encoder from" in proc.stdout
+    saved = consolidate(tmp_path / "run" / "jepa-latest.dcp")
+    for net in ("encoder", "predictor"):
+        for name, value in source[net].items():
+            assert torch.equal(saved[net][name], value), (net, name)

@@ -125,3 +125,32 @@ def test_sigkill_during_saves_never_leaves_a_truncated_latest(tmp_path):
     # Stray temporaries of killed writers are removed by the next successful save.
     CheckpointFiles(folder, "jepa").save({"step": -1}, None)
     assert sorted(p.name for p in folder.iterdir()) == ["jepa-latest.pth.tar"]
+
+
+def test_sharded_checkpoint_folders_count_only_once_committed(tmp_path):
+    import os
+
+    from ijepa_scale.checkpoint import COMMIT_MARKER, CheckpointFiles
+
+    files = CheckpointFiles(tmp_path, "jepa", keep_last=1)
+    first = files.dcp_path(tmp_path / "jepa-step2.pth.tar", 2)
+    assert first.name == "jepa-step2.dcp"
+    files.begin_dcp(first)
+    (first / ".metadata").write_bytes(b"m")
+    assert files.current_latest() is None  # written but not committed
+    files.commit_dcp(first, periodic=True)
+    assert files.current_latest() == first.resolve() and (first / COMMIT_MARKER).is_file()
+    second = files.dcp_path(tmp_path / "jepa-step4.pth.tar", 4)
+    files.begin_dcp(second)
+    (second / ".metadata").write_bytes(b"m")
+    # A crash here: latest still names the committed folder, and resume picks it.
+    assert files.resolve_resume(None, required=False) == first.resolve()
+    assert os.readlink(files.latest_dcp) == "jepa-step2.dcp"
+    files.commit_dcp(second, periodic=True)
+    assert files.current_latest() == second.resolve()
+    assert not first.exists()  # keep_last=1
+    stopped = files.dcp_path(None, 5)
+    files.begin_dcp(stopped)
+    (stopped / ".metadata").write_bytes(b"m")
+    files.commit_dcp(stopped, periodic=False)
+    assert files.current_latest() == stopped.resolve() and second.exists()

@@ -91,9 +91,13 @@ def resolve_checkpoint(source: str) -> Path:
     source = resolve_source(source)
     if _is_url(source):
         return Path(fetch(source))
+    from ..checkpoint import is_dcp_checkpoint
+
     path = Path(source)
+    if is_dcp_checkpoint(path):
+        return path
     if path.is_dir():
-        latest = sorted(path.glob("*-latest.pth.tar"))
+        latest = sorted(path.glob("*-latest.pth.tar")) or sorted(path.glob("*-latest.dcp"))
         if len(latest) != 1:
             found = "none" if not latest else ", ".join(p.name for p in latest)
             raise UserError(f"--checkpoint {source}: a run folder must hold exactly one *-latest.pth.tar "
@@ -108,6 +112,10 @@ def _read(path: Path, mmap: bool) -> dict:
     from ..pretrained import load_checkpoint
 
     try:
+        if path.is_dir():
+            from ..checkpoint import consolidate
+
+            return consolidate(path)
         if mmap:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return load_checkpoint(path, map_location="cpu")

@@ -1,0 +1,324 @@
+"""Time the training step of a config, phase by phase, and optionally an official-style step beside it.
+
+    ijepa-scale bench-step --fname configs/demo_fmnist_vit_tiny.yaml data.batch_size=32 --vs-official
+
+Prints images/s, ms per step split into target forward / context forward / predictor (with the loss
+and collapse metrics) / backward / optimizer (grad norm, step, zero_grad) / EMA, peak memory, and the
+model FLOPs utilisation against a matmul rate measured on the same device in the same run.
+`--vs-official` also times, interleaved with ours on the same images, masks and sizes, a plain eager
+step written from the official train.py (explicit softmax attention, AdamW's default implementation,
+a GradScaler under bfloat16, a Python loop for the EMA, the loss read back every step) and prints the
+ratio.  One rank, no data loading: this measures the model step only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config, load_config
+from ..errors import UserError, one_line
+from ..masks import MultiBlockMaskCollator
+from ..models import build_encoder, build_predictor
+from ..models.utils import apply_masks, repeat_interleave_batch
+from ..objectives.ijepa import collapse_metrics
+from ..parallel import DTYPES, ParallelPlan, autocast_context, ema_update_, grad_norm_and_clip_, parallelize
+
+PHASES = ("target_fwd", "context_fwd", "predictor", "backward", "optimizer", "ema")
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+def transformer_flops(tokens: int, width: int, hidden: int, depth: int, batch: int) -> float:
+    """Forward FLOPs (2 per multiply-add) of `depth` pre-norm blocks on `batch` sequences of `tokens`."""
+    per_token = 2 * (3 * width * width + width * width + 2 * width * hidden)
+    attention = 2 * 2 * tokens * width  # q @ k^T and attn @ v
+    return depth * batch * tokens * (per_token + attention)
+
+
+def step_flops(cfg: Config, k_ctx: int, k_tgt: int, encoder=None, predictor=None) -> float:
+    """Model FLOPs of one I-JEPA step: target forward, context forward + backward, predictor
+    forward + backward (backward = 2 x forward), projections and patch embedding included."""
+    enc = encoder or _encoder(cfg)
+    width, depth = enc.embed_dim, len(enc.blocks)
+    hidden = enc.blocks[0].mlp.fc1.out_features if depth else 4 * width
+    pred_width, pred_depth = cfg.meta.pred_emb_dim, cfg.meta.pred_depth
+    batch, patches = cfg.data.batch_size, enc.num_patches
+    nenc, npred = cfg.mask.num_enc_masks, cfg.mask.num_pred_masks
+    patch_in = 3 * cfg.mask.patch_size ** 2
+    target = transformer_flops(patches, width, hidden, depth, batch) + 2 * batch * patches * patch_in * width
+    context = transformer_flops(k_ctx, width, hidden, depth, batch * nenc) + 2 * batch * patches * patch_in * width
+    pred_tokens = k_ctx + k_tgt
+    pred = (transformer_flops(pred_tokens, pred_width, 4 * pred_width, pred_depth, batch * nenc * npred)
+            + 2 * batch * nenc * k_ctx * width * pred_width + 2 * batch * nenc * npred * k_tgt * pred_width * width)
+    return target + 3 * (context + pred)
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
+    """The best rate of square matmuls in `dtype` on `device` (FLOP/s) over about `seconds`."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == 0.0:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        _sync(device)
+        best = max(best, 4 * 2 * size ** 3 / (time.perf_counter() - start))
+    return best
+
+
+# ------------------------------------------------------------------------------------------ steps
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _encoder(cfg: Config):
+    return build_encoder(cfg.meta.model_name, img_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size,
+                         embed_dim=cfg.meta.embed_dim, depth=cfg.meta.depth, num_heads=cfg.meta.num_heads)
+
+
+@dataclass
+class Models:
+    encoder: torch.nn.Module
+    predictor: torch.nn.Module
+    target: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def build_models(cfg: Config, device: torch.device, official: bool = False) -> Models:
+    from ..trainer import make_optimizer, official_param_groups
+
+    torch.manual_seed(cfg.meta.seed)
+    encoder = _encoder(cfg)
+    predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim)
+    target = copy.deepcopy(encoder)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    if official:
+        for module in (encoder, predictor, target):
+            for block in list(getattr(module, "blocks", [])) + list(getattr(module, "predictor_blocks", [])):
+                block.attn.forward = _explicit_attention(block.attn)
+        encoder, predictor, target = (m.to(device) for m in (encoder, predictor, target))
+        optimizer = torch.optim.AdamW(official_param_groups(encoder, predictor))
+    else:
+        plan = ParallelPlan.from_config(cfg.meta)
+        encoder = parallelize(encoder, device, plan)
+        predictor = parallelize(predictor, device, plan)
+        target = parallelize(target, device, plan, trainable=False)
+        optimizer = make_optimizer(encoder, predictor)
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.optimization.lr
+        if not group.get("WD_exclude"):
+            group["weight_decay"] = cfg.optimization.weight_decay
+    return Models(encoder, predictor, target, optimizer)
+
+
+def _explicit_attention(attn):
+    """The official attention: materialised softmax(q k^T * scale) @ v."""
+
+    def forward(x):
+        batch, tokens, dim = x.shape
+        qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        weights = ((q @ k.transpose(-2, -1)) * attn.head_dim ** -0.5).softmax(dim=-1)
+        return attn.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
+
+    return forward
+
+
+def our_step(models: Models, images, masks_enc, masks_pred, cfg: Config, device, momentum: float,
+             times: dict) -> None:
+    """The trainer's step (objective, clipping, optimizer, EMA), timed phase by phase."""
+    dtype = cfg.meta.resolved_dtype
+    marks = [time.perf_counter()]
+
+    def mark():
+        _sync(device)
+        marks.append(time.perf_counter())
+
+    with autocast_context(device, dtype):
+        with torch.no_grad():
+            tokens = models.target(images)
+            normed = F.layer_norm(tokens, (tokens.size(-1),))
+            h = repeat_interleave_batch(apply_masks(normed, masks_pred), len(images), repeat=len(masks_enc))
+        mark()
+        z = models.encoder(images, masks_enc)
+        mark()
+        p = models.predictor(z, masks_enc, masks_pred)
+        loss = F.smooth_l1_loss(p, h)
+        collapse_metrics(p.detach(), normed, tokens.mean(dim=1))
+    torch.isfinite(loss.detach()).item()
+    mark()
+    loss.backward()
+    mark()
+    params = [p for g in models.optimizer.param_groups for p in g["params"]]
+    norm = grad_norm_and_clip_(params, cfg.optimization.clip_grad)
+    math.isfinite(float(norm))
+    models.optimizer.step()
+    models.optimizer.zero_grad(set_to_none=True)
+    mark()
+    ema_update_(models.target.parameters(), models.encoder.parameters(), momentum)
+    mark()
+    for name, a, b in zip(PHASES, marks, marks[1:]):
+        times.setdefault(name, []).append((b - a) * 1000.0)
+
+
+def official_step(models: Models, images, masks_enc, masks_pred, dtype_name: str, device, momentum: float,
+                  scaler) -> float:
+    """One step as the official train.py does it."""
+    use_bf16 = dtype_name == "bfloat16"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.no_grad():
+            h = models.target(images)
+            h = F.layer_norm(h, (h.size(-1),))
+            h = repeat_interleave_batch(apply_masks(h, masks_pred), len(images), repeat=len(masks_enc))
+        z = models.predictor(models.encoder(images, masks_enc), masks_enc, masks_pred)
+        loss = F.smooth_l1_loss(z, h)
+    if use_bf16:
+        scaler.scale(loss).backward()
+        scaler.step(models.optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        models.optimizer.step()
+    models.optimizer.zero_grad()
+    with torch.no_grad():
+        for q, k in zip(models.encoder.parameters(), models.target.parameters()):
+            k.data.mul_(momentum).add_((1.0 - momentum) * q.detach().data)
+    return float(loss.detach())
+
+
+# ------------------------------------------------------------------------------------------ run
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _warm_libraries(device: torch.device, cfg: Config) -> None:
+    """One small forward and backward of the same kinds of ops (conv, linear, SDPA, norm) in the run's dtype."""
+    small = build_encoder("vit_tiny", img_size=cfg.mask.patch_size * 2, patch_size=cfg.mask.patch_size, embed_dim=48,
+                          depth=1, num_heads=3).to(device)
+    with autocast_context(device, cfg.meta.resolved_dtype):
+        small(torch.randn(2, 3, cfg.mask.patch_size * 2, cfg.mask.patch_size * 2, device=device)).sum().backward()
+
+
+def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_official: bool = False,
+        out=sys.stdout) -> dict:
+    batch = cfg.data.batch_size
+    collator = MultiBlockMaskCollator(
+        input_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size, enc_mask_scale=cfg.mask.enc_mask_scale,
+        pred_mask_scale=cfg.mask.pred_mask_scale, aspect_ratio=cfg.mask.aspect_ratio,
+        nenc=cfg.mask.num_enc_masks, npred=cfg.mask.num_pred_masks, min_keep=cfg.mask.min_keep,
+        allow_overlap=cfg.mask.allow_overlap, legacy_sampler=cfg.mask.legacy_sampler, seed=cfg.meta.seed, rank=0)
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for i in range(warmup + steps):
+        images = torch.randn(batch, 3, cfg.data.crop_size, cfg.data.crop_size, generator=generator).to(device)
+        masks_enc, masks_pred = collator.sample(batch, step=i)
+        inputs.append((images, [m.to(device) for m in masks_enc], [m.to(device) for m in masks_pred]))
+    k_ctx = statistics.mean(int(m[0].shape[1]) for _, m, _ in inputs)
+    k_tgt = statistics.mean(int(m[0].shape[1]) for _, _, m in inputs)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _warm_libraries(device, cfg)  # so the RSS baseline already holds the math libraries' own buffers
+    before_mb = peak_memory_mb(device)
+    ours = build_models(cfg, device)
+    official = build_models(cfg, device, official=True) if vs_official else None
+    scaler = torch.amp.GradScaler(device.type) if cfg.meta.resolved_dtype == "bfloat16" else None
+    momentum = cfg.optimization.ema[0]
+    times: dict[str, list[float]] = {}
+    ours_ms, official_ms, first_ms = [], [], None
+    for i, (images, masks_enc, masks_pred) in enumerate(inputs):
+        start = time.perf_counter()
+        step_times: dict[str, list[float]] = {}
+        our_step(ours, images, masks_enc, masks_pred, cfg, device, momentum, step_times)
+        elapsed = (time.perf_counter() - start) * 1000.0
+        first_ms = elapsed if first_ms is None else first_ms
+        if i >= warmup:
+            ours_ms.append(elapsed)
+            for name, values in step_times.items():
+                times.setdefault(name, []).extend(values)
+        if official is not None:
+            start = time.perf_counter()
+            official_step(official, images, masks_enc, masks_pred, cfg.meta.resolved_dtype, device, momentum, scaler)
+            _sync(device)
+            if i >= warmup:
+                official_ms.append((time.perf_counter() - start) * 1000.0)
+    peak_mb = peak_memory_mb(device) - (before_mb if device.type != "cuda" else 0.0)
+
+    dtype = DTYPES[cfg.meta.resolved_dtype]
+    peak = matmul_peak_flops(device, dtype)
+    flops = step_flops(cfg, k_ctx, k_tgt)
+    step_ms = statistics.median(ours_ms)
+    result = {
+        "step_ms": step_ms, "images_per_s": batch / step_ms * 1000.0, "first_step_ms": first_ms,
+        "phases_ms": {name: statistics.median(times[name]) for name in PHASES},
+        "peak_memory_mb": peak_mb, "model_tflop_per_step": flops / 1e12,
+        "matmul_peak_tflops": peak / 1e12, "mfu": flops / (step_ms / 1000.0) / peak,
+        "k_ctx": k_ctx, "k_tgt": k_tgt,
+    }
+    if official is not None:
+        result["official_step_ms"] = statistics.median(official_ms)
+        result["speedup_vs_official"] = result["official_step_ms"] / step_ms
+    print(format_result(cfg, device, result, steps), file=out)
+    return result
+
+
+def format_result(cfg: Config, device: torch.device, r: dict, steps: int) -> str:
+    memory = "peak allocated" if device.type == "cuda" else "peak RSS growth"
+    lines = [
+        f"bench-step: {cfg.meta.model_name} (width {cfg.meta.embed_dim or 'default'}, depth "
+        f"{cfg.meta.depth or 'default'}), {cfg.data.crop_size} px / patch {cfg.mask.patch_size}, batch "
+        f"{cfg.data.batch_size}, {cfg.meta.resolved_dtype}, {device}, {torch.get_num_threads()} threads, "
+        f"median of {steps} steps; context {r['k_ctx']:.1f} / target {r['k_tgt']:.1f} tokens",
+        f"  step {r['step_ms']:.1f} ms  {r['images_per_s']:.1f} img/s  {memory} {r['peak_memory_mb']:.0f} MB  "
+        f"(first step {r['first_step_ms']:.0f} ms{', compiling' if cfg.meta.compile else ''})",
+        "  " + "  ".join(f"{name} {ms:.1f}" for name, ms in r["phases_ms"].items()) + " (ms)",
+        f"  model {r['model_tflop_per_step'] * 1e3:.2f} GFLOP/step, matmul peak {r['matmul_peak_tflops']:.3f} "
+        f"TFLOP/s, MFU {100 * r['mfu']:.1f} %",
+    ]
+    if "official_step_ms" in r:
+        lines.append(f"  official-style step {r['official_step_ms']:.1f} ms -> ours is "
+                     f"{r['speedup_vs_official']:.2f}x as fast")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ijepa-scale bench-step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fname", required=True, help="YAML config (model, crop, patch, masks, batch, dtype)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--vs-official", action="store_true", help="also time an official-style step")
+    parser.add_argument("overrides", nargs="*", help="config overrides such as data.batch_size=32")
+    args = parser.parse_args(argv)
+    try:
+        if args.steps < 1 or args.warmup < 0:
+            raise UserError(f"--steps {args.steps} / --warmup {args.warmup}: need steps >= 1 and warmup >= 0")
+        cfg = load_config(args.fname, args.overrides)
+        from ..distributed import parse_device
+
+        device = parse_device(args.device)
+    except (UserError, FileNotFoundError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(cfg, device, steps=args.steps, warmup=args.warmup, vs_official=args.vs_official)
+    return 0
