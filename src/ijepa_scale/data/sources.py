@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import posixpath
+import tarfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Iterator, Optional, Sequence
 import braceexpand
 import fsspec
 import torch
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from ..errors import UserError
 
@@ -70,12 +71,19 @@ class ShardSource:
 
     shuffle_in_stream = True
 
-    def __init__(self, urls: Sequence[str], counts: Sequence[int]):
+    def __init__(self, urls: Sequence[str], counts: Sequence[int], damaged: Sequence["ShardDamage"] = ()):
         if len(urls) != len(counts):
             raise ValueError("urls and counts must have the same length")
         self.urls = list(urls)
         self.counts = [int(c) for c in counts]
         self.num_samples = sum(self.counts)
+        self.damaged = list(damaged)
+
+    @property
+    def startup_skipped(self) -> int:
+        """Samples known lost before training: one per damaged unindexed shard (the sample the
+        reading stopped in; how many followed it is unknown without an index)."""
+        return len(self.damaged)
 
     def describe(self) -> str:
         return f"{len(self.urls)} shards, {self.num_samples} samples"
@@ -132,10 +140,26 @@ class ShardSource:
             yield ReadError(url, message)
 
 
+def _tar_members(stream, url: str) -> Iterator[dict]:
+    """Regular-file members of a tar stream, as webdataset's grouping expects them.
+
+    Python's tarfile ends a stream silently when it is cut inside a member header, so the
+    end-of-archive marker (a zero block after the last member) is checked here: a shard cut at
+    any byte raises ReadError instead of passing for a shorter complete one.
+    """
+    tar = tarfile.open(fileobj=stream, mode="r|*")
+    for info in tar:
+        if info.isreg() and not info.name.startswith("__"):
+            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+        tar.members = []  # stream mode: do not keep every header of a large shard
+    if tar.fileobj.pos < tar.offset + tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"unexpected end of data after byte {tar.fileobj.pos} (the tar has no "
+                                f"end-of-archive marker: truncated)")
+
+
 def iter_tar_samples(stream, url: str) -> Iterator[dict]:
-    """Samples of one tar stream, members grouped by key (webdataset's own tar parser)."""
-    members = ({**member, "__url__": url} for member in tar_file_iterator(stream))
-    return group_by_keys(members)
+    """Samples of one tar stream, members grouped by key (webdataset's grouping)."""
+    return group_by_keys(_tar_members(stream, url))
 
 
 def _decode_member(sample: dict, url: str) -> RawSample | ReadError:
@@ -228,7 +252,16 @@ def _read_json(url: str) -> Optional[dict]:
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as f:
-        return json.loads(f.read())
+        text = f.read()
+    try:
+        index = json.loads(text)
+        if not isinstance(index, dict) or not all(
+                isinstance(e, dict) and "url" in e and "num_samples" in e for e in index.get("shards", [])):
+            raise ValueError("expected {\"shards\": [{\"url\": ..., \"num_samples\": ...}, ...]}")
+    except ValueError as exc:
+        raise UserError(f"shard index {url} is not a valid index ({exc}); rewrite it with "
+                        f"`ijepa-scale make-shards`, or delete it to have the shards counted") from None
+    return index
 
 
 def _index_counts(index: dict, directory: str) -> dict[str, int]:
@@ -239,9 +272,40 @@ def _index_counts(index: dict, directory: str) -> dict[str, int]:
     }
 
 
+@dataclass
+class ShardDamage:
+    """An unindexed shard that could not be read to its end while counting its samples."""
+
+    url: str
+    readable: int  # whole samples before the damage; only these are trained on
+    error: str
+
+    def what(self) -> str:
+        if self.readable == 0:
+            return f"shard {self.url} is unreadable ({self.error})"
+        return f"shard {self.url} is damaged after {self.readable} samples ({self.error})"
+
+    def describe(self) -> str:
+        if self.readable == 0:
+            return f"{self.what()}; it is skipped"
+        return f"{self.what()}; its first {self.readable} samples are used and the rest is skipped"
+
+
 def count_samples(url: str) -> int:
     with fsspec.open(url, "rb") as stream:
         return sum(1 for _ in iter_tar_samples(stream, url))
+
+
+def scan_shard(url: str) -> tuple[int, Optional[str]]:
+    """(whole samples readable from the start of the shard, the error that ended reading early or None)."""
+    count = 0
+    try:
+        with fsspec.open(url, "rb") as stream:
+            for _ in iter_tar_samples(stream, url):
+                count += 1
+    except Exception as exc:  # truncated, zero-byte, a directory, unreadable: whatever stops the read
+        return count, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return count, None
 
 
 def _missing_urls(urls: list[str]) -> list[str]:
@@ -266,11 +330,13 @@ def _missing_urls(urls: list[str]) -> list[str]:
     return missing
 
 
-def open_shards(pattern: str, index_url: Optional[str] = None) -> ShardSource:
+def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "skip") -> ShardSource:
     """Expand `pattern`, check every shard exists and find each shard's sample count.
 
     Counts come from the index written by make_shards; shards it does not list are
-    scanned once (slow for remote storage, so a warning says so).
+    scanned once (slow for remote storage, so a warning says so). An unindexed shard that
+    cannot be read to its end counts the samples before the damage and is reported once
+    (`on_error="skip"`), or stops the run with one line naming it (`on_error="fail"`).
     """
     urls = expand_urls(pattern)
     if not urls:
@@ -304,19 +370,25 @@ def open_shards(pattern: str, index_url: Optional[str] = None) -> ShardSource:
             f"reading them (write an index with `ijepa-scale make-shards` to skip this)",
             stacklevel=2,
         )
+    damaged = []
     for url in urls:
         if url in known:
             counts.append(known[url])
-        else:
-            try:
-                counts.append(count_samples(url))
-            except Exception as exc:
-                raise OSError(f"cannot read shard {url}: {type(exc).__name__}: {exc}") from exc
-    return ShardSource(urls, counts)
+            continue
+        count, error = scan_shard(url)
+        counts.append(count)
+        if error is not None:
+            damage = ShardDamage(url, count, error)
+            if on_error == "fail":
+                raise UserError(f"{damage.what()}; replace the shard, drop it from "
+                                f"data.shards, or set data.on_error=skip to train without its damaged part")
+            logger.warning("%s (counted as 1 skipped sample)", damage.describe())
+            damaged.append(damage)
+    return ShardSource(urls, counts, damaged)
 
 
 def build_source(data_cfg) -> ShardSource | ImageFolderSource:
     if data_cfg.shards:
-        return open_shards(data_cfg.shards, data_cfg.shards_index)
+        return open_shards(data_cfg.shards, data_cfg.shards_index, on_error=data_cfg.on_error)
     root = posixpath.join(data_cfg.root_path, data_cfg.image_folder, "train")
     return ImageFolderSource(root)
