@@ -21,7 +21,7 @@ setup(
     extras_require={
         "s3": ["s3fs"],
         "gcs": ["gcsfs"],
-        "dev": ["pytest", "pytest-timeout", "scikit-image", "scikit-learn"],
+        "dev": ["pytest", "pytest-timeout", "scikit-image", "scikit-learn", "s3fs", "moto[server]"],
     },
     entry_points={"console_scripts": ["ijepa-scale=ijepa_scale.cli:main"]},
 )

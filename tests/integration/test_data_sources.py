@@ -28,3 +28,24 @@ def test_truncated_shard_without_index_trains_warns_once_and_counts(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert "train-000002.tar" in errors[0] and "data.on_error=skip" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_training_on_s3_shards_logs_the_same_steps_and_losses_as_local(tmp_path):
+    from tests.helpers.servers import s3_server, upload
+
+    folder = tmp_path / "shards"
+    shards = make_shards(folder)
+    local = tmp_path / "local"
+    proc = run_main(write_config(tmp_path / "local.yaml", tiny_config(shards, local, optimization__epochs=1)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with s3_server():
+        upload(folder, "s3://data/in1k")
+        remote = tmp_path / "s3"
+        config = tiny_config("s3://data/in1k/train-{000000..000004}.tar", remote, optimization__epochs=1)
+        proc = run_main(write_config(tmp_path / "s3.yaml", config))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        a, b = read_csv(local, rank), read_csv(remote, rank)
+        assert len(a) == 5 and a["step"].tolist() == b["step"].tolist()
+        assert a["loss"].tolist() == b["loss"].tolist()  # the same samples in the same order, bit for bit
+        assert b["skipped"].iloc[-1] == 0

@@ -20,16 +20,15 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import braceexpand
-import fsspec
 import torch
 from webdataset.tariterators import group_by_keys
 
 from ..errors import UserError
+from .remote import ReadPolicy, filesystem, is_transient, open_stream, with_retries
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-READ_ATTEMPTS = 3
 FOLDER_IMAGE_SUFFIXES = tuple("." + e for e in IMAGE_EXTENSIONS)
 
 
@@ -71,13 +70,15 @@ class ShardSource:
 
     shuffle_in_stream = True
 
-    def __init__(self, urls: Sequence[str], counts: Sequence[int], damaged: Sequence["ShardDamage"] = ()):
+    def __init__(self, urls: Sequence[str], counts: Sequence[int], damaged: Sequence["ShardDamage"] = (),
+                 policy: Optional[ReadPolicy] = None):
         if len(urls) != len(counts):
             raise ValueError("urls and counts must have the same length")
         self.urls = list(urls)
         self.counts = [int(c) for c in counts]
         self.num_samples = sum(self.counts)
         self.damaged = list(damaged)
+        self.policy = policy or ReadPolicy()
 
     @property
     def startup_skipped(self) -> int:
@@ -107,35 +108,45 @@ class ShardSource:
                 break
 
     def _read_shard(self, url: str, first: int, stop: int) -> Iterator[RawSample | ReadError]:
+        """Samples first..stop-1 of one shard; a transient failure reopens the shard and skips
+        what was delivered, with exponential backoff, until `policy.attempts` failures in a row."""
+        policy = self.policy
         index = 0  # samples of the shard passed so far
-        for attempt in range(READ_ATTEMPTS):
+        failures = 0
+        while index < stop:
+            progress = index
             try:
-                with fsspec.open(url, "rb") as stream:
+                with open_stream(url, policy) as stream:
                     for n, sample in enumerate(iter_tar_samples(stream, url)):
                         if n < index:
-                            continue  # delivered before a transient error; reading resumes after it
-                        if index >= stop:
-                            break
+                            continue  # delivered before a transient error
                         if index >= first:
                             yield _decode_member(sample, url)
                         index += 1
+                        if index >= stop:
+                            break  # without reading on: the rest may be damaged or not ours
                 break
-            except (OSError, TimeoutError) as exc:  # network or storage hiccup: reopen and continue
-                if isinstance(exc, FileNotFoundError) or attempt == READ_ATTEMPTS - 1:
-                    yield from self._missing(url, index, first, stop, exc)
-                    return
-                logger.warning("reading %s failed (%s: %s); retrying", url, type(exc).__name__, exc)
-                time.sleep(2**attempt)
-            except Exception as exc:  # truncated tar, bad member: skipped and counted
-                yield from self._missing(url, index, first, stop, exc)
+            except Exception as exc:
+                failures = 1 if index > progress else failures + 1
+                error = _error_text(exc)
+                if is_transient(exc) and failures < policy.attempts:
+                    delay = policy.delay(failures)
+                    logger.warning("reading %s failed after %d samples (%s); retry %d/%d in %.1f s", url, index,
+                                   error, failures, policy.attempts - 1, delay)
+                    time.sleep(delay)
+                    continue
+                if is_transient(exc):
+                    message = f"gave up after {failures} failed reads, {index} samples in ({error})"
+                else:
+                    message = f"shard ended after {index} samples ({error})"
+                yield from self._missing(url, index, first, stop, message)
                 return
         # A shard shorter than its index says: the missing samples are counted as errors.
         for _ in range(stop - max(index, first)):
             yield ReadError(url, f"shard has {index} samples, the index says at least {stop}")
 
     @staticmethod
-    def _missing(url: str, index: int, first: int, stop: int, exc: Exception) -> Iterator[ReadError]:
-        message = f"shard ended after {index} samples ({type(exc).__name__}: {exc})"
+    def _missing(url: str, index: int, first: int, stop: int, message: str) -> Iterator[ReadError]:
         for _ in range(stop - max(index, first)):
             yield ReadError(url, message)
 
@@ -186,7 +197,7 @@ class ImageFolderSource:
     shuffle_in_stream = False
 
     def __init__(self, root: str):
-        fs, path = fsspec.core.url_to_fs(root)
+        fs, path = filesystem(root)
         if not fs.isdir(path):
             raise FileNotFoundError(
                 f"ImageFolder root {root!r} does not exist: set data.root_path and data.image_folder "
@@ -247,12 +258,17 @@ def _index_candidates(urls: list[str]) -> list[str]:
     return [posixpath.join(directory, f"{stem}-index.json"), posixpath.join(directory, "index.json")]
 
 
-def _read_json(url: str) -> Optional[dict]:
-    fs, path = fsspec.core.url_to_fs(url)
+def _read_json(url: str, policy: Optional[ReadPolicy] = None) -> Optional[dict]:
+    policy = policy or ReadPolicy()
+    fs, path = filesystem(url, policy)
     if not fs.exists(path):
         return None
-    with fs.open(path, "rb") as f:
-        text = f.read()
+
+    def read():
+        with open_stream(url, policy) as f:
+            return f.read()
+
+    text = with_retries(url, policy, "reading index", read)
     try:
         index = json.loads(text)
         if not isinstance(index, dict) or not all(
@@ -291,29 +307,41 @@ class ShardDamage:
         return f"{self.what()}; its first {self.readable} samples are used and the rest is skipped"
 
 
-def count_samples(url: str) -> int:
-    with fsspec.open(url, "rb") as stream:
-        return sum(1 for _ in iter_tar_samples(stream, url))
+def _error_text(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def scan_shard(url: str) -> tuple[int, Optional[str]]:
-    """(whole samples readable from the start of the shard, the error that ended reading early or None)."""
-    count = 0
+def scan_shard(url: str, policy: Optional[ReadPolicy] = None) -> tuple[int, Optional[str]]:
+    """(whole samples readable from the start of the shard, the error that ended reading early or None).
+
+    Transient errors are retried; a shard that keeps failing counts as unreadable."""
+    policy = policy or ReadPolicy()
+
+    def attempt():
+        count = 0
+        try:
+            with open_stream(url, policy) as stream:
+                for _ in iter_tar_samples(stream, url):
+                    count += 1
+        except Exception as exc:  # truncated, zero-byte, a directory, unreadable: whatever stops the read
+            if is_transient(exc):
+                raise
+            return count, _error_text(exc)
+        return count, None
+
     try:
-        with fsspec.open(url, "rb") as stream:
-            for _ in iter_tar_samples(stream, url):
-                count += 1
-    except Exception as exc:  # truncated, zero-byte, a directory, unreadable: whatever stops the read
-        return count, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return count, None
+        return with_retries(url, policy, "counting", attempt)
+    except Exception as exc:
+        return 0, f"gave up after {policy.attempts} attempts ({_error_text(exc)})"
 
 
-def _missing_urls(urls: list[str]) -> list[str]:
+def _missing_urls(urls: list[str], policy: ReadPolicy) -> list[str]:
     """URLs that do not exist; one directory listing per directory instead of a request per shard."""
     listed: dict[str, set] = {}
     missing = []
     for url in urls:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = filesystem(url, policy)
         directory = posixpath.dirname(path)
         if directory not in listed:
             try:
@@ -330,7 +358,8 @@ def _missing_urls(urls: list[str]) -> list[str]:
     return missing
 
 
-def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "skip") -> ShardSource:
+def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "skip",
+                policy: Optional[ReadPolicy] = None) -> ShardSource:
     """Expand `pattern`, check every shard exists and find each shard's sample count.
 
     Counts come from the index written by make_shards; shards it does not list are
@@ -341,14 +370,15 @@ def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "
     urls = expand_urls(pattern)
     if not urls:
         raise UserError(f"data.shards={pattern!r} expands to no URL")
-    missing = _missing_urls(urls)
+    policy = policy or ReadPolicy()
+    missing = _missing_urls(urls, policy)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"shard not found: {missing[0]}{more}; check data.shards={pattern!r}")
 
     known: dict[str, int] = {}
     if index_url is not None:
-        index = _read_json(index_url)
+        index = _read_json(index_url, policy)
         if index is None:
             raise FileNotFoundError(f"data.shards_index {index_url!r} does not exist")
         # An index given explicitly may live elsewhere: match its shards by file name.
@@ -358,7 +388,7 @@ def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "
         for directory in dict.fromkeys(posixpath.dirname(u) for u in urls):
             first = next(u for u in urls if posixpath.dirname(u) == directory)
             for candidate in _index_candidates([first]):
-                index = _read_json(candidate)
+                index = _read_json(candidate, policy)
                 if index is not None:
                     known.update(_index_counts(index, directory))
                     break
@@ -375,7 +405,7 @@ def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "
         if url in known:
             counts.append(known[url])
             continue
-        count, error = scan_shard(url)
+        count, error = scan_shard(url, policy)
         counts.append(count)
         if error is not None:
             damage = ShardDamage(url, count, error)
@@ -384,11 +414,12 @@ def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "
                                 f"data.shards, or set data.on_error=skip to train without its damaged part")
             logger.warning("%s (counted as 1 skipped sample)", damage.describe())
             damaged.append(damage)
-    return ShardSource(urls, counts, damaged)
+    return ShardSource(urls, counts, damaged, policy)
 
 
 def build_source(data_cfg) -> ShardSource | ImageFolderSource:
     if data_cfg.shards:
-        return open_shards(data_cfg.shards, data_cfg.shards_index, on_error=data_cfg.on_error)
+        return open_shards(data_cfg.shards, data_cfg.shards_index, on_error=data_cfg.on_error,
+                           policy=ReadPolicy.from_config(data_cfg))
     root = posixpath.join(data_cfg.root_path, data_cfg.image_folder, "train")
     return ImageFolderSource(root)
