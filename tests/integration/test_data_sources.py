@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
+import pytest
 
 from tests.helpers.shards import truncate
 from tests.integration.common import make_shards, read_csv, run_main, tiny_config, write_config
+
+pytestmark = pytest.mark.integration
 
 
 def test_truncated_shard_without_index_trains_warns_once_and_counts(tmp_path):
