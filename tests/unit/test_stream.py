@@ -277,3 +277,20 @@ def test_unreadable_index_is_one_line_naming_it(tmp_path, uneven_shards):
     (folder / "train-index.json").write_text("{not json")
     with pytest.raises(UserError, match=r"train-index.json is not a valid index .*make-shards"):
         open_shards(str(folder / "train-000000.tar"))
+
+
+def test_shard_changed_since_indexing_is_named(tmp_path, caplog):
+    from ijepa_scale.data.make_shards import make_shards_from_folder
+    from ijepa_scale.errors import UserError
+
+    src = make_photo_folder(tmp_path / "src", num_classes=2, per_class=6, size=(40, 40))
+    index = make_shards_from_folder(src, tmp_path / "out", num_shards=3)
+    assert all(s["bytes"] > 0 and len(s["sha256"]) == 64 for s in index["shards"])
+    truncate(tmp_path / "out" / "train-000001.tar", 2048)
+    pattern = str(tmp_path / "out" / "train-{000000..000002}.tar")
+    with caplog.at_level("WARNING"):
+        source = open_shards(pattern)
+    assert source.counts == [4, 4, 4]
+    assert any("train-000001.tar has 2048 bytes, its index says" in r.getMessage() for r in caplog.records)
+    with pytest.raises(UserError, match="train-000001.tar has 2048 bytes.*data.on_error=skip"):
+        open_shards(pattern, on_error="fail")

@@ -280,12 +280,9 @@ def _read_json(url: str, policy: Optional[ReadPolicy] = None) -> Optional[dict]:
     return index
 
 
-def _index_counts(index: dict, directory: str) -> dict[str, int]:
-    """url -> sample count for the shards an index lists (their urls are relative to its folder)."""
-    return {
-        posixpath.join(directory, posixpath.basename(entry["url"])): int(entry["num_samples"])
-        for entry in index.get("shards", [])
-    }
+def _index_entries(index: dict, directory: str) -> dict[str, dict]:
+    """url -> entry for the shards an index lists (their urls are relative to its folder)."""
+    return {posixpath.join(directory, posixpath.basename(entry["url"])): entry for entry in index.get("shards", [])}
 
 
 @dataclass
@@ -336,26 +333,30 @@ def scan_shard(url: str, policy: Optional[ReadPolicy] = None) -> tuple[int, Opti
         return 0, f"gave up after {policy.attempts} attempts ({_error_text(exc)})"
 
 
-def _missing_urls(urls: list[str], policy: ReadPolicy) -> list[str]:
-    """URLs that do not exist; one directory listing per directory instead of a request per shard."""
-    listed: dict[str, set] = {}
+def _list_shards(urls: list[str], policy: ReadPolicy) -> tuple[list[str], dict[str, Optional[int]]]:
+    """(URLs that do not exist, url -> size in bytes where a listing gives it); one directory
+    listing per directory instead of a request per shard."""
+    listed: dict[str, dict] = {}
     missing = []
+    sizes: dict[str, Optional[int]] = {}
     for url in urls:
         fs, path = filesystem(url, policy)
         directory = posixpath.dirname(path)
         if directory not in listed:
             try:
-                listed[directory] = {p.rstrip("/") for p in fs.ls(directory, detail=False)}
+                listed[directory] = {e["name"].rstrip("/"): e for e in fs.ls(directory, detail=True)}
             except Exception:  # no listing (some HTTP servers) or no directory: ask per file below
-                listed[directory] = set()
-        if path in listed[directory]:
+                listed[directory] = {}
+        entry = listed[directory].get(path)
+        if entry is not None:
+            sizes[url] = entry.get("size") if entry.get("type", "file") == "file" else None
             continue
         try:
             if not fs.exists(path):
                 missing.append(url)
         except Exception as exc:
             raise FileNotFoundError(f"cannot access shard {url}: {type(exc).__name__}: {exc}") from exc
-    return missing
+    return missing, sizes
 
 
 def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "skip",
@@ -371,27 +372,38 @@ def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "
     if not urls:
         raise UserError(f"data.shards={pattern!r} expands to no URL")
     policy = policy or ReadPolicy()
-    missing = _missing_urls(urls, policy)
+    missing, sizes = _list_shards(urls, policy)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"shard not found: {missing[0]}{more}; check data.shards={pattern!r}")
 
-    known: dict[str, int] = {}
+    entries: dict[str, dict] = {}
     if index_url is not None:
         index = _read_json(index_url, policy)
         if index is None:
             raise FileNotFoundError(f"data.shards_index {index_url!r} does not exist")
         # An index given explicitly may live elsewhere: match its shards by file name.
-        by_name = {posixpath.basename(e["url"]): int(e["num_samples"]) for e in index.get("shards", [])}
-        known.update({u: by_name[posixpath.basename(u)] for u in urls if posixpath.basename(u) in by_name})
+        by_name = {posixpath.basename(e["url"]): e for e in index.get("shards", [])}
+        entries.update({u: by_name[posixpath.basename(u)] for u in urls if posixpath.basename(u) in by_name})
     else:
         for directory in dict.fromkeys(posixpath.dirname(u) for u in urls):
             first = next(u for u in urls if posixpath.dirname(u) == directory)
             for candidate in _index_candidates([first]):
                 index = _read_json(candidate, policy)
                 if index is not None:
-                    known.update(_index_counts(index, directory))
+                    entries.update(_index_entries(index, directory))
                     break
+    known = {u: int(e["num_samples"]) for u, e in entries.items() if u in set(urls)}
+    # The index records each shard's size: a shard changed or cut since it was indexed shows here.
+    changed = [(u, sizes[u], entries[u]["bytes"]) for u in urls
+               if u in entries and "bytes" in entries[u] and sizes.get(u) is not None
+               and int(sizes[u]) != int(entries[u]["bytes"])]
+    for url, size, expected in changed:
+        message = f"shard {url} has {size} bytes, its index says {expected}: it changed since it was indexed"
+        if on_error == "fail":
+            raise UserError(f"{message}; restore it or rewrite the index with `ijepa-scale make-shards`, or set "
+                            f"data.on_error=skip to skip what cannot be read")
+        logger.warning("%s; what cannot be read is skipped and counted", message)
     counts = []
     unindexed = [u for u in urls if u not in known]
     if unindexed:
