@@ -707,4 +707,5 @@ class Trainer:
         return None
 
     def close(self) -> None:
+        self.stream.close()
         self.metrics.close()

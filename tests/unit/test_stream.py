@@ -294,3 +294,19 @@ def test_shard_changed_since_indexing_is_named(tmp_path, caplog):
     assert any("train-000001.tar has 2048 bytes, its index says" in r.getMessage() for r in caplog.records)
     with pytest.raises(UserError, match="train-000001.tar has 2048 bytes.*data.on_error=skip"):
         open_shards(pattern, on_error="fail")
+
+
+def test_workers_persist_across_epochs_and_stop_on_close(uneven_shards):
+    source = shard_source(uneven_shards)
+    stream = make_stream(source, 0, 1, 2)
+    pids = []
+    for epoch in range(3):
+        fresh = make_stream(source, 0, 1, 2)
+        fresh.epoch = epoch
+        expected = epoch_keys(fresh)  # new workers started for this epoch alone
+        assert epoch_keys(stream) == expected
+        pids.append(sorted(w.pid for w in stream._loader._iterator._workers))
+    assert pids[0] == pids[1] == pids[2]  # the same worker processes for every epoch
+    workers = stream._loader._iterator._workers
+    stream.close()
+    assert stream._loader is None and not any(w.is_alive() for w in workers)

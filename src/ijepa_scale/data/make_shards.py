@@ -1,10 +1,15 @@
-"""Write an ImageFolder tree as webdataset-compatible tar shards plus a JSON index.
+"""Convert images into webdataset-compatible tar shards plus a JSON index.
+
+Sources (`--src-format`): an ImageFolder tree (`folder`), a folder of per-synset tars as
+ImageNet-22K ships (`synset-tars`), or a `path<TAB>label` file list (`list`). Output: a local
+folder or any fsspec URL.
 
 Each sample is three adjacent tar members: `{key}.{jpg|png|webp}` (encoded image),
 `{key}.cls` (class index, ASCII decimal) and `{key}.json` (`{"class", "path"}`).
-Shards are `{prefix}-{i:06d}.tar`; the index is `{prefix}-index.json` beside them.
+Shards are `{prefix}-{i:06d}.tar`; the index is `{prefix}-index.json` beside them, with
+`{prefix}-classes.txt`, `{prefix}-plan.json` and `{prefix}-parts/` (per-shard records, for resume).
 
-    python -m ijepa_scale.data.make_shards --src /data/imagenet/train --out shards/in1k \
+    ijepa-scale make-shards --src /data/imagenet/train --out shards/in1k \
         --samples-per-shard 1000 --resize-short-side 512 --workers 16
 """
 
