@@ -5,11 +5,26 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
+import signal
 import socket
 import threading
 from collections import Counter
 from functools import partial
 from pathlib import Path
+
+
+from ijepa_scale.procutil import STOP_SIGNALS
+
+
+@contextlib.contextmanager
+def _signals_blocked():
+    """Threads started here inherit the stop signals blocked: a signal a test sends to its own
+    process must reach the main thread's handler, not a server thread."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -23,7 +38,8 @@ def http_server(folder: Path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(folder)))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    with _signals_blocked():
+        thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
@@ -99,7 +115,8 @@ class FaultyServer:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        with _signals_blocked():
+            threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
         self.released.set()
@@ -113,14 +130,17 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
 @contextlib.contextmanager
 def s3_server():
     """moto's S3 server on loopback; yields its endpoint URL with the AWS_* environment set for s3fs."""
+    import s3fs
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    with _signals_blocked():
+        server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     saved = {k: os.environ.get(k) for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
     os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached client would still talk to an earlier server
     try:
         yield endpoint
     finally:
@@ -129,14 +149,15 @@ def s3_server():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
 
 
 def upload(folder: Path, url: str) -> None:
     """Copy every file of `folder` to the fsspec URL `url` (a bucket is created if needed)."""
-    import fsspec
+    from ijepa_scale.data.remote import filesystem
 
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = filesystem(url)
     bucket = path.split("/")[0]
     if not fs.exists(bucket):
         fs.mkdir(bucket)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Callable, Optional
 import fsspec
 
 from ..errors import UserError
+from ..procutil import STOP_SIGNALS
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +65,24 @@ def _storage_options(protocol: str, policy: ReadPolicy) -> dict:
     return {}
 
 
+def _start_io_thread() -> None:
+    """Start fsspec's I/O thread (async backends: http, s3, gcs) with the stop signals blocked, so
+    that a signal sent to the process is taken by the main thread's handler, never by this thread
+    while the main thread holds it pending (threads inherit the mask of their creator)."""
+    import fsspec.asyn
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        fsspec.asyn.get_loop()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def filesystem(url: str, policy: Optional[ReadPolicy] = None):
     """(fs, path) for `url`; a missing or unknown backend is a one-line UserError naming the fix."""
     protocol = protocol_of(url)
+    if protocol not in LOCAL_PROTOCOLS:
+        _start_io_thread()
     try:
         return fsspec.core.url_to_fs(url, **_storage_options(protocol, policy or ReadPolicy()))
     except ImportError as exc:
@@ -121,6 +138,7 @@ class _TimedRaw(io.RawIOBase):
             raise
 
     def _serve(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # signals are the main thread's business
         while True:
             call = self._requests.get()
             if call is None:
