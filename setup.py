@@ -25,7 +25,8 @@ setup(
         "gcs": ["gcsfs"],
         "hf": ["transformers"],
         "tensorboard": ["tensorboard"],
-        "dev": ["pytest", "pytest-timeout", "scikit-image", "scikit-learn", "transformers", "tensorboard"],
+        "dev": ["pytest", "pytest-timeout", "scikit-image", "scikit-learn", "transformers", "tensorboard", "s3fs",
+                "moto[server]"],
     },
     entry_points={"console_scripts": ["ijepa-scale=ijepa_scale.cli:main"]},
 )

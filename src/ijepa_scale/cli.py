@@ -9,7 +9,7 @@ import sys
 
 COMMANDS = {
     "train": ("ijepa_scale.cli", "train_main", "pretrain on local devices (same as main.py)"),
-    "make-shards": ("ijepa_scale.data.make_shards", "main", "ImageFolder tree -> balanced tar shards + index"),
+    "make-shards": ("ijepa_scale.data.make_shards", "main", "ImageFolder / synset tars / file list -> tar shards + index"),
     "fashion-mnist": ("ijepa_scale.data.fashion_mnist", "main", "Fashion-MNIST (Debian package) -> tar shards"),
     "bench-masks": ("ijepa_scale.benchmarks.masks", "main", "mask sampler speed (ms per batch)"),
     "bench-data": ("ijepa_scale.benchmarks.data", "main", "input pipeline throughput (img/s)"),

@@ -53,14 +53,20 @@ class DataConfig:
     """Samples shuffled together inside a worker's stream (shards are also shuffled per epoch)."""
     on_error: str = "skip"
     """What a corrupt sample or truncated shard does: `skip` (skipped and counted) or `fail`."""
+    read_timeout_s: float = 60.0
+    """A remote read (open or next block) that returns no data for this long is retried."""
+    read_attempts: int = 5
+    """Tries per shard on transient errors (reset connection, 5xx, timeout) before it is skipped (or fails)."""
+    retry_backoff_s: float = 1.0
+    """Wait before the first retry; doubled after each further failure (capped at 60 s)."""
     eval_train_shards: Optional[str] = None
     """Labelled tar shards whose features form the k-NN bank of the periodic evaluation."""
     eval_val_shards: Optional[str] = None
     """Labelled tar shards scored by the periodic k-NN evaluation."""
 
     def validate(self) -> None:
-        _positive(self, "batch_size", "crop_size", "shuffle_buffer")
-        _non_negative(self, "num_workers", "color_jitter_strength")
+        _positive(self, "batch_size", "crop_size", "shuffle_buffer", "read_timeout_s", "read_attempts")
+        _non_negative(self, "num_workers", "color_jitter_strength", "retry_backoff_s")
         _range_pair(self, "crop_scale", high=1.0)
         _choice(self, "on_error", ("skip", "fail"))
 

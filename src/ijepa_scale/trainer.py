@@ -378,7 +378,8 @@ class Trainer:
             self.eval_sources = self._open_eval_sources_once(cfg.data)
 
         self.step = 0
-        self.skipped_samples = 0
+        # Damaged unindexed shards found while counting are logged once, by rank 0.
+        self.skipped_samples = getattr(source, "startup_skipped", 0) if env.is_main else 0
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.epoch_loss_sum = 0.0
@@ -1135,6 +1136,7 @@ class Trainer:
     def close(self) -> None:
         if self._pending_save is not None:
             self.wait_for_checkpoint()
+        self.stream.close()
         self.metrics.close()
         if getattr(self, "tensorboard", None) is not None:
             self.tensorboard.close()

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -127,7 +128,9 @@ def test_run_rank_reports_the_agreed_signal_and_restores_the_callers_handler(tmp
     try:
         # Arrives "during start-up": held pending until run_rank has its own handler.
         signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
-        os.kill(os.getpid(), signal.SIGUSR2)
+        # Directed at this (main) thread: a process-directed kill could land on any helper thread another
+        # test left running (an HTTP server, a TensorBoard writer) that does not block the signal.
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
         result = run_rank(cfg, 0, 1, "cpu", on_stop=stopped.append)
         assert signal.getsignal(signal.SIGUSR2) is submitit_like
     finally:

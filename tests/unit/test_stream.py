@@ -221,3 +221,92 @@ def test_batch_with_no_decodable_sample_is_marked_unusable(tmp_path):
     batches = list(stream.epoch_batches())
     assert [b["usable"] for b in batches] == [False, False, True, True]
     assert [len(b["errors"]) for b in batches] == [4, 4, 0, 0]
+
+
+def unindexed_copy(src, dst, names):
+    dst.mkdir(exist_ok=True)
+    for name in names:
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero-byte", "directory"])
+def test_damaged_shard_without_index_is_counted_warned_once_and_trains(tmp_path, uneven_shards, caplog, damage):
+    names = [f"train-00000{i}.tar" for i in range(3)]
+    folder = unindexed_copy(uneven_shards, tmp_path / "shards", names)
+    bad = folder / "train-000001.tar"
+    if damage == "truncated":
+        truncate(bad, bad.stat().st_size // 2)
+    elif damage == "zero-byte":
+        bad.write_bytes(b"")
+    else:
+        bad.unlink()
+        bad.mkdir()
+    with pytest.warns(UserWarning, match="not in a shard index"), caplog.at_level("WARNING"):
+        source = open_shards(str(folder / "train-{000000..000002}.tar"))
+    readable = source.counts[1]
+    assert source.counts[0] == 13 and source.counts[2] == 11
+    assert (0 < readable < 7) if damage == "truncated" else readable == 0
+    assert source.startup_skipped == 1 and [d.url for d in source.damaged] == [str(bad)]
+    warnings_logged = [r.getMessage() for r in caplog.records if "train-000001.tar" in r.getMessage()]
+    assert len(warnings_logged) == 1 and ("damaged after" in warnings_logged[0] or "unreadable" in warnings_logged[0])
+    # Training reads exactly the readable samples: no error, nothing twice.
+    keys = []
+    for batch in make_stream(source, 0, 1, 2, batch_size=2).epoch_batches():
+        assert batch["errors"] == []
+        keys.extend(batch["keys"])
+    expected = (13 + readable + 11) // 2 * 2
+    assert len(keys) == expected and len(set(keys)) == expected
+
+
+def test_damaged_shard_without_index_in_fail_mode_is_one_line(tmp_path, uneven_shards):
+    from ijepa_scale.errors import UserError
+
+    folder = unindexed_copy(uneven_shards, tmp_path / "shards", ["train-000000.tar", "train-000001.tar"])
+    truncate(folder / "train-000001.tar", 3000)
+    with pytest.warns(UserWarning), pytest.raises(UserError) as info:
+        open_shards(str(folder / "train-{000000..000001}.tar"), on_error="fail")
+    message = str(info.value)
+    assert "\n" not in message and "train-000001.tar" in message and "data.on_error=skip" in message
+
+
+def test_unreadable_index_is_one_line_naming_it(tmp_path, uneven_shards):
+    from ijepa_scale.errors import UserError
+
+    folder = unindexed_copy(uneven_shards, tmp_path / "shards", ["train-000000.tar"])
+    (folder / "train-index.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"train-index.json is not a valid index .*make-shards"):
+        open_shards(str(folder / "train-000000.tar"))
+
+
+def test_shard_changed_since_indexing_is_named(tmp_path, caplog):
+    from ijepa_scale.data.make_shards import make_shards_from_folder
+    from ijepa_scale.errors import UserError
+
+    src = make_photo_folder(tmp_path / "src", num_classes=2, per_class=6, size=(40, 40))
+    index = make_shards_from_folder(src, tmp_path / "out", num_shards=3)
+    assert all(s["bytes"] > 0 and len(s["sha256"]) == 64 for s in index["shards"])
+    truncate(tmp_path / "out" / "train-000001.tar", 2048)
+    pattern = str(tmp_path / "out" / "train-{000000..000002}.tar")
+    with caplog.at_level("WARNING"):
+        source = open_shards(pattern)
+    assert source.counts == [4, 4, 4]
+    assert any("train-000001.tar has 2048 bytes, its index says" in r.getMessage() for r in caplog.records)
+    with pytest.raises(UserError, match="train-000001.tar has 2048 bytes.*data.on_error=skip"):
+        open_shards(pattern, on_error="fail")
+
+
+def test_workers_persist_across_epochs_and_stop_on_close(uneven_shards):
+    source = shard_source(uneven_shards)
+    stream = make_stream(source, 0, 1, 2)
+    pids = []
+    for epoch in range(3):
+        fresh = make_stream(source, 0, 1, 2)
+        fresh.epoch = epoch
+        expected = epoch_keys(fresh)  # new workers started for this epoch alone
+        assert epoch_keys(stream) == expected
+        pids.append(sorted(w.pid for w in stream._loader._iterator._workers))
+    assert pids[0] == pids[1] == pids[2]  # the same worker processes for every epoch
+    workers = stream._loader._iterator._workers
+    stream.close()
+    assert stream._loader is None and not any(w.is_alive() for w in workers)

@@ -35,7 +35,7 @@ from ijepa_scale.benchmarks.masks import OFFICIAL_IN1K_MASK
 from ijepa_scale.data.make_shards import ShardWriter, index_path, shard_name, write_index
 from ijepa_scale.data.sources import RawSample, open_shards
 from ijepa_scale.data.stream import DataStream
-from ijepa_scale.data.transforms import ImageTransform, open_image
+from ijepa_scale.data.transforms import ImageTransform, open_image, sample_crop_box, to_rgb
 from ijepa_scale.masks import MultiBlockMaskCollator
 
 # Real photos bundled with scikit-image (stereo_motorcycle: left view) and scikit-learn.
@@ -216,12 +216,96 @@ def measure_decode_per_core(stream: DataStream, num_images: int) -> dict:
         rng = random.Random(f"{stream.seed}/0/{position}")
         stream.transform(open_image(item.data), rng)
     decode_cpu = time.thread_time() - t0
+    split = _stage_split(stream, samples)
     return {
         "images": len(samples),
         "mean_kb": statistics.fmean(len(item.data) for _, item in samples) / 1000,
         "read_img_per_cpu_s": len(items) / max(read_cpu, 1e-9),
         "decode_transform_img_per_cpu_s": len(samples) / max(decode_cpu, 1e-9),
+        "stage_ms": {"read": read_cpu * 1e3 / len(items), **split},
+        "bare_pil_rrc_img_per_cpu_s": bare_decode_rrc(samples, stream.transform),
     }
+
+
+def _stage_split(stream: DataStream, samples) -> dict:
+    """CPU ms per image of each stage of the stream's transform: decode (at the drafted size),
+    crop (resize to the output + tensor), and collate (stack a batch + sample its masks)."""
+    transform = stream.transform
+    decode = crop = 0.0
+    tensors = []
+    for position, item in samples:
+        rng = random.Random(f"{stream.seed}/0/{position}")
+        t0 = time.thread_time()
+        img = open_image(item.data)
+        box = sample_crop_box(img.width, img.height, transform.crop_scale, transform.ratio, rng)
+        img, resize_box = transform._decode(img, box)
+        t1 = time.thread_time()
+        img = img.resize((transform.crop_size, transform.crop_size), Image.BILINEAR, box=resize_box)
+        if img.mode != "RGB":
+            img = to_rgb(img)
+        tensors.append(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous())
+        t2 = time.thread_time()
+        decode, crop = decode + t1 - t0, crop + t2 - t1
+    batch_size = stream.plan.batch_size
+    t0 = time.thread_time()
+    batches = 0
+    for start in range(0, len(tensors) - batch_size + 1, batch_size):
+        torch.stack(tensors[start:start + batch_size])
+        stream.collator.sample(batch_size, step=batches, rank=stream.rank)
+        batches += 1
+    collate = time.thread_time() - t0
+    n = len(samples)
+    return {"decode": decode * 1e3 / n, "crop": crop * 1e3 / n,
+            "collate": collate * 1e3 / max(1, batches * batch_size)}
+
+
+def bare_decode_rrc(samples, transform: ImageTransform) -> float:
+    """Images per CPU-second of the plain loop the loader is measured against: PIL full decode
+    to RGB, RandomResizedCrop (same box sampler) to the output size, uint8 tensor."""
+    size = transform.crop_size
+    rng = random.Random(0)
+    t0 = time.thread_time()
+    for _, item in samples:
+        img = Image.open(io.BytesIO(item.data)).convert("RGB")
+        box = sample_crop_box(img.width, img.height, transform.crop_scale, transform.ratio, rng)
+        img = img.resize((size, size), Image.BILINEAR, box=(box.left, box.top, box.left + box.width,
+                                                             box.top + box.height))
+        torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    return len(samples) / max(time.thread_time() - t0, 1e-9)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measure_rss_over_epochs(source, num_workers: int, epochs: int, *, batch_size, crop_size, patch_size,
+                            world_size, rank, seed, shuffle_buffer, log=print) -> list[dict]:
+    """RSS of this process and of its loader workers at the end of each of `epochs` full epochs
+    (Linux /proc); flat numbers mean nothing leaks per epoch (streams, sockets, workers)."""
+    stream = _build_stream(
+        source, workers=num_workers, batch_size=batch_size, crop_size=crop_size, patch_size=patch_size,
+        world_size=world_size, rank=rank, seed=seed, shuffle_buffer=shuffle_buffer,
+    )
+    rows = []
+    try:
+        for epoch in range(epochs):
+            start = time.perf_counter()
+            images = sum(batch["images"].shape[0] for batch in stream.epoch_batches())
+            wall = time.perf_counter() - start
+            loader = stream._loader
+            workers = [w.pid for w in loader._iterator._workers] if loader is not None and loader._iterator is not None else []
+            row = {"epoch": epoch + 1, "img_per_s": images / wall, "main_rss_mb": _rss_mb(os.getpid()),
+                   "workers_rss_mb": sum(_rss_mb(pid) for pid in workers), "worker_pids": len(workers)}
+            rows.append(row)
+            log(f"epoch {epoch + 1}: {row['img_per_s']:.0f} img/s, RSS main {row['main_rss_mb']:.0f} MB, "
+                f"{len(workers)} workers {row['workers_rss_mb']:.0f} MB")
+    finally:
+        stream.close()
+    return rows
 
 
 def benchmark_stream(
@@ -240,6 +324,7 @@ def benchmark_stream(
     index_url: Optional[str] = None,
     per_core_images: int = 512,
     threads: Optional[int] = 1,
+    rss_epochs: int = 0,
     log=print,
 ) -> dict:
     """Time the rank's DataStream for each worker count; return a JSON-serialisable summary.
@@ -285,8 +370,14 @@ def benchmark_stream(
             summary["results"].append(row)
             log(
                 f"workers={num_workers}: {row['img_per_s']:.0f} img/s, first batch {row['first_batch_s']:.2f} s, "
-                f"decode+transform {row['decode_transform_img_per_cpu_s']:.0f} img/CPU-s"
+                f"decode+transform {row['decode_transform_img_per_cpu_s']:.0f} img/CPU-s, bare PIL decode+RRC "
+                f"{row['bare_pil_rrc_img_per_cpu_s']:.0f} img/CPU-s"
             )
+        if rss_epochs > 0:
+            summary["rss"] = measure_rss_over_epochs(
+                source, max(workers), rss_epochs, batch_size=batch_size, crop_size=crop_size,
+                patch_size=patch_size, world_size=world_size, rank=rank, seed=seed,
+                shuffle_buffer=shuffle_buffer, log=log)
         summary["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
         return summary
     finally:
@@ -326,7 +417,8 @@ def _run_one(source, num_workers, *, batch_size, crop_size, patch_size, batches,
                 if len(arrivals) >= total:
                     break
         finally:
-            batches_iter.close()  # shuts the loader workers down
+            batches_iter.close()
+    stream.close()  # the loader workers persist across epochs otherwise
     wall = time.perf_counter() - start
 
     window = arrivals[warmup:]
@@ -348,6 +440,8 @@ def _run_one(source, num_workers, *, batch_size, crop_size, patch_size, batches,
         "cpu_busy": window_cpu / window_wall if window_cpu is not None else None,
         "decode_transform_img_per_cpu_s": per_core["decode_transform_img_per_cpu_s"],
         "read_img_per_cpu_s": per_core["read_img_per_cpu_s"],
+        "bare_pil_rrc_img_per_cpu_s": per_core["bare_pil_rrc_img_per_cpu_s"],
+        "stage_ms": per_core["stage_ms"],
         "warmup_batches": warmup,
         "measured_batches": measured,
         "steps_per_epoch": stream.steps_per_epoch,
@@ -366,16 +460,24 @@ def _num(value, fmt=".0f") -> str:
 def format_table(summary: dict) -> str:
     header = (
         f"{'workers':>7} | {'img/s':>6} | {'1st batch s':>11} | {'batch ms p50/max':>16} | "
-        f"{'pipeline img/CPU-s':>18} | {'CPU busy':>8} | {'decode+RRC img/CPU-s':>20} | {'tar read img/CPU-s':>18}"
+        f"{'pipeline img/CPU-s':>18} | {'CPU busy':>8} | {'decode+RRC img/CPU-s':>20} | "
+        f"{'bare PIL limit':>14} | {'pipeline/limit':>14} | {'ms/img read/decode/crop/collate':>31}"
     )
     lines = [header, "-" * len(header)]
     for r in summary["results"]:
+        ms = r["stage_ms"]
+        ratio = r["pipeline_img_per_cpu_s"] / r["bare_pil_rrc_img_per_cpu_s"] if r["pipeline_img_per_cpu_s"] else None
         lines.append(
             f"{r['workers']:>7} | {r['img_per_s']:>6.0f} | {r['first_batch_s']:>11.2f} | "
             f"{r['batch_ms_p50']:>7.0f} / {r['batch_ms_max']:<6.0f} | {_num(r['pipeline_img_per_cpu_s']):>18} | "
             f"{_num(r['cpu_busy'], '.2f'):>8} | "
-            f"{r['decode_transform_img_per_cpu_s']:>20.0f} | {r['read_img_per_cpu_s']:>18.0f}"
+            f"{r['decode_transform_img_per_cpu_s']:>20.0f} | {r['bare_pil_rrc_img_per_cpu_s']:>14.0f} | "
+            f"{_num(ratio, '.0%'):>14} | "
+            f"{ms['read']:.3f} / {ms['decode']:.3f} / {ms['crop']:.3f} / {ms['collate']:.3f}".rjust(31)
         )
+    for r in summary.get("rss", []):
+        lines.append(f"RSS after epoch {r['epoch']}: main {r['main_rss_mb']:.0f} MB, {r['worker_pids']} workers "
+                     f"{r['workers_rss_mb']:.0f} MB ({r['img_per_s']:.0f} img/s)")
     return "\n".join(lines)
 
 
@@ -413,6 +515,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-core-images", type=int, default=512,
                         help="images for the single-process decode+transform measurement")
+    parser.add_argument("--rss-epochs", type=int, default=0,
+                        help="then run this many full epochs with the largest worker count and report RSS per epoch")
     args = parser.parse_args(argv)
     if args.batches < 1 or (args.warmup is not None and args.warmup < 0):
         parser.error("--batches must be >= 1 and --warmup >= 0")
@@ -432,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
             patch_size=args.patch_size, batches=args.batches, warmup=args.warmup,
             world_size=args.world_size, rank=args.rank, shuffle_buffer=args.shuffle_buffer,
             seed=args.seed, index_url=args.index, per_core_images=args.per_core_images,
-            log=lambda msg: print(msg, file=sys.stderr, flush=True),
+            rss_epochs=args.rss_epochs, log=lambda msg: print(msg, file=sys.stderr, flush=True),
         )
     except (MissingDependencyError, ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")

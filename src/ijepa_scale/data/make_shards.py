@@ -1,10 +1,15 @@
-"""Write an ImageFolder tree as webdataset-compatible tar shards plus a JSON index.
+"""Convert images into webdataset-compatible tar shards plus a JSON index.
+
+Sources (`--src-format`): an ImageFolder tree (`folder`), a folder of per-synset tars as
+ImageNet-22K ships (`synset-tars`), or a `path<TAB>label` file list (`list`). Output: a local
+folder or any fsspec URL.
 
 Each sample is three adjacent tar members: `{key}.{jpg|png|webp}` (encoded image),
 `{key}.cls` (class index, ASCII decimal) and `{key}.json` (`{"class", "path"}`).
-Shards are `{prefix}-{i:06d}.tar`; the index is `{prefix}-index.json` beside them.
+Shards are `{prefix}-{i:06d}.tar`; the index is `{prefix}-index.json` beside them, with
+`{prefix}-classes.txt`, `{prefix}-plan.json` and `{prefix}-parts/` (per-shard records, for resume).
 
-    python -m ijepa_scale.data.make_shards --src /data/imagenet/train --out shards/in1k \
+    ijepa-scale make-shards --src /data/imagenet/train --out shards/in1k \
         --samples-per-shard 1000 --resize-short-side 512 --workers 16
 """
 
@@ -12,16 +17,22 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import glob
+import hashlib
 import io
 import json
 import logging
 import multiprocessing
 import os
+import posixpath
 import random
+import re
+import shutil
 import sys
 import tarfile
+import tempfile
 import time
-from collections import deque
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -186,7 +197,8 @@ def write_index(
         "version": INDEX_VERSION,
         "prefix": prefix,
         "num_samples": sum(int(s["num_samples"]) for s in shards),
-        "shards": [{"url": s["url"], "num_samples": int(s["num_samples"])} for s in shards],
+        "shards": [{"url": s["url"], "num_samples": int(s["num_samples"]),
+                    **{k: s[k] for k in ("bytes", "sha256") if k in s}} for s in shards],
         "classes": list(classes),
         "class_counts": None,
         "skipped": [],
@@ -194,6 +206,10 @@ def write_index(
     index.update(extra or {})
     _atomic_write_text(path, json.dumps(index, indent=1) + "\n")
     return index
+
+
+def _index_text(index: dict) -> str:
+    return json.dumps(index, indent=1) + "\n"
 
 
 def read_index(path_or_url: str | os.PathLike) -> dict:
@@ -239,8 +255,11 @@ def shard_urls(index: dict, index_location: str | os.PathLike) -> list[str]:
 
 @dataclass(frozen=True)
 class SourceSample:
-    rel_path: str  # POSIX path relative to the source root
+    rel_path: str  # POSIX path relative to the source root (for a synset tar: "<tar name>/<member>")
     cls: int
+    size: int = 0  # bytes of the source file, when known (plans shards by bytes)
+    tar: str | None = None  # synset tars: the tar holding the member, and where its data starts
+    offset: int = 0
 
 
 def list_image_folder(src_root: str | os.PathLike) -> tuple[list[str], list[SourceSample]]:
@@ -259,16 +278,97 @@ def list_image_folder(src_root: str | os.PathLike) -> tuple[list[str], list[Sour
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel_dir = Path(dirpath).relative_to(root).as_posix()
             found.extend(
-                f"{rel_dir}/{fn}"
+                (f"{rel_dir}/{fn}", _file_size(os.path.join(dirpath, fn)))
                 for fn in filenames
                 if not fn.startswith(".") and fn.lower().endswith(SOURCE_SUFFIXES)
             )
         if not found:
             empty.append(str(root / name))
-        samples.extend(SourceSample(p, cls) for p in sorted(found))
+        samples.extend(SourceSample(p, cls, size) for p, size in sorted(found))
     if empty:
         shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         raise DatasetError(f"{len(empty)} class directories contain no images: {shown}")
+    return classes, samples
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def list_synset_tars(src_dir: str | os.PathLike, num_workers: int = 1) -> tuple[list[str], list[SourceSample], list[dict]]:
+    """IN-22K layout: a folder of `<synset>.tar`, each holding that synset's images.
+
+    Classes are the sorted tar names without `.tar`. Returns (classes, samples, problems):
+    a tar that cannot be listed to its end keeps the members before the damage and is
+    reported; its class stays in the class list (possibly empty).
+    """
+    root = Path(src_dir)
+    if not root.is_dir():
+        raise DatasetError(f"source directory does not exist: {root}")
+    tars = sorted(e.name for e in os.scandir(root) if e.name.endswith(".tar") and not e.name.startswith("."))
+    if not tars:
+        raise DatasetError(f"no <synset>.tar files in {root} (expected e.g. {root}/n01440764.tar)")
+    classes = [name[: -len(".tar")] for name in tars]
+    samples: list[SourceSample] = []
+    problems: list[dict] = []
+    listings = _map(_list_tar, [str(root / name) for name in tars], num_workers)
+    for cls, (name, (members, error)) in enumerate(zip(tars, listings)):
+        samples.extend(SourceSample(f"{name}/{m}", cls, size, str(root / name), offset) for m, offset, size in members)
+        if error is not None:
+            problems.append({"path": name, "error": f"synset tar listed to member {len(members)} only: {error}"})
+    return classes, samples, problems
+
+
+def _list_tar(path: str) -> tuple[list[tuple[str, int, int]], str | None]:
+    """(name, data offset, size) of the image members of a tar, and the error that ended the listing early."""
+    members = []
+    try:
+        file_size = os.stat(path).st_size
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if info.isreg() and info.name.lower().endswith(SOURCE_SUFFIXES):
+                    if info.offset_data + info.size > file_size:
+                        raise tarfile.ReadError(f"{info.name} ends past the end of the file (truncated)")
+                    members.append((info.name, info.offset_data, info.size))
+                tar.members = []
+            if tar.offset > file_size:
+                raise tarfile.ReadError("truncated")
+    except (OSError, tarfile.TarError) as exc:
+        return members, f"{type(exc).__name__}: {exc}"
+    return members, None
+
+
+def list_file_list(list_file: str | os.PathLike) -> tuple[list[str], list[SourceSample]]:
+    """`path<TAB>label` lines (relative paths are relative to the list's folder).
+
+    Integer labels are class indices (classes "0".."max"); other labels are class names,
+    indexed in sorted order."""
+    path = Path(list_file)
+    if not path.is_file():
+        raise DatasetError(f"file list does not exist: {path}")
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        if "\t" not in line:
+            raise DatasetError(f"{path}:{number}: expected 'path<TAB>label', got {line[:80]!r}")
+        file, label = line.rsplit("\t", 1)
+        entries.append((file.strip(), label.strip()))
+    if not entries:
+        raise DatasetError(f"file list {path} has no 'path<TAB>label' lines")
+    labels = [label for _, label in entries]
+    if all(label.isdigit() for label in labels):
+        classes = [str(i) for i in range(max(int(label) for label in labels) + 1)]
+        index = {c: i for i, c in enumerate(classes)}
+    else:
+        classes = sorted(set(labels))
+        index = {c: i for i, c in enumerate(classes)}
+    base = path.parent
+    samples = [SourceSample(file, index[str(int(label)) if label.isdigit() else label],
+                            _file_size(os.path.join(base, file))) for file, label in entries]
     return classes, samples
 
 
@@ -346,10 +446,131 @@ def to_rgb_or_l(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _map(function, items: list, num_workers: int) -> list:
+    if num_workers <= 1 or len(items) < 2:
+        return [function(item) for item in items]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+        return list(pool.map(function, items, chunksize=max(1, len(items) // (8 * num_workers))))
+
+
+def convert_for_shard(data: bytes, rel_path: str, resize_short_side: int | None) -> tuple[bytes, str, str | None]:
+    """(bytes, ext, note) to store for one source file; note says what was changed, if anything.
+
+    Empty and undecodable files raise. CMYK and greyscale JPEGs are converted to RGB (other
+    readers mishandle the first and expect 3 channels); a file whose content is another
+    format than its name says is stored under its real format's extension.
+    """
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    img = Image.open(io.BytesIO(data))
+    note = None
+    if img.format in ("JPEG", "MPO") and img.mode in ("CMYK", "L"):
+        kind = "CMYK" if img.mode == "CMYK" else "greyscale"
+        img.load()
+        out = io.BytesIO()
+        rgb = img.convert("RGB")
+        if resize_short_side is not None and min(rgb.size) > resize_short_side:
+            rgb = _resized(rgb, resize_short_side)
+        rgb.save(out, "JPEG", quality=JPEG_QUALITY)
+        return out.getvalue(), "jpg", f"{kind} JPEG converted to RGB"
+    named = rel_path.rsplit(".", 1)[-1].lower()
+    named_format = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}.get(named)
+    if named_format and img.format not in (named_format, "MPO" if named_format == "JPEG" else None):
+        note = f"{img.format} data named .{named}"
+    stored, ext = encode_for_shard(data, resize_short_side)
+    if note:
+        note += f", stored as .{ext}"
+    return stored, ext, note
+
+
+def _resized(img: Image.Image, short_side: int) -> Image.Image:
+    width, height = img.size
+    if width <= height:
+        size = (short_side, max(1, round(height * short_side / width)))
+    else:
+        size = (max(1, round(width * short_side / height)), short_side)
+    return img.resize(size, Image.LANCZOS)
+
+
+def _read_source(src_root: str, sample: SourceSample) -> bytes:
+    if sample.tar is None:
+        with open(os.path.join(src_root, sample.rel_path), "rb") as f:
+            return f.read()
+    with open(sample.tar, "rb") as f:
+        f.seek(sample.offset)
+        data = f.read(sample.size)
+    if len(data) != sample.size:
+        raise OSError(f"truncated synset tar: {len(data)} of {sample.size} bytes")
+    return data
+
+
+class Output:
+    """The destination folder: a local directory or any fsspec URL (s3://bucket/prefix, gs://...).
+
+    Remote shards are written to a local staging file and uploaded under their final name only
+    when complete (an object store makes an upload visible at once), so no reader ever sees a
+    partial shard under a final name; locally the shard is renamed into place.
+    """
+
+    def __init__(self, location: str | os.PathLike):
+        location = os.fspath(location)
+        if location.startswith("file://"):
+            location = location[len("file://"):]
+        self.location = location.rstrip("/") or "/"
+        self.remote = "://" in location
+        if self.remote:
+            from .remote import filesystem
+
+            self.fs, self.root = filesystem(self.location)
+            self.fs.makedirs(self.root, exist_ok=True)
+        else:
+            Path(self.location).mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        return f"{self.location}/{name}" if self.remote else os.path.join(self.location, name)
+
+    def names(self, pattern: str) -> list[str]:
+        if self.remote:
+            self.fs.invalidate_cache(self.root)
+            found = self.fs.glob(f"{self.root}/{pattern}")
+        else:
+            found = glob.glob(os.path.join(glob.escape(self.location), pattern))
+        return sorted(posixpath.basename(p) for p in found)
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(f"{self.root}/{name}") if self.remote else os.path.exists(self.path(name))
+
+    def read_text(self, name: str) -> str | None:
+        if not self.exists(name):
+            return None
+        if self.remote:
+            return self.fs.cat_file(f"{self.root}/{name}").decode()
+        return Path(self.path(name)).read_text(encoding="utf-8")
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.remote:
+            self.fs.pipe_file(f"{self.root}/{name}", text.encode())
+        else:
+            _atomic_write_text(Path(self.path(name)), text)
+
+    def remove(self, name: str) -> None:
+        if self.remote:
+            self.fs.rm_file(f"{self.root}/{name}")
+        else:
+            Path(self.path(name)).unlink(missing_ok=True)
+
+    def publish(self, local_file: Path, name: str) -> None:
+        if self.remote:
+            self.fs.put_file(str(local_file), f"{self.root}/{name}")
+            local_file.unlink()
+        # locally, ShardWriter already renamed the shard into place
+
+
 @dataclass
 class _ShardTask:
     src_root: str
-    out_dir: str
+    out: str
     prefix: str
     shard_idx: int
     samples: list[SourceSample]
@@ -357,47 +578,120 @@ class _ShardTask:
     resize_short_side: int | None
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _write_shard(task: _ShardTask) -> dict:
-    """Write one shard; returns its index entry plus class counts and skipped files."""
+    """Write one shard; returns its record: index entry, class counts, skipped and converted files."""
     class_counts = [0] * len(task.classes)
-    skipped = []
-    writer = ShardWriter(task.out_dir, task.prefix, start_index=task.shard_idx)
-    with writer:
-        # Even a shard whose files are all unreadable is written, so numbering has no gaps.
-        writer.start_shard()
-        for pos, sample in enumerate(task.samples):
-            try:
-                with open(os.path.join(task.src_root, sample.rel_path), "rb") as f:
-                    raw = f.read()
-                data, ext = encode_for_shard(raw, task.resize_short_side)
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-                skipped.append({"path": sample.rel_path, "error": f"{type(e).__name__}: {e}"})
-                continue
-            meta = {"class": task.classes[sample.cls], "path": sample.rel_path}
-            writer.write(f"{task.shard_idx:06d}_{pos:06d}", data, ext, sample.cls, meta)
-            class_counts[sample.cls] += 1
-    (entry,) = writer.close()
-    return {"shard": entry, "class_counts": class_counts, "skipped": skipped}
+    skipped, converted = [], []
+    out = Output(task.out)
+    staging = Path(tempfile.mkdtemp(prefix="make-shards-")) if out.remote else Path(task.out)
+    try:
+        writer = ShardWriter(staging, task.prefix, start_index=task.shard_idx)
+        with writer:
+            # Even a shard whose files are all unreadable is written, so numbering has no gaps.
+            writer.start_shard()
+            for pos, sample in enumerate(task.samples):
+                try:
+                    data, ext, note = convert_for_shard(_read_source(task.src_root, sample), sample.rel_path,
+                                                        task.resize_short_side)
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                    skipped.append({"path": sample.rel_path, "error": f"{type(e).__name__}: {e}"})
+                    continue
+                if note:
+                    converted.append({"path": sample.rel_path, "note": note})
+                meta = {"class": task.classes[sample.cls], "path": sample.rel_path}
+                writer.write(f"{task.shard_idx:06d}_{pos:06d}", data, ext, sample.cls, meta)
+                class_counts[sample.cls] += 1
+        (entry,) = writer.close()
+        local = staging / entry["url"]
+        entry["bytes"] = local.stat().st_size
+        entry["sha256"] = _sha256(local)
+        out.publish(local, entry["url"])
+    finally:
+        if out.remote:
+            shutil.rmtree(staging, ignore_errors=True)
+    return {"shard": entry, "class_counts": class_counts, "skipped": skipped, "converted": converted}
 
 
 def _run_tasks(tasks: Iterable[_ShardTask], num_workers: int) -> Iterator[dict]:
-    """Results in task order; at most 2 * num_workers tasks in flight."""
+    """Results in completion order; at most 2 * num_workers tasks in flight."""
     if num_workers <= 1:
         yield from map(_write_shard, tasks)
         return
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-        pending: deque[concurrent.futures.Future] = deque()
+        pending: set[concurrent.futures.Future] = set()
         for task in tasks:
-            pending.append(pool.submit(_write_shard, task))
+            pending.add(pool.submit(_write_shard, task))
             if len(pending) >= 2 * num_workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+                done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        for future in concurrent.futures.as_completed(pending):
+            yield future.result()
+
+
+class Progress:
+    """One status line on stderr: images done, img/s, ETA (redrawn in place on a terminal)."""
+
+    def __init__(self, total_images: int, total_shards: int, stream=None, interval_s: float | None = None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.interval_s = interval_s if interval_s is not None else (0.5 if self.tty else 30.0)
+        self.total_images, self.total_shards = total_images, total_shards
+        self.images = self.shards = 0
+        self.start = self.last = time.monotonic()
+        self.resumed_images = 0
+
+    def update(self, images: int, final: bool = False) -> None:
+        self.images += images
+        self.shards += 1
+        now = time.monotonic()
+        if final or now - self.last >= self.interval_s:
+            self.last = now
+            self.stream.write(("\r" if self.tty else "") + self.line(now) + ("" if self.tty and not final else "\n"))
+            self.stream.flush()
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        rate = (self.images - self.resumed_images) / elapsed
+        left = self.total_images - self.images
+        eta = _hms(left / rate) if rate > 0 else "?"
+        return (f"make-shards: {self.shards}/{self.total_shards} shards, {self.images}/{self.total_images} images "
+                f"({100 * self.images / max(1, self.total_images):.1f}%), {rate:.0f} img/s, "
+                f"elapsed {_hms(elapsed)}, ETA {eta}")
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def parse_bytes(text: str | int) -> int:
+    """'1GB' -> 10**9, '512MiB' -> 512 * 2**20, '1000' -> 1000."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)\s*", str(text).lower())
+    if not match:
+        raise DatasetError(f"--shard-bytes {text!r}: expected a size such as 1GB, 500MB or 2GiB")
+    number, unit = float(match.group(1)), match.group(2).rstrip("b")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
+    value = int(number * scale)
+    if value < 1:
+        raise DatasetError(f"--shard-bytes {text!r} must be at least 1 byte")
+    return value
 
 
 def existing_outputs(out_dir: str | os.PathLike, prefix: str) -> list[Path]:
-    """Shards and index already in `out_dir` under `prefix`."""
+    """Shards and index already in the local folder `out_dir` under `prefix`."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
@@ -407,41 +701,76 @@ def existing_outputs(out_dir: str | os.PathLike, prefix: str) -> list[Path]:
     return found
 
 
-def make_shards_from_folder(
-    src_root: str | os.PathLike,
+def _existing_names(out: "Output", prefix: str) -> list[str]:
+    found = out.names(f"{prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")
+    for extra in (f"{prefix}-index.json", _plan_name(prefix)):
+        if out.exists(extra):
+            found.append(extra)
+    return found
+
+
+def _plan_name(prefix: str) -> str:
+    return f"{prefix}-plan.json"
+
+
+def _record_name(prefix: str, shard_idx: int) -> str:
+    return f"{prefix}-parts/{shard_idx:06d}.json"
+
+
+SRC_FORMATS = ("folder", "synset-tars", "list")
+
+
+def list_source(src: str | os.PathLike, src_format: str, num_workers: int = 1):
+    """(src_root, classes, samples, problems) for one of SRC_FORMATS."""
+    if src_format == "folder":
+        classes, samples = list_image_folder(src)
+        return os.fspath(src), classes, samples, []
+    if src_format == "synset-tars":
+        classes, samples, problems = list_synset_tars(src, num_workers)
+        return os.fspath(src), classes, samples, problems
+    if src_format == "list":
+        classes, samples = list_file_list(src)
+        return os.fspath(Path(src).parent), classes, samples, []
+    raise DatasetError(f"--src-format {src_format!r}: use one of {', '.join(SRC_FORMATS)}")
+
+
+def make_shards(
+    src: str | os.PathLike,
     out_dir: str | os.PathLike,
+    src_format: str = "folder",
     prefix: str = "train",
     num_shards: int | None = None,
     samples_per_shard: int = 1000,
+    shard_bytes: int | str | None = None,
     seed: int = 0,
     resize_short_side: int | None = None,
     max_per_class: int | None = None,
     num_workers: int = 1,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> dict:
-    """Convert an ImageFolder tree into class-balanced shards; returns the index dict.
+    """Convert a source (ImageFolder tree, folder of synset tars, or file list) into class-balanced
+    shards; returns the index dict.
 
-    `num_shards` takes precedence over `samples_per_shard`. Only the list of paths is held
-    in memory; images are streamed shard by shard (in `num_workers` processes). Unreadable
-    files are skipped and listed in the index under "skipped"; they make their shard
-    correspondingly smaller.
+    Shard count: `num_shards`, else from `shard_bytes` (source bytes per shard), else from
+    `samples_per_shard`. A re-run with the same arguments resumes: complete shards are kept,
+    the others are redone. Unreadable inputs are skipped, and converted ones listed, in the
+    index's report; they make their shard correspondingly smaller.
     """
-    out = Path(out_dir)
     if samples_per_shard < 1:
         raise DatasetError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if resize_short_side is not None and resize_short_side < 1:
         raise DatasetError(f"resize_short_side must be >= 1, got {resize_short_side}")
     if max_per_class is not None and max_per_class < 1:
         raise DatasetError(f"max_per_class must be >= 1, got {max_per_class}")
-    existing = existing_outputs(out, prefix)
-    if existing and not overwrite:
-        raise DatasetError(
-            f"{out} already holds shards or an index with prefix {prefix!r} "
-            f"(e.g. {existing[0].name}); pass overwrite=True / --overwrite to replace them"
-        )
+    if not prefix or "/" in prefix:
+        raise DatasetError(f"invalid shard prefix {prefix!r}")
+    shard_bytes = parse_bytes(shard_bytes) if shard_bytes is not None else None
 
     start = time.monotonic()
-    classes, samples = list_image_folder(src_root)
+    src_root, classes, samples, problems = list_source(src, src_format, num_workers)
+    if not samples:
+        raise DatasetError(f"no images found in {src} (--src-format {src_format})")
     if max_per_class is not None:
         order = list(range(len(samples)))
         random.Random(seed).shuffle(order)
@@ -453,83 +782,167 @@ def make_shards_from_folder(
                 keep.append(i)
         samples = [samples[i] for i in sorted(keep)]
     if num_shards is None:
-        num_shards = -(-len(samples) // samples_per_shard)
+        if shard_bytes is not None:
+            num_shards = max(1, -(-sum(s.size for s in samples) // shard_bytes))
+        else:
+            num_shards = -(-len(samples) // samples_per_shard)
     assignment = assign_balanced([s.cls for s in samples], num_shards, seed)
     logger.info("%d images in %d classes -> %d shards", len(samples), len(classes), num_shards)
 
-    for stale in existing:  # only reached with overwrite=True
-        stale.unlink()
-    tasks = (
-        _ShardTask(
-            os.fspath(src_root), os.fspath(out), prefix, shard_idx,
-            [samples[i] for i in positions], classes, resize_short_side,
+    out = Output(out_dir)
+    plan_digest = hashlib.sha256()
+    for shard in assignment:
+        for i in shard:
+            plan_digest.update(f"{samples[i].rel_path}\t{samples[i].cls}\n".encode())
+        plan_digest.update(b"--\n")
+    plan = {"src": os.path.abspath(src) if "://" not in os.fspath(src) else os.fspath(src),
+            "src_format": src_format, "prefix": prefix, "num_shards": num_shards, "seed": seed,
+            "resize_short_side": resize_short_side, "samples": plan_digest.hexdigest()}
+    existing = _existing_names(out, prefix)
+    old_plan = out.read_text(_plan_name(prefix))
+    resuming = old_plan is not None and json.loads(old_plan) == plan and not overwrite
+    if existing and not resuming and not overwrite:
+        raise DatasetError(
+            f"{out_dir} already holds shards or an index with prefix {prefix!r} from another conversion "
+            f"(e.g. {existing[0]}); pass overwrite=True / --overwrite to replace them"
         )
-        for shard_idx, positions in enumerate(assignment)
-    )
-    shards, skipped = [], []
-    class_counts = [0] * len(classes)
-    for result in _run_tasks(tasks, num_workers):
-        shards.append(result["shard"])
-        skipped.extend(result["skipped"])
-        class_counts = [a + b for a, b in zip(class_counts, result["class_counts"])]
-        if len(shards) % 100 == 0:
-            logger.info("%d/%d shards written", len(shards), num_shards)
-    for item in skipped:
-        logger.warning("skipped unreadable file %s (%s)", item["path"], item["error"])
+    records: dict[int, dict] = {}
+    if resuming:
+        for shard_idx in range(num_shards):
+            text = out.read_text(_record_name(prefix, shard_idx))
+            if text is not None and out.exists(shard_name(prefix, shard_idx)):
+                records[shard_idx] = json.loads(text)
+        logger.info("resuming: %d of %d shards are complete and kept", len(records), num_shards)
+    else:
+        for stale in existing:
+            out.remove(stale)
+        for stale in out.names(f"{prefix}-parts/*.json"):
+            out.remove(f"{prefix}-parts/{stale}")
+        out.write_text(_plan_name(prefix), json.dumps(plan, indent=1) + "\n")
+    if not out.remote:  # staging files of an interrupted run
+        for stale in glob.glob(os.path.join(glob.escape(out.location), f".{prefix}-*.tar.tmp-*")):
+            os.unlink(stale)
+        Path(out.path(f"{prefix}-parts")).mkdir(exist_ok=True)
 
-    return write_index(
-        index_path(out, prefix),
-        shards,
-        classes,
-        extra={
-            "prefix": prefix,
-            "class_counts": class_counts,
-            "skipped": skipped,
-            "source": os.path.abspath(src_root),
-            "seed": seed,
-            "resize_short_side": resize_short_side,
-            "elapsed_s": round(time.monotonic() - start, 3),
-        },
+    tasks = (
+        _ShardTask(src_root, out.location, prefix, shard_idx, [samples[i] for i in positions], classes,
+                   resize_short_side)
+        for shard_idx, positions in enumerate(assignment)
+        if shard_idx not in records
     )
+    meter = Progress(len(samples), num_shards) if progress else None
+    if meter is not None:
+        for shard_idx in records:
+            meter.images += len(assignment[shard_idx])
+            meter.shards += 1
+        meter.resumed_images = meter.images
+    try:
+        for result in _run_tasks(tasks, num_workers):
+            shard_idx = int(result["shard"]["url"][len(prefix) + 1: len(prefix) + 7])
+            # The record marks the shard complete for a resumed run; it is written after the shard.
+            out.write_text(_record_name(prefix, shard_idx), json.dumps(result) + "\n")
+            records[shard_idx] = result
+            if meter is not None:
+                meter.update(len(assignment[shard_idx]), final=len(records) == num_shards)
+    except KeyboardInterrupt:
+        raise DatasetError(f"interrupted with {len(records)} of {num_shards} shards complete; run the same "
+                           f"command again to convert the rest") from None
+
+    ordered = [records[i] for i in range(num_shards)]
+    skipped = problems + [item for r in ordered for item in r["skipped"]]
+    converted = [item for r in ordered for item in r.get("converted", [])]
+    for item in skipped:
+        logger.warning("skipped %s (%s)", item["path"], item["error"])
+    class_counts = [sum(r["class_counts"][c] for r in ordered) for c in range(len(classes))]
+    classes_file = f"{prefix}-classes.txt"
+    out.write_text(classes_file, "".join(f"{c}\n" for c in classes))
+    index = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "prefix": prefix,
+        "num_samples": sum(int(r["shard"]["num_samples"]) for r in ordered),
+        "shards": [r["shard"] for r in ordered],
+        "classes": list(classes),
+        "classes_file": classes_file,
+        "class_counts": class_counts,
+        "skipped": skipped,
+        "converted": converted,
+        "report": {"skipped": dict(Counter(_reason(i["error"]) for i in skipped)),
+                   "converted": dict(Counter(i["note"] for i in converted))},
+        "source": plan["src"],
+        "src_format": src_format,
+        "seed": seed,
+        "resize_short_side": resize_short_side,
+        "elapsed_s": round(time.monotonic() - start, 3),
+    }
+    out.write_text(f"{prefix}-index.json", _index_text(index))
+    return index
+
+
+def _reason(error: str) -> str:
+    """A short category of a skip reason for the summary."""
+    lowered = error.lower()
+    for key, label in (("empty file", "empty file"), ("synset tar", "truncated synset tar"),
+                       ("cannot identify", "not an image"), ("truncated", "truncated image"),
+                       ("no such file", "missing file"), ("permission", "unreadable file")):
+        if key in lowered:
+            return label
+    return error.split(":", 1)[0]
+
+
+def make_shards_from_folder(src_root: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> dict:
+    """Convert an ImageFolder tree (see `make_shards`)."""
+    return make_shards(src_root, out_dir, src_format="folder", **kwargs)
 
 
 def summary_line(index: dict, out_dir: str | os.PathLike) -> str:
     sizes = [s["num_samples"] for s in index["shards"]]
+    report = index.get("report", {})
+    skipped = ", ".join(f"{n} {why}" for why, n in report.get("skipped", {}).items())
+    converted = ", ".join(f"{n} {what}" for what, n in report.get("converted", {}).items())
     return (
         f"wrote {index['num_samples']} samples ({len(index['classes'])} classes) to "
         f"{len(sizes)} shards of {min(sizes)}-{max(sizes)} samples in {out_dir} "
         f"(index {index['prefix']}-index.json); skipped {len(index['skipped'])} unreadable files"
+        + (f" ({skipped})" if skipped else "")
+        + f"; converted {len(index.get('converted', []))}" + (f" ({converted})" if converted else "")
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="ijepa-scale make-shards",
-        description="Convert an ImageFolder tree (src/<class>/**/*.jpg) into tar shards.",
+        description="Convert an ImageFolder tree, a folder of per-synset tars or a file list into tar shards "
+                    "(local folder or any fsspec URL). Re-running the same command resumes.",
     )
-    parser.add_argument("--src", required=True, help="ImageFolder root")
-    parser.add_argument("--out", required=True, help="output directory for shards and index")
+    parser.add_argument("--src", required=True,
+                        help="ImageFolder root, folder of <synset>.tar, or a path<TAB>label list file")
+    parser.add_argument("--src-format", choices=SRC_FORMATS, default="folder")
+    parser.add_argument("--out", required=True, help="output folder or URL (s3://bucket/prefix) for shards and index")
     parser.add_argument("--prefix", default="train")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--num-shards", type=int, default=None)
     size.add_argument("--samples-per-shard", type=int, default=1000)
+    size.add_argument("--shard-bytes", default=None, help="target source bytes per shard, e.g. 1GB")
     parser.add_argument("--resize-short-side", type=int, default=None,
                         help="downscale images whose short side is larger (re-encoded JPEG q95)")
     parser.add_argument("--max-per-class", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace existing shards/index with the same prefix")
+                        help="replace existing shards/index with the same prefix instead of resuming")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from ..errors import UserError
+
     try:
-        index = make_shards_from_folder(
-            args.src, args.out, prefix=args.prefix, num_shards=args.num_shards,
-            samples_per_shard=args.samples_per_shard, seed=args.seed,
+        index = make_shards(
+            args.src, args.out, src_format=args.src_format, prefix=args.prefix, num_shards=args.num_shards,
+            samples_per_shard=args.samples_per_shard, shard_bytes=args.shard_bytes, seed=args.seed,
             resize_short_side=args.resize_short_side, max_per_class=args.max_per_class,
-            num_workers=args.workers, overwrite=args.overwrite,
+            num_workers=args.workers, overwrite=args.overwrite, progress=True,
         )
-    except DatasetError as e:
+    except (DatasetError, UserError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(summary_line(index, args.out))
 

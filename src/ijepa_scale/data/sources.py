@@ -13,22 +13,22 @@ import hashlib
 import json
 import logging
 import posixpath
+import tarfile
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import braceexpand
-import fsspec
 import torch
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from ..errors import UserError
+from .remote import ReadPolicy, filesystem, is_transient, open_stream, with_retries
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-READ_ATTEMPTS = 3
 FOLDER_IMAGE_SUFFIXES = tuple("." + e for e in IMAGE_EXTENSIONS)
 
 
@@ -70,12 +70,21 @@ class ShardSource:
 
     shuffle_in_stream = True
 
-    def __init__(self, urls: Sequence[str], counts: Sequence[int]):
+    def __init__(self, urls: Sequence[str], counts: Sequence[int], damaged: Sequence["ShardDamage"] = (),
+                 policy: Optional[ReadPolicy] = None):
         if len(urls) != len(counts):
             raise ValueError("urls and counts must have the same length")
         self.urls = list(urls)
         self.counts = [int(c) for c in counts]
         self.num_samples = sum(self.counts)
+        self.damaged = list(damaged)
+        self.policy = policy or ReadPolicy()
+
+    @property
+    def startup_skipped(self) -> int:
+        """Samples known lost before training: one per damaged unindexed shard (the sample the
+        reading stopped in; how many followed it is unknown without an index)."""
+        return len(self.damaged)
 
     def describe(self) -> str:
         return f"{len(self.urls)} shards, {self.num_samples} samples"
@@ -99,43 +108,69 @@ class ShardSource:
                 break
 
     def _read_shard(self, url: str, first: int, stop: int) -> Iterator[RawSample | ReadError]:
+        """Samples first..stop-1 of one shard; a transient failure reopens the shard and skips
+        what was delivered, with exponential backoff, until `policy.attempts` failures in a row."""
+        policy = self.policy
         index = 0  # samples of the shard passed so far
-        for attempt in range(READ_ATTEMPTS):
+        failures = 0
+        while index < stop:
+            progress = index
             try:
-                with fsspec.open(url, "rb") as stream:
+                with open_stream(url, policy) as stream:
                     for n, sample in enumerate(iter_tar_samples(stream, url)):
                         if n < index:
-                            continue  # delivered before a transient error; reading resumes after it
-                        if index >= stop:
-                            break
+                            continue  # delivered before a transient error
                         if index >= first:
                             yield _decode_member(sample, url)
                         index += 1
+                        if index >= stop:
+                            break  # without reading on: the rest may be damaged or not ours
                 break
-            except (OSError, TimeoutError) as exc:  # network or storage hiccup: reopen and continue
-                if isinstance(exc, FileNotFoundError) or attempt == READ_ATTEMPTS - 1:
-                    yield from self._missing(url, index, first, stop, exc)
-                    return
-                logger.warning("reading %s failed (%s: %s); retrying", url, type(exc).__name__, exc)
-                time.sleep(2**attempt)
-            except Exception as exc:  # truncated tar, bad member: skipped and counted
-                yield from self._missing(url, index, first, stop, exc)
+            except Exception as exc:
+                failures = 1 if index > progress else failures + 1
+                error = _error_text(exc)
+                if is_transient(exc) and failures < policy.attempts:
+                    delay = policy.delay(failures)
+                    logger.warning("reading %s failed after %d samples (%s); retry %d/%d in %.1f s", url, index,
+                                   error, failures, policy.attempts - 1, delay)
+                    time.sleep(delay)
+                    continue
+                if is_transient(exc):
+                    message = f"gave up after {failures} failed reads, {index} samples in ({error})"
+                else:
+                    message = f"shard ended after {index} samples ({error})"
+                yield from self._missing(url, index, first, stop, message)
                 return
         # A shard shorter than its index says: the missing samples are counted as errors.
         for _ in range(stop - max(index, first)):
             yield ReadError(url, f"shard has {index} samples, the index says at least {stop}")
 
     @staticmethod
-    def _missing(url: str, index: int, first: int, stop: int, exc: Exception) -> Iterator[ReadError]:
-        message = f"shard ended after {index} samples ({type(exc).__name__}: {exc})"
+    def _missing(url: str, index: int, first: int, stop: int, message: str) -> Iterator[ReadError]:
         for _ in range(stop - max(index, first)):
             yield ReadError(url, message)
 
 
+def _tar_members(stream, url: str) -> Iterator[dict]:
+    """Regular-file members of a tar stream, as webdataset's grouping expects them.
+
+    Python's tarfile ends a stream silently when it is cut inside a member header, so the
+    end-of-archive marker (a zero block after the last member) is checked here: a shard cut at
+    any byte raises ReadError instead of passing for a shorter complete one.
+    """
+    tar = tarfile.open(fileobj=stream, mode="r|*")
+    for info in tar:
+        if info.isreg() and not info.name.startswith("__"):
+            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+        tar.members = []  # stream mode: do not keep every header of a large shard
+    if tar.fileobj.pos < tar.offset + tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"unexpected end of data after byte {tar.fileobj.pos} (the tar has no "
+                                f"end-of-archive marker: truncated)")
+
+
 def iter_tar_samples(stream, url: str) -> Iterator[dict]:
-    """Samples of one tar stream, members grouped by key (webdataset's own tar parser)."""
-    members = ({**member, "__url__": url} for member in tar_file_iterator(stream))
-    return group_by_keys(members)
+    """Samples of one tar stream, members grouped by key (webdataset's grouping)."""
+    return group_by_keys(_tar_members(stream, url))
 
 
 def _decode_member(sample: dict, url: str) -> RawSample | ReadError:
@@ -162,7 +197,7 @@ class ImageFolderSource:
     shuffle_in_stream = False
 
     def __init__(self, root: str):
-        fs, path = fsspec.core.url_to_fs(root)
+        fs, path = filesystem(root)
         if not fs.isdir(path):
             raise FileNotFoundError(
                 f"ImageFolder root {root!r} does not exist: set data.root_path and data.image_folder "
@@ -223,79 +258,152 @@ def _index_candidates(urls: list[str]) -> list[str]:
     return [posixpath.join(directory, f"{stem}-index.json"), posixpath.join(directory, "index.json")]
 
 
-def _read_json(url: str) -> Optional[dict]:
-    fs, path = fsspec.core.url_to_fs(url)
+def _read_json(url: str, policy: Optional[ReadPolicy] = None) -> Optional[dict]:
+    policy = policy or ReadPolicy()
+    fs, path = filesystem(url, policy)
     if not fs.exists(path):
         return None
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read())
+
+    def read():
+        with open_stream(url, policy) as f:
+            return f.read()
+
+    text = with_retries(url, policy, "reading index", read)
+    try:
+        index = json.loads(text)
+        if not isinstance(index, dict) or not all(
+                isinstance(e, dict) and "url" in e and "num_samples" in e for e in index.get("shards", [])):
+            raise ValueError("expected {\"shards\": [{\"url\": ..., \"num_samples\": ...}, ...]}")
+    except ValueError as exc:
+        raise UserError(f"shard index {url} is not a valid index ({exc}); rewrite it with "
+                        f"`ijepa-scale make-shards`, or delete it to have the shards counted") from None
+    return index
 
 
-def _index_counts(index: dict, directory: str) -> dict[str, int]:
-    """url -> sample count for the shards an index lists (their urls are relative to its folder)."""
-    return {
-        posixpath.join(directory, posixpath.basename(entry["url"])): int(entry["num_samples"])
-        for entry in index.get("shards", [])
-    }
+def _index_entries(index: dict, directory: str) -> dict[str, dict]:
+    """url -> entry for the shards an index lists (their urls are relative to its folder)."""
+    return {posixpath.join(directory, posixpath.basename(entry["url"])): entry for entry in index.get("shards", [])}
 
 
-def count_samples(url: str) -> int:
-    with fsspec.open(url, "rb") as stream:
-        return sum(1 for _ in iter_tar_samples(stream, url))
+@dataclass
+class ShardDamage:
+    """An unindexed shard that could not be read to its end while counting its samples."""
+
+    url: str
+    readable: int  # whole samples before the damage; only these are trained on
+    error: str
+
+    def what(self) -> str:
+        if self.readable == 0:
+            return f"shard {self.url} is unreadable ({self.error})"
+        return f"shard {self.url} is damaged after {self.readable} samples ({self.error})"
+
+    def describe(self) -> str:
+        if self.readable == 0:
+            return f"{self.what()}; it is skipped"
+        return f"{self.what()}; its first {self.readable} samples are used and the rest is skipped"
 
 
-def _missing_urls(urls: list[str]) -> list[str]:
-    """URLs that do not exist; one directory listing per directory instead of a request per shard."""
-    listed: dict[str, set] = {}
+def _error_text(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def scan_shard(url: str, policy: Optional[ReadPolicy] = None) -> tuple[int, Optional[str]]:
+    """(whole samples readable from the start of the shard, the error that ended reading early or None).
+
+    Transient errors are retried; a shard that keeps failing counts as unreadable."""
+    policy = policy or ReadPolicy()
+
+    def attempt():
+        count = 0
+        try:
+            with open_stream(url, policy) as stream:
+                for _ in iter_tar_samples(stream, url):
+                    count += 1
+        except Exception as exc:  # truncated, zero-byte, a directory, unreadable: whatever stops the read
+            if is_transient(exc):
+                raise
+            return count, _error_text(exc)
+        return count, None
+
+    try:
+        return with_retries(url, policy, "counting", attempt)
+    except Exception as exc:
+        return 0, f"gave up after {policy.attempts} attempts ({_error_text(exc)})"
+
+
+def _list_shards(urls: list[str], policy: ReadPolicy) -> tuple[list[str], dict[str, Optional[int]]]:
+    """(URLs that do not exist, url -> size in bytes where a listing gives it); one directory
+    listing per directory instead of a request per shard."""
+    listed: dict[str, dict] = {}
     missing = []
+    sizes: dict[str, Optional[int]] = {}
     for url in urls:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = filesystem(url, policy)
         directory = posixpath.dirname(path)
         if directory not in listed:
             try:
-                listed[directory] = {p.rstrip("/") for p in fs.ls(directory, detail=False)}
+                listed[directory] = {e["name"].rstrip("/"): e for e in fs.ls(directory, detail=True)}
             except Exception:  # no listing (some HTTP servers) or no directory: ask per file below
-                listed[directory] = set()
-        if path in listed[directory]:
+                listed[directory] = {}
+        entry = listed[directory].get(path)
+        if entry is not None:
+            sizes[url] = entry.get("size") if entry.get("type", "file") == "file" else None
             continue
         try:
             if not fs.exists(path):
                 missing.append(url)
         except Exception as exc:
             raise FileNotFoundError(f"cannot access shard {url}: {type(exc).__name__}: {exc}") from exc
-    return missing
+    return missing, sizes
 
 
-def open_shards(pattern: str, index_url: Optional[str] = None) -> ShardSource:
+def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "skip",
+                policy: Optional[ReadPolicy] = None) -> ShardSource:
     """Expand `pattern`, check every shard exists and find each shard's sample count.
 
     Counts come from the index written by make_shards; shards it does not list are
-    scanned once (slow for remote storage, so a warning says so).
+    scanned once (slow for remote storage, so a warning says so). An unindexed shard that
+    cannot be read to its end counts the samples before the damage and is reported once
+    (`on_error="skip"`), or stops the run with one line naming it (`on_error="fail"`).
     """
     urls = expand_urls(pattern)
     if not urls:
         raise UserError(f"data.shards={pattern!r} expands to no URL")
-    missing = _missing_urls(urls)
+    policy = policy or ReadPolicy()
+    missing, sizes = _list_shards(urls, policy)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"shard not found: {missing[0]}{more}; check data.shards={pattern!r}")
 
-    known: dict[str, int] = {}
+    entries: dict[str, dict] = {}
     if index_url is not None:
-        index = _read_json(index_url)
+        index = _read_json(index_url, policy)
         if index is None:
             raise FileNotFoundError(f"data.shards_index {index_url!r} does not exist")
         # An index given explicitly may live elsewhere: match its shards by file name.
-        by_name = {posixpath.basename(e["url"]): int(e["num_samples"]) for e in index.get("shards", [])}
-        known.update({u: by_name[posixpath.basename(u)] for u in urls if posixpath.basename(u) in by_name})
+        by_name = {posixpath.basename(e["url"]): e for e in index.get("shards", [])}
+        entries.update({u: by_name[posixpath.basename(u)] for u in urls if posixpath.basename(u) in by_name})
     else:
         for directory in dict.fromkeys(posixpath.dirname(u) for u in urls):
             first = next(u for u in urls if posixpath.dirname(u) == directory)
             for candidate in _index_candidates([first]):
-                index = _read_json(candidate)
+                index = _read_json(candidate, policy)
                 if index is not None:
-                    known.update(_index_counts(index, directory))
+                    entries.update(_index_entries(index, directory))
                     break
+    known = {u: int(e["num_samples"]) for u, e in entries.items() if u in set(urls)}
+    # The index records each shard's size: a shard changed or cut since it was indexed shows here.
+    changed = [(u, sizes[u], entries[u]["bytes"]) for u in urls
+               if u in entries and "bytes" in entries[u] and sizes.get(u) is not None
+               and int(sizes[u]) != int(entries[u]["bytes"])]
+    for url, size, expected in changed:
+        message = f"shard {url} has {size} bytes, its index says {expected}: it changed since it was indexed"
+        if on_error == "fail":
+            raise UserError(f"{message}; restore it or rewrite the index with `ijepa-scale make-shards`, or set "
+                            f"data.on_error=skip to skip what cannot be read")
+        logger.warning("%s; what cannot be read is skipped and counted", message)
     counts = []
     unindexed = [u for u in urls if u not in known]
     if unindexed:
@@ -304,19 +412,26 @@ def open_shards(pattern: str, index_url: Optional[str] = None) -> ShardSource:
             f"reading them (write an index with `ijepa-scale make-shards` to skip this)",
             stacklevel=2,
         )
+    damaged = []
     for url in urls:
         if url in known:
             counts.append(known[url])
-        else:
-            try:
-                counts.append(count_samples(url))
-            except Exception as exc:
-                raise OSError(f"cannot read shard {url}: {type(exc).__name__}: {exc}") from exc
-    return ShardSource(urls, counts)
+            continue
+        count, error = scan_shard(url, policy)
+        counts.append(count)
+        if error is not None:
+            damage = ShardDamage(url, count, error)
+            if on_error == "fail":
+                raise UserError(f"{damage.what()}; replace the shard, drop it from "
+                                f"data.shards, or set data.on_error=skip to train without its damaged part")
+            logger.warning("%s (counted as 1 skipped sample)", damage.describe())
+            damaged.append(damage)
+    return ShardSource(urls, counts, damaged, policy)
 
 
 def build_source(data_cfg) -> ShardSource | ImageFolderSource:
     if data_cfg.shards:
-        return open_shards(data_cfg.shards, data_cfg.shards_index)
+        return open_shards(data_cfg.shards, data_cfg.shards_index, on_error=data_cfg.on_error,
+                           policy=ReadPolicy.from_config(data_cfg))
     root = posixpath.join(data_cfg.root_path, data_cfg.image_folder, "train")
     return ImageFolderSource(root)

@@ -14,6 +14,9 @@ Epoch plan (a pure function of seed, epoch, world size, batch size, workers):
 
 The state is (epoch, batches consumed in the epoch).  On resume each worker
 restarts at its own next batch, re-reading at most one shuffle block.
+
+Loader workers persist across epochs: the epoch and the first batch are written to shared
+memory before each epoch's iterator starts, and every worker reads them when it restarts.
 """
 
 from __future__ import annotations
@@ -69,9 +72,10 @@ class BadBatchError(RunFailure):
 
 
 class _EpochDataset(IterableDataset):
-    """Yields the batches of one epoch for one rank, starting after `start_batch`."""
+    """Yields the batches of one epoch for one rank, starting after `start_batch`; the epoch and
+    start batch are read from `position` (shared with persistent workers) at each iteration."""
 
-    def __init__(self, stream: "DataStream", epoch: int, start_batch: int):
+    def __init__(self, stream: "DataStream", position):
         self.source = stream.source
         self.plan = stream.plan
         self.transform = stream.transform
@@ -81,10 +85,12 @@ class _EpochDataset(IterableDataset):
         self.shuffle_buffer = stream.shuffle_buffer
         self.on_error = stream.on_error
         self.crop_size = stream.transform.crop_size
-        self.epoch = epoch
-        self.start_batch = start_batch
+        self.position = position
+        self.epoch = 0
+        self.start_batch = 0
 
     def __iter__(self):
+        self.epoch, self.start_batch = int(self.position[0]), int(self.position[1])
         info = get_worker_info()
         loader_worker = info.id if info is not None else 0
         # The loader asks its worker 0 first; rotate so that it is the worker owning start_batch.
@@ -219,27 +225,41 @@ class DataStream:
             )
         self.epoch = 0
         self.batch_in_epoch = 0
+        self._loader: DataLoader | None = None
+        self._position = None
 
     @property
     def steps_per_epoch(self) -> int:
         return self.plan.steps_per_epoch
 
-    def epoch_batches(self) -> Iterator[dict]:
-        """Yield the remaining batches of the current epoch, then move to the next epoch."""
-        dataset = _EpochDataset(self, self.epoch, self.batch_in_epoch)
+    def _make_loader(self) -> DataLoader:
         workers = self.plan.num_workers
-        loader = DataLoader(
-            dataset,
+        context = _worker_context() if workers > 0 else None
+        # Shared memory inherited by the workers: the epoch and first batch of each iteration.
+        self._position = (context or multiprocessing).RawArray("q", 2)
+        return DataLoader(
+            _EpochDataset(self, self._position),
             batch_size=None,
             num_workers=workers,
             pin_memory=self.pin_memory,
             prefetch_factor=2 if workers > 0 else None,
-            persistent_workers=False,
+            persistent_workers=workers > 0,
             worker_init_fn=functools.partial(data_worker_init, os.getpid()) if workers > 0 else None,
-            multiprocessing_context=_worker_context() if workers > 0 else None,
+            multiprocessing_context=context,
         )
-        with stop_signals_blocked():  # the workers start here; see data_worker_init
+
+    def epoch_batches(self) -> Iterator[dict]:
+        """Yield the remaining batches of the current epoch, then move to the next epoch.
+
+        The loader workers stay alive for the next epoch when this one is read to its end;
+        an epoch left early (a stop, an error) shuts them down, and the next call starts new ones."""
+        if self._loader is None:
+            self._loader = self._make_loader()
+        loader = self._loader
+        self._position[0], self._position[1] = self.epoch, self.batch_in_epoch
+        with stop_signals_blocked():  # the workers start here (first epoch); see data_worker_init
             iterator = iter(loader)
+        finished = False
         try:
             while self.batch_in_epoch < self.steps_per_epoch:
                 batch = next(iterator)
@@ -249,11 +269,21 @@ class DataStream:
                 )
                 self.batch_in_epoch += 1
                 yield batch
+            finished = True
         finally:
-            _shut_down(iterator)
+            # (an abandoned generator may be collected after a newer epoch started its own loader)
+            if (not finished or self.plan.num_workers == 0) and self._loader is loader:
+                self.close()
             del iterator
         self.epoch += 1
         self.batch_in_epoch = 0
+
+    def close(self) -> None:
+        """Stop the loader workers (they are kept between epochs otherwise)."""
+        loader, self._loader = self._loader, None
+        if loader is not None and getattr(loader, "_iterator", None) is not None:
+            _shut_down(loader._iterator)
+            loader._iterator = None
 
     def state_dict(self) -> dict:
         plan = self.plan
