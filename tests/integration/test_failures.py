@@ -17,11 +17,6 @@ pytestmark = pytest.mark.integration
 NAN_RUN = ROOT / "tests" / "integration" / "nan_run.py"
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("shards"))
-
-
 def run_nan(config, bad_rank, steps, *overrides, timeout=180):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, str(NAN_RUN), str(config), str(bad_rank), steps, *overrides],

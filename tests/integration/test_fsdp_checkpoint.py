@@ -12,14 +12,9 @@ from ijepa_scale.distributed import DistEnv
 from ijepa_scale.models.vision_transformer import VisionTransformer
 from ijepa_scale.pretrained import load_encoder
 from ijepa_scale.trainer import Trainer
-from tests.integration.common import make_shards, read_csv, run_main, tiny_config, write_config
+from tests.integration.common import read_csv, run_main, tiny_config, write_config
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("shards"))
 
 
 @pytest.fixture(scope="module")

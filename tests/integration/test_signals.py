@@ -9,15 +9,10 @@ import time
 import pytest
 import torch
 
-from tests.integration.common import ROOT, make_shards, read_csv, run_main, tiny_config, write_config
+from tests.integration.common import ROOT, read_csv, run_main, tiny_config, write_config
 
 pytestmark = pytest.mark.integration
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("shards"))
 
 
 def long_config(shards, tmp_path, **overrides):

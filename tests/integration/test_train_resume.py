@@ -10,7 +10,6 @@ import torch
 from tests.integration.common import (
     ROOT,
     SHARD_SIZES,
-    make_shards,
     read_csv,
     run_main,
     tiny_config,
@@ -18,11 +17,6 @@ from tests.integration.common import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("shards"))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """PKT objective: kernel and KL against hand computation, both groupings, weights and aliases."""
 
-import copy
 import math
 
 import pytest
@@ -8,11 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from ijepa_scale.errors import UserError
-from ijepa_scale.masks import MultiBlockMaskCollator
-from ijepa_scale.models import build_encoder, build_predictor
 from ijepa_scale.objectives.ijepa import METRIC_NAMES, IJEPAObjective
 from ijepa_scale.objectives.pkt import (PKTConfig, PKTObjective, group_by_image, pkt_chunk_sum, pkt_divergence,
                                         pkt_kernel, pkt_per_image)
+from tests.helpers.tiny_ijepa import tiny_ijepa_batch
 
 
 def test_kernel_and_divergence_by_hand():
@@ -95,15 +93,7 @@ def test_alias_and_weights_of_the_per_image_loss():
 
 
 def test_objective_on_models_matches_ijepa_without_the_pkt_term_and_gradients_reach_the_student():
-    torch.manual_seed(0)
-    enc = build_encoder("vit_tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    pred = build_predictor(enc, pred_depth=1, pred_emb_dim=16)
-    tgt = copy.deepcopy(enc)
-    coll = MultiBlockMaskCollator(input_size=32, patch_size=8, enc_mask_scale=(0.85, 1.0),
-                                  pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1, npred=4,
-                                  min_keep=4, allow_overlap=False, seed=0)
-    images = torch.randn(4, 3, 32, 32)
-    masks_enc, masks_pred = coll.sample(len(images), 0)
+    enc, pred, tgt, images, masks_enc, masks_pred = tiny_ijepa_batch(4)
     plain, _ = IJEPAObjective()(enc, pred, tgt, images, masks_enc, masks_pred)
     no_pkt, _ = PKTObjective(PKTConfig(pkt_weight=0.0))(enc, pred, tgt, images, masks_enc, masks_pred)
     assert no_pkt.item() == pytest.approx(plain.item(), rel=1e-6)

@@ -1,16 +1,13 @@
 """The I-JEPA objective's optional variance/covariance regulariser: its terms on hand-computed cases,
 its config keys, and that it is off (the official objective, golden losses) by default."""
 
-import copy
-
 import pytest
 import torch
 
 from ijepa_scale.config import ConfigError, config_from_dict
-from ijepa_scale.masks import MultiBlockMaskCollator
-from ijepa_scale.models import build_encoder, build_predictor
 from ijepa_scale.objectives import build_objective
 from ijepa_scale.objectives.ijepa import METRIC_NAMES, IJEPAObjective, variance_covariance
+from tests.helpers.tiny_ijepa import tiny_ijepa_batch
 
 
 def test_variance_term_by_hand():
@@ -37,21 +34,8 @@ def test_covariance_term_by_hand():
     assert variance_covariance(y)[1].item() == pytest.approx(0.0, abs=1e-7)
 
 
-def _batch():
-    torch.manual_seed(0)
-    enc = build_encoder("vit_tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    pred = build_predictor(enc, pred_depth=1, pred_emb_dim=16)
-    tgt = copy.deepcopy(enc)
-    coll = MultiBlockMaskCollator(input_size=32, patch_size=8, enc_mask_scale=(0.85, 1.0),
-                                  pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1, npred=4,
-                                  min_keep=4, allow_overlap=False, seed=0)
-    images = torch.randn(8, 3, 32, 32)
-    masks_enc, masks_pred = coll.sample(len(images), 0)
-    return enc, pred, tgt, images, masks_enc, masks_pred
-
-
 def test_regulariser_adds_weighted_terms_and_logs_them():
-    enc, pred, tgt, images, masks_enc, masks_pred = _batch()
+    enc, pred, tgt, images, masks_enc, masks_pred = tiny_ijepa_batch()
     plain_loss, plain_metrics = IJEPAObjective()(enc, pred, tgt, images, masks_enc, masks_pred)
     assert set(plain_metrics) == set(METRIC_NAMES)
     obj = IJEPAObjective(variance_weight=2.0, covariance_weight=0.5)

@@ -112,15 +112,21 @@ class IJEPAObjective:
         z = encoder(images, masks_enc)
         return predictor(z, masks_enc, masks_pred)
 
-    def __call__(self, encoder, predictor, target_encoder, images, masks_enc,
-                 masks_pred) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, metrics): the loss to minimise and the collapse metrics of this batch."""
+    def forward(self, encoder, predictor, target_encoder, images, masks_enc, masks_pred):
+        """The networks' part of a step: (target tokens [B, N, D], their layer-normed copy, the masked
+        targets h, the context encoder's output, the predictions z)."""
         with torch.no_grad():
             tokens = target_encoder(images)
             normed = F.layer_norm(tokens, (tokens.size(-1),))
             h = self._mask_targets(normed, masks_enc, masks_pred)
         context = encoder(images, masks_enc)
-        z = predictor(context, masks_enc, masks_pred)
+        return tokens, normed, h, context, predictor(context, masks_enc, masks_pred)
+
+    def __call__(self, encoder, predictor, target_encoder, images, masks_enc,
+                 masks_pred) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics): the loss to minimise and the collapse metrics of this batch."""
+        tokens, normed, h, context, z = self.forward(encoder, predictor, target_encoder, images, masks_enc,
+                                                     masks_pred)
         if self.loss == "smooth_l1":
             loss = F.smooth_l1_loss(z, h)
         else:

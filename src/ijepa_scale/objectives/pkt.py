@@ -154,11 +154,7 @@ class PKTObjective(IJEPAObjective):
 
     def __call__(self, encoder, predictor, target_encoder, images, masks_enc,
                  masks_pred) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.no_grad():
-            tokens = target_encoder(images)
-            normed = F.layer_norm(tokens, (tokens.size(-1),))
-            h = self._mask_targets(normed, masks_enc, masks_pred)
-        z = predictor(encoder(images, masks_enc), masks_enc, masks_pred)
+        tokens, normed, h, _, z = self.forward(encoder, predictor, target_encoder, images, masks_enc, masks_pred)
         loss, terms = self.loss_terms(z, h, len(images))
         metrics = collapse_metrics(z.detach(), normed, tokens.mean(dim=1))
         metrics.update(terms)
