@@ -200,6 +200,16 @@ def _network_error(url: str, exc: BaseException) -> DownloadError:
                          f"its local path")
 
 
+def _copy_synced(src, out, progress) -> None:
+    """Stream `src` into the open file `out` in chunks, counting progress, and fsync it."""
+    for chunk in iter(lambda: src.read(_CHUNK), b""):
+        out.write(chunk)
+        if progress:
+            progress.update(len(chunk))
+    out.flush()
+    os.fsync(out.fileno())
+
+
 def _http_download(url: str, part: Path, label: str, quiet: bool, timeout: float) -> None:
     """Append the rest of `url` to `part` (a Range request when `part` has bytes already)."""
     have = part.stat().st_size if part.exists() else 0
@@ -222,12 +232,7 @@ def _http_download(url: str, part: Path, label: str, quiet: bool, timeout: float
         progress = None if quiet else Progress(label, total, start_at=have)
         try:
             with open(part, "ab" if have else "wb") as out:
-                for chunk in iter(lambda: response.read(_CHUNK), b""):
-                    out.write(chunk)
-                    if progress:
-                        progress.update(len(chunk))
-                out.flush()
-                os.fsync(out.fileno())
+                _copy_synced(response, out, progress)
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise DownloadError(f"download of {url} was interrupted ({one_line(exc)}); run the same command "
                                 f"again to resume from {part.stat().st_size} bytes") from None
@@ -250,12 +255,7 @@ def _fsspec_download(url: str, part: Path, label: str, quiet: bool) -> None:
     progress = None if quiet else Progress(label, total)
     try:
         with fsspec.open(url, "rb") as src, open(part, "wb") as out:
-            for chunk in iter(lambda: src.read(_CHUNK), b""):
-                out.write(chunk)
-                if progress:
-                    progress.update(len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
+            _copy_synced(src, out, progress)
     except FileNotFoundError:
         raise DownloadError(f"cannot download {url}: no such file") from None
     finally:
