@@ -46,6 +46,13 @@ def is_dcp_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file()
 
 
+def run_folder_latest(folder: str | Path) -> list[Path]:
+    """A run folder's newest checkpoint: its `*-latest.pth.tar` files, else its `*-latest.dcp` folders
+    (exactly one is expected; callers say what to do otherwise)."""
+    folder = Path(folder)
+    return sorted(folder.glob("*-latest.pth.tar")) or sorted(folder.glob("*-latest.dcp"))
+
+
 def is_committed(path: str | Path) -> bool:
     return (Path(path) / COMMIT_MARKER).is_file()
 

@@ -204,7 +204,7 @@ def export_main(argv=None) -> int:
     import sys
 
     from .errors import one_line
-    from .pretrained import load_checkpoint, strip_prefixes
+    from .pretrained import load_checkpoint
 
     parser = argparse.ArgumentParser(
         prog="ijepa-scale export",
@@ -220,13 +220,8 @@ def export_main(argv=None) -> int:
     parser.add_argument("--num-heads", type=int, default=None, help="only for widths outside the official table")
     args = parser.parse_args(argv)
     try:
-        source = args.source
-        if os.path.isdir(source) and not is_hf_source(source):
-            latest = sorted(Path(source).glob("*-latest.pth.tar"))
-            if len(latest) != 1:
-                raise UserError(f"{source}: a run folder must hold exactly one *-latest.pth.tar; pass the file")
-            source = str(latest[0])
-        checkpoint = read_hf(source) if is_hf_source(source) else load_checkpoint(source)
+        # Also reads Hugging Face folders, sharded (.dcp) folders and run folders of either kind.
+        checkpoint = load_checkpoint(args.source)
         if args.format == "hf":
             from .pretrained import _select_state_dict, infer_encoder_config
 

@@ -72,7 +72,7 @@ def load_checkpoint(
     unpickling, with a warning: full unpickling can run code, so only use it on files you
     trust. Pass ``weights_only=True`` to forbid the fallback, ``False`` to skip the safe try.
     """
-    from .checkpoint import consolidate, is_dcp_checkpoint
+    from .checkpoint import consolidate, is_dcp_checkpoint, run_folder_latest
     from .hf import is_hf_source, read_hf
 
     local = Path(os.fspath(source)).expanduser()
@@ -82,7 +82,7 @@ def load_checkpoint(
     if is_hf_source(path):
         return read_hf(path)
     if path.is_dir():
-        latest = sorted(path.glob("*-latest.pth.tar")) or sorted(path.glob("*-latest.dcp"))
+        latest = run_folder_latest(path)
         if len(latest) != 1:
             raise FileNotFoundError(f"{path} is a folder but neither a Hugging Face model (config.json + "
                                     f"model.safetensors), a sharded checkpoint folder, nor a run folder with "

@@ -86,6 +86,20 @@ def test_sharded_checkpoint_loads_through_the_generic_loader(uninterrupted):
         assert torch.equal(loaded(images), reference.eval()(images))
 
 
+
+def test_export_reads_a_sharded_checkpoint_and_its_run_folder(uninterrupted, tmp_path):
+    from ijepa_scale.hf import export_main
+
+    expected = consolidate(uninterrupted / "jepa-latest.dcp")
+    for i, source in enumerate((uninterrupted / "jepa-latest.dcp", uninterrupted)):
+        out = tmp_path / f"official{i}.pth.tar"
+        assert export_main([str(source), str(out), "--format", "official"]) == 0
+        official = torch.load(out, weights_only=True)
+        for net in ("encoder", "predictor", "target_encoder"):
+            assert official[net].keys() == expected[net].keys()
+            assert all(torch.equal(official[net][k], v) for k, v in expected[net].items()), net
+
+
 def test_resume_from_a_two_rank_fsdp_checkpoint_on_one_rank(shards, uninterrupted, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run, symlinks=True)

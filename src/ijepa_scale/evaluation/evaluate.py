@@ -91,13 +91,13 @@ def resolve_checkpoint(source: str) -> Path:
     source = resolve_source(source)
     if _is_url(source):
         return Path(fetch(source))
-    from ..checkpoint import is_dcp_checkpoint
+    from ..checkpoint import is_dcp_checkpoint, run_folder_latest
 
     path = Path(source)
     if is_dcp_checkpoint(path):
         return path
     if path.is_dir():
-        latest = sorted(path.glob("*-latest.pth.tar")) or sorted(path.glob("*-latest.dcp"))
+        latest = run_folder_latest(path)
         if len(latest) != 1:
             found = "none" if not latest else ", ".join(p.name for p in latest)
             raise UserError(f"--checkpoint {source}: a run folder must hold exactly one *-latest.pth.tar "
