@@ -192,13 +192,13 @@ class slow_notice:
 
     def __init__(self, what: str, enabled: bool = True, after: float = SLOW_NOTICE_S):
         self.what, self.enabled, self.after = what, enabled, after
-        self.fired = False
+        self.fired, self.timer = False, None
 
     def _fire(self):
         self.fired = True
         logger.info("%s: still waiting after %.0f s ...", self.what, self.after)
 
-    def __enter__(self):
+    def start(self) -> "slow_notice":
         import threading
 
         self.began = time.perf_counter()
@@ -208,13 +208,20 @@ class slow_notice:
             self.timer.start()
         return self
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
+        """End the wait; later calls do nothing."""
         if self.timer:
             self.timer.cancel()
             self.timer = None
         if self.fired:
             self.fired = False
             logger.info("%s: done after %.1f s", self.what, time.perf_counter() - self.began)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
         return False
 
 
@@ -669,18 +676,18 @@ class Trainer:
         every_steps = self.cfg.logging.checkpoint_every_steps
         global_batch = self.env.world_size * self.cfg.data.batch_size
         self._session = {"began": time.perf_counter(), "first_step": self.step, "timed_from": None}
-        first_batch = slow_notice("waiting for the first batch (decoding, workers starting)", self.env.is_main)
-        first_batch.__enter__()
+        first_batch = slow_notice("waiting for the first batch (decoding, workers starting)",
+                                  self.env.is_main).start()
         while self.stream.epoch < epochs:
             if self._should_stop():
-                first_batch.__exit__(None, None, None)
+                first_batch.stop()
                 return self._stop(periodic=None)
             if self.stream.batch_in_epoch == 0:
                 self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
             wait_start = time.perf_counter()
             micro: list[dict] = []
             for batch in self.stream.epoch_batches():
-                first_batch.__exit__(None, None, None)
+                first_batch.stop()
                 if batch["batch"] >= self.steps_per_epoch * self.accum_steps:
                     continue  # the epoch's tail that does not fill an optimizer step
                 micro.append(batch)
@@ -714,7 +721,7 @@ class Trainer:
             if self.env.is_main:
                 logger.info("epoch %d done: avg loss %.5f", self.stream.epoch,
                             self.epoch_loss_sum / max(1, self.epoch_loss_count))
-        first_batch.__exit__(None, None, None)
+        first_batch.stop()
         self.wait_for_checkpoint()
         self._log_summary("run finished")
         return True

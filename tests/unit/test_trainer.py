@@ -150,3 +150,23 @@ def test_gradient_clipping_bounds_the_update_norm(shards, tmp_path):
     assert metrics["grad_norm"] > 1e-3  # the logged norm is before clipping
     assert captured["norm"] == pytest.approx(1e-3, rel=1e-3)
     trainer.close()
+
+
+def test_slow_notice_logs_only_a_slow_wait_and_its_end_once(caplog):
+    import time as _time
+
+    from ijepa_scale.trainer import slow_notice
+
+    caplog.set_level("INFO", logger="ijepa_scale")
+    with slow_notice("fast thing", after=5.0):
+        pass
+    notice = slow_notice("slow thing", after=0.01).start()
+    deadline = _time.monotonic() + 5.0
+    while not any("still waiting" in r.getMessage() for r in caplog.records) and _time.monotonic() < deadline:
+        _time.sleep(0.01)
+    notice.stop()
+    notice.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("fast thing" in m for m in messages)
+    assert [m.split(":")[0] for m in messages if "slow thing" in m] == ["slow thing", "slow thing"]
+    assert "still waiting after 0 s" in messages[0] and "done after" in messages[1]
