@@ -38,15 +38,18 @@ class ParallelPlan:
 
 
 def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of `module`, also where it wraps a ViT (the gated student, a pooled ViT)."""
     blocks = []
-    for name in BLOCK_LISTS:
-        blocks.extend(getattr(module, name, ()))
+    for sub in module.modules():
+        for name in BLOCK_LISTS:
+            blocks.extend(getattr(sub, name, ()))
     return blocks
 
 
-def _checkpointed_forward(forward, *args):
-    # Non-reentrant: composes with FSDP2's hooks and with autocast, and keeps the RNG state.
-    return checkpoint(forward, *args, use_reentrant=False)
+def _checkpointed_forward(forward, *args, **kwargs):
+    # Non-reentrant: composes with FSDP2's hooks and with autocast, and keeps the RNG state (so a
+    # recomputed gated block draws the same gate noise).
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def apply_activation_checkpointing(module: torch.nn.Module) -> None:

@@ -144,7 +144,6 @@ def build_eval_encoder(path: Path, key: str, random_init: bool = False, seed: in
     Our checkpoints carry their config, which gives the architecture; an official checkpoint's
     architecture is inferred from the weights. `random_init` keeps the architecture, not the weights.
     """
-    from ..models import build_encoder
     from ..models.vision_transformer import VisionTransformer
     from ..pretrained import infer_encoder_config, load_encoder, strip_prefixes
 
@@ -152,11 +151,14 @@ def build_eval_encoder(path: Path, key: str, random_init: bool = False, seed: in
     weights = strip_prefixes(state[key])
     config = state.get("config")
     torch.manual_seed(seed)
+    size = None
     if isinstance(config, dict) and "meta" in config:
-        meta, data, mask = config["meta"], config["data"], config["mask"]
-        encoder = build_encoder(meta["model_name"], img_size=data["crop_size"], patch_size=mask["patch_size"],
-                                embed_dim=meta.get("embed_dim"), depth=meta.get("depth"),
-                                num_heads=meta.get("num_heads"))
+        from ..objectives import evaluated_network
+
+        if key != "target_encoder" and config["meta"].get("objective", "ijepa") not in ("ijepa", "pkt"):
+            raise UserError(f"--key {key}: a meta.objective={config['meta']['objective']} run is evaluated by its "
+                            f"target_encoder (the EMA teacher); use --key target_encoder")
+        encoder, size = evaluated_network(config)
         if not random_init:
             encoder.load_state_dict(weights)
     elif random_init:
@@ -169,7 +171,7 @@ def build_eval_encoder(path: Path, key: str, random_init: bool = False, seed: in
         encoder = load_encoder(state, key=key)
     for p in encoder.parameters():
         p.requires_grad_(False)
-    return encoder.eval(), int(encoder.img_size)
+    return encoder.eval(), int(size or encoder.img_size)
 
 
 def run_evaluation(checkpoint: Path, key: str, methods, train_source, val_source, *, pool: str,

@@ -160,8 +160,15 @@ class Block(nn.Module):
         """The MLP residual branch alone (what ``forward`` adds second)."""
         return self.mlp(self.norm2(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn_branch(x)
+    def forward(self, x: torch.Tensor, attn_hook=None, residual_hook=None) -> torch.Tensor:
+        """``attn_hook`` maps the attention branch before it is added, ``residual_hook`` the sum before the
+        MLP (the gated student's gates); inside ``forward`` so wrappers (FSDP, checkpointing) see one call."""
+        branch = self.attn_branch(x)
+        if attn_hook is not None:
+            branch = attn_hook(branch)
+        x = x + branch
+        if residual_hook is not None:
+            x = residual_hook(x)
         return x + self.mlp_branch(x)
 
 

@@ -24,10 +24,44 @@ images, masks_enc, masks_pred)``; in the contract's terms they are networks ``en
 ``ema = {"target_encoder": "encoder"}``, ``encoder_name = "target_encoder"``, ``batch_kind = "multiblock"``.
 """
 
+from .base import Objective, resolve
 from .gated import GatedConfig, GatedObjective
-from .ijepa import IJEPAObjective, build_objective
+from .ijepa import IJEPAObjective, ijepa_objective
 from .pkt import PKTConfig, PKTObjective
 from .saccade import SaccadeConfig, SaccadeObjective, SaccadeViews
 
-__all__ = ["GatedConfig", "GatedObjective", "IJEPAObjective", "PKTConfig", "PKTObjective", "SaccadeConfig",
-           "SaccadeObjective", "SaccadeViews", "build_objective"]
+
+def build_objective(cfg) -> Objective:
+    """The objective of ``meta.objective`` with its section's settings."""
+    name = cfg.meta.objective
+    if name == "ijepa":
+        return ijepa_objective(cfg.optimization)
+    if name == "pkt":
+        return PKTObjective(cfg.pkt, loss=cfg.optimization.loss)
+    if name == "gated":
+        return GatedObjective(cfg.gated)
+    if name == "saccade":
+        return SaccadeObjective(cfg.saccade)
+    raise ValueError(f"unknown objective {name!r}")
+
+
+def evaluated_network(config: dict):
+    """(the network exported and evaluated, with random weights; the image side it takes) for a run's
+    saved config dict (``Config.to_dict()``, as in every checkpoint of ours)."""
+    from ..models import build_encoder
+    from ..models.convnext import build_convnext
+    from .saccade import view_size
+
+    meta, size = config["meta"], config["data"]["crop_size"]
+    if meta.get("objective", "ijepa") == "saccade":
+        settings = SaccadeConfig(**config.get("saccade", {}))
+        if settings.backbone != "vit":
+            return build_convnext(settings.backbone, settings.embed_dim), size
+        size = view_size(size, settings)
+    encoder = build_encoder(meta["model_name"], img_size=size, patch_size=config["mask"]["patch_size"],
+                            embed_dim=meta.get("embed_dim"), depth=meta.get("depth"), num_heads=meta.get("num_heads"))
+    return encoder, size
+
+
+__all__ = ["GatedConfig", "GatedObjective", "IJEPAObjective", "Objective", "PKTConfig", "PKTObjective",
+           "SaccadeConfig", "SaccadeObjective", "SaccadeViews", "build_objective", "evaluated_network", "resolve"]
