@@ -103,6 +103,9 @@ class LoggingConfig:
     """Warn when the std across the batch of the layer-normed target features stays below this (0 = never)."""
     collapse_eff_rank: float = 2.0
     """Warn when the effective rank of the pooled target features stays below this (0 = never)."""
+    collapse_open_frac: float = 0.02
+    """meta.objective=gated: warn when the mean open fraction of the gates stays below this (the predictor
+    then sees almost only mask tokens; 0 = never)."""
     collapse_patience: int = 5
     """Consecutive progress lines below a threshold before the collapse warning."""
     tensorboard: bool = False
@@ -114,7 +117,7 @@ class LoggingConfig:
         _positive(self, "log_freq", "checkpoint_freq")
         _non_negative(self, "checkpoint_every_steps", "keep_last")
         _non_negative(self, "eval_every_epochs", "eval_every_steps", "collapse_pred_norm", "collapse_target_std",
-                      "collapse_eff_rank")
+                      "collapse_eff_rank", "collapse_open_frac")
         _positive(self, "collapse_patience")
         if not self.write_tag or "/" in self.write_tag:
             raise ConfigError(f"logging.write_tag={self.write_tag!r} must be a non-empty file-name prefix")
