@@ -10,7 +10,7 @@ import yaml
 from ijepa_scale.config import ConfigError, config_from_dict, load_config
 from ijepa_scale.distributed import DistEnv
 from ijepa_scale.errors import UserError
-from ijepa_scale.evaluation.evaluate import build_eval_encoder
+from ijepa_scale.evaluation.evaluate import build_eval_encoder, describe_checkpoint
 from ijepa_scale.objectives import GatedObjective, IJEPAObjective, PKTObjective, SaccadeObjective
 from ijepa_scale.trainer import Trainer
 from tests.unit.test_trainer import make_trainer
@@ -163,3 +163,15 @@ def test_eval_builds_each_objectives_teacher(shards, tmp_path, objective, sectio
     if objective == "gated":
         with pytest.raises(UserError, match="evaluated by its target_encoder"):
             build_eval_encoder(path, "student")
+        from ijepa_scale.objectives.gated import GatedObjective
+
+        trainer = trainer_for(config(shards, tmp_path, objective, **sections))  # same seed: the weights saved above
+        nets = {k: v.eval() for k, v in trainer.networks.items()}
+        images = torch.rand(2, 3, size, size)
+        for mode in ("gated", "all_open"):
+            model, _ = build_eval_encoder(path, mode)
+            assert torch.equal(model(images), GatedObjective.features(nets, images, mode))
+        trainer.close()
+    else:
+        with pytest.raises(UserError, match="--key gated evaluates a meta.objective=gated run"):
+            describe_checkpoint(path, "gated")

@@ -119,3 +119,18 @@ class GatedObjective(Objective):
         tokens, _, _ = networks["student"](images, gated=mode == "gated")
         out = networks["predictor"](tokens)
         return F.layer_norm(out, (out.size(-1),))
+
+
+class GatedFeatures(torch.nn.Module):
+    """A gated run as one frozen feature extractor (``eval --key gated|all_open``): images -> the
+    layer-normed predictor tokens [B, N, D] of ``GatedObjective.features``."""
+
+    def __init__(self, student, predictor, mode: str = "gated"):
+        super().__init__()
+        if mode not in EVAL_MODES:
+            raise UserError(f"gated evaluation mode {mode!r} is not one of {', '.join(EVAL_MODES)}")
+        self.student, self.predictor, self.mode = student, predictor, mode
+        self.img_size = student.encoder.img_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return GatedObjective.features({"student": self.student, "predictor": self.predictor}, images, self.mode)
