@@ -199,6 +199,15 @@ def official_step(models: Models, images, masks_enc, masks_pred, dtype_name: str
 
 
 # ------------------------------------------------------------------------------------------ run
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (0 without compile)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -230,6 +239,8 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
         masks_enc, masks_pred = collator.sample(batch, step=i)
         inputs.append((images, [m.to(device) for m in masks_enc], [m.to(device) for m in masks_pred]))
     k_ctx = statistics.mean(int(m[0].shape[1]) for _, m, _ in inputs)
+    lengths = [(int(e[0].shape[1]), int(p[0].shape[1])) for _, e, p in inputs]
+    distinct_lengths = f"{sum(a != b for a, b in zip(lengths, lengths[1:]))}/{len(lengths) - 1}"
     k_tgt = statistics.mean(int(m[0].shape[1]) for _, _, m in inputs)
 
     if device.type == "cuda":
@@ -243,11 +254,15 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
     momentum = cfg.optimization.ema[0]
     times: dict[str, list[float]] = {}
     ours_ms, official_ms, first_ms = [], [], None
+    compiled_at: list[tuple[int, int, float]] = []  # (step, graphs compiled in it, its ms)
     for i, (images, masks_enc, masks_pred) in enumerate(inputs):
+        graphs_before = _compiled_graphs()
         start = time.perf_counter()
         step_times: dict[str, list[float]] = {}
         our_step(ours, images, masks_enc, masks_pred, cfg, device, momentum, step_times)
         elapsed = (time.perf_counter() - start) * 1000.0
+        if _compiled_graphs() > graphs_before:
+            compiled_at.append((i + 1, _compiled_graphs() - graphs_before, elapsed))
         first_ms = elapsed if first_ms is None else first_ms
         if i >= warmup:
             ours_ms.append(elapsed)
@@ -270,7 +285,7 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
         "phases_ms": {name: statistics.median(times[name]) for name in PHASES},
         "peak_memory_mb": peak_mb, "model_tflop_per_step": flops / 1e12,
         "matmul_peak_tflops": peak / 1e12, "mfu": flops / (step_ms / 1000.0) / peak,
-        "k_ctx": k_ctx, "k_tgt": k_tgt,
+        "k_ctx": k_ctx, "k_tgt": k_tgt, "compiled_at": compiled_at, "distinct_lengths": distinct_lengths,
     }
     if official is not None:
         result["official_step_ms"] = statistics.median(official_ms)
@@ -292,6 +307,11 @@ def format_result(cfg: Config, device: torch.device, r: dict, steps: int) -> str
         f"  model {r['model_tflop_per_step'] * 1e3:.2f} GFLOP/step, matmul peak {r['matmul_peak_tflops']:.3f} "
         f"TFLOP/s, MFU {100 * r['mfu']:.1f} %",
     ]
+    if cfg.meta.compile:
+        compiled = r["compiled_at"]
+        lines.append(f"  compile: {sum(n for _, n, _ in compiled)} graph(s), compiled in step(s) "
+                     + (", ".join(f"{step} ({n} graph(s), {ms / 1000:.1f} s)" for step, n, ms in compiled) or "none")
+                     + f"; context/target lengths changed in {r.get('distinct_lengths', '?')} of the steps")
     if "official_step_ms" in r:
         lines.append(f"  official-style step {r['official_step_ms']:.1f} ms -> ours is "
                      f"{r['speedup_vs_official']:.2f}x as fast")
