@@ -20,6 +20,7 @@ from typing import Any, Optional
 import yaml
 
 from .errors import UserError
+from .models.energy_transformer import MODEL_NAME as ENERGY_MODEL_NAME, EnergyConfig
 
 PLACEHOLDER_PREFIX = "$replace_this"
 
@@ -178,9 +179,10 @@ class MetaConfig:
         if self.init_optimizer and not self.init_from:
             raise ConfigError("meta.init_optimizer=true needs meta.init_from (the checkpoint to take it from)")
 
-        if self.model_name not in VIT_SIZES:
+        if self.model_name not in VIT_SIZES and self.model_name != ENERGY_MODEL_NAME:
             raise ConfigError(
-                f"meta.model_name={self.model_name!r} is not a ViT size; use one of {', '.join(VIT_SIZES)}"
+                f"meta.model_name={self.model_name!r} is not a model; use a ViT size ({', '.join(VIT_SIZES)}) "
+                f"or {ENERGY_MODEL_NAME}"
             )
         _positive(self, "pred_depth", "pred_emb_dim")
         for name in ("embed_dim", "depth", "num_heads"):
@@ -256,10 +258,13 @@ class Config:
     mask: MaskConfig = field(default_factory=MaskConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
 
     def validate(self) -> None:
         for section in SECTIONS:
             getattr(self, section).validate()
+        if self.meta.model_name == ENERGY_MODEL_NAME:
+            self.energy.validate_with(self.meta)
         if self.data.crop_size % self.mask.patch_size != 0:
             raise ConfigError(
                 f"data.crop_size={self.data.crop_size} is not a multiple of mask.patch_size={self.mask.patch_size}"

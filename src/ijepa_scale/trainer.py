@@ -323,9 +323,10 @@ class Trainer:
         torch.manual_seed(cfg.meta.seed)
         encoder = build_encoder(
             cfg.meta.model_name, img_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size,
-            embed_dim=cfg.meta.embed_dim, depth=cfg.meta.depth, num_heads=cfg.meta.num_heads,
+            embed_dim=cfg.meta.embed_dim, depth=cfg.meta.depth, num_heads=cfg.meta.num_heads, energy=cfg.energy,
         )
-        predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim)
+        predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim,
+                                    energy=cfg.energy)
         target_encoder = copy.deepcopy(encoder)
         for p in target_encoder.parameters():
             p.requires_grad_(False)

@@ -43,10 +43,20 @@ def transformer_flops(tokens: int, width: int, hidden: int, depth: int, batch: i
     return depth * batch * tokens * (per_token + attention)
 
 
+def energy_flops(tokens: int, width: int, heads: int, head_dim: int, hidden: int, steps: int, batch: int) -> float:
+    """Forward FLOPs of `steps` energy-descent iterations: each computes queries, keys, scores and the
+    Hopfield projection, then dE/dg (scores times keys and queries, back-projection, memories)."""
+    qk = heads * head_dim
+    per_step = 8 * tokens * width * qk + 6 * tokens * tokens * qk + 4 * tokens * width * hidden
+    return steps * batch * per_step
+
+
 def step_flops(cfg: Config, k_ctx: int, k_tgt: int, encoder=None, predictor=None) -> float:
     """Model FLOPs of one I-JEPA step: target forward, context forward + backward, predictor
     forward + backward (backward = 2 x forward), projections and patch embedding included."""
     enc = encoder or _encoder(cfg)
+    if hasattr(enc, "block"):
+        return _energy_step_flops(cfg, k_ctx, k_tgt, enc)
     width, depth = enc.embed_dim, len(enc.blocks)
     hidden = enc.blocks[0].mlp.fc1.out_features if depth else 4 * width
     pred_width, pred_depth = cfg.meta.pred_emb_dim, cfg.meta.pred_depth
@@ -57,6 +67,25 @@ def step_flops(cfg: Config, k_ctx: int, k_tgt: int, encoder=None, predictor=None
     context = transformer_flops(k_ctx, width, hidden, depth, batch * nenc) + 2 * batch * patches * patch_in * width
     pred_tokens = k_ctx + k_tgt
     pred = (transformer_flops(pred_tokens, pred_width, 4 * pred_width, pred_depth, batch * nenc * npred)
+            + 2 * batch * nenc * k_ctx * width * pred_width + 2 * batch * nenc * npred * k_tgt * pred_width * width)
+    return target + 3 * (context + pred)
+
+
+def _energy_step_flops(cfg: Config, k_ctx: int, k_tgt: int, enc) -> float:
+    # Counted like the ViT (backward = 2 x forward); with energy.gradient=autograd the backward
+    # differentiates the gradient (second order) and really costs more.
+    width, block, e = enc.embed_dim, enc.block, cfg.energy
+    heads, head_dim = block.wq.shape[0], block.wq.shape[1]
+    pred_width = cfg.meta.pred_emb_dim
+    pred_head_dim = e.head_dim or pred_width // heads
+    pred_hidden = e.pred_hidden_dim or 8 * pred_width
+    batch, patches = cfg.data.batch_size, enc.num_patches
+    nenc, npred = cfg.mask.num_enc_masks, cfg.mask.num_pred_masks
+    embed = 2 * batch * patches * 3 * cfg.mask.patch_size ** 2 * width
+    target = energy_flops(patches, width, heads, head_dim, block.memories.shape[1], enc.steps, batch) + embed
+    context = energy_flops(k_ctx, width, heads, head_dim, block.memories.shape[1], enc.steps, batch * nenc) + embed
+    pred = (energy_flops(k_ctx + k_tgt, pred_width, heads, pred_head_dim, pred_hidden, e.pred_steps or e.steps,
+                         batch * nenc * npred)
             + 2 * batch * nenc * k_ctx * width * pred_width + 2 * batch * nenc * npred * k_tgt * pred_width * width)
     return target + 3 * (context + pred)
 
@@ -84,7 +113,8 @@ def _sync(device: torch.device) -> None:
 
 def _encoder(cfg: Config):
     return build_encoder(cfg.meta.model_name, img_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size,
-                         embed_dim=cfg.meta.embed_dim, depth=cfg.meta.depth, num_heads=cfg.meta.num_heads)
+                         embed_dim=cfg.meta.embed_dim, depth=cfg.meta.depth, num_heads=cfg.meta.num_heads,
+                         energy=cfg.energy)
 
 
 @dataclass
@@ -100,7 +130,8 @@ def build_models(cfg: Config, device: torch.device, official: bool = False) -> M
 
     torch.manual_seed(cfg.meta.seed)
     encoder = _encoder(cfg)
-    predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim)
+    predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim,
+                                energy=cfg.energy)
     target = copy.deepcopy(encoder)
     for p in target.parameters():
         p.requires_grad_(False)
@@ -279,11 +310,17 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
     return result
 
 
+def _depth_text(cfg: Config) -> str:
+    if cfg.meta.model_name == "energy_transformer":
+        e = cfg.energy
+        return f"energy steps {e.steps}/{e.pred_steps or e.steps}, gradient {e.gradient}"
+    return f"depth {cfg.meta.depth or 'default'}"
+
+
 def format_result(cfg: Config, device: torch.device, r: dict, steps: int) -> str:
     memory = "peak allocated" if device.type == "cuda" else "peak RSS growth"
     lines = [
-        f"bench-step: {cfg.meta.model_name} (width {cfg.meta.embed_dim or 'default'}, depth "
-        f"{cfg.meta.depth or 'default'}), {cfg.data.crop_size} px / patch {cfg.mask.patch_size}, batch "
+        f"bench-step: {cfg.meta.model_name} (width {cfg.meta.embed_dim or 'default'}, {_depth_text(cfg)}), {cfg.data.crop_size} px / patch {cfg.mask.patch_size}, batch "
         f"{cfg.data.batch_size}, {cfg.meta.resolved_dtype}, {device}, {torch.get_num_threads()} threads, "
         f"median of {steps} steps; context {r['k_ctx']:.1f} / target {r['k_tgt']:.1f} tokens",
         f"  step {r['step_ms']:.1f} ms  {r['images_per_s']:.1f} img/s  {memory} {r['peak_memory_mb']:.0f} MB  "

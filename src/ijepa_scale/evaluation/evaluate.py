@@ -138,6 +138,13 @@ def describe_checkpoint(path: Path, key: str) -> dict:
     return {"step": "" if step is None else step, "config": state.get("config")}
 
 
+def saved_energy_config(config: dict):
+    """The `energy` section a checkpoint's config records (defaults where it has none)."""
+    from ..models.energy_transformer import EnergyConfig
+
+    return EnergyConfig(**(config.get("energy") or {}))
+
+
 def build_eval_encoder(path: Path, key: str, random_init: bool = False, seed: int = 0) -> tuple[torch.nn.Module, int]:
     """The frozen encoder (eval mode) and the image size it expects.
 
@@ -156,7 +163,7 @@ def build_eval_encoder(path: Path, key: str, random_init: bool = False, seed: in
         meta, data, mask = config["meta"], config["data"], config["mask"]
         encoder = build_encoder(meta["model_name"], img_size=data["crop_size"], patch_size=mask["patch_size"],
                                 embed_dim=meta.get("embed_dim"), depth=meta.get("depth"),
-                                num_heads=meta.get("num_heads"))
+                                num_heads=meta.get("num_heads"), energy=saved_energy_config(config))
         if not random_init:
             encoder.load_state_dict(weights)
     elif random_init:
