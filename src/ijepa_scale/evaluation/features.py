@@ -90,6 +90,9 @@ def pooled_features(encoder: torch.nn.Module, images: torch.Tensor, pool: str = 
         return encoder(images).mean(dim=1)
     if pool != "last4":
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if not hasattr(encoder, "blocks"):
+        raise ValueError("pool=last4 needs a ViT encoder (the energy transformer has one shared block); use "
+                         "--pool mean")
     blocks = list(encoder.blocks)
     if len(blocks) < 4:
         raise ValueError(f"pool=last4 needs an encoder with at least 4 blocks, this one has {len(blocks)}")
