@@ -228,3 +228,37 @@ def test_eval_builds_the_energy_encoder_from_the_saved_config_and_vit_formats_re
 
     assert export_main([str(path), str(tmp_path / "hf"), "--format", "hf"]) == 2
     assert not (tmp_path / "hf").exists()
+
+
+def _bench_cfg(**meta):
+    return config_from_dict({
+        "data": {"batch_size": 4, "crop_size": 32, "shards": "unused.tar"},
+        "mask": {"patch_size": 8, "enc_mask_scale": [0.85, 1.0], "pred_mask_scale": [0.15, 0.3], "min_keep": 2,
+                 "aspect_ratio": [0.75, 1.5], "num_pred_masks": 2},
+        "meta": {"embed_dim": 48, "num_heads": 3, "pred_depth": 1, "pred_emb_dim": 24, **meta},
+        "energy": {"steps": 2, "hidden_dim": 96}})
+
+
+def test_bench_step_counts_the_energy_step_and_times_it_against_the_vit_interleaved():
+    import io
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ijepa_scale.benchmarks import step
+
+    cfg = _bench_cfg(model_name="energy_transformer")
+    models = step.build_models(cfg, torch.device("cpu"))
+    masks_enc, masks_pred = MultiBlockMaskCollator(
+        input_size=32, patch_size=8, enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.3),
+        aspect_ratio=(0.75, 1.5), nenc=1, npred=2, min_keep=2, seed=0).sample(4, 0)
+    with FlopCounterMode(display=False) as counter:
+        step.our_step(models, torch.randn(4, 3, 32, 32), masks_enc, masks_pred, cfg, torch.device("cpu"), 0.99, {})
+    estimate = step.step_flops(cfg, masks_enc[0].shape[1], masks_pred[0].shape[1])
+    assert estimate == pytest.approx(counter.get_total_flops(), rel=0.1)
+
+    out = io.StringIO()
+    result = step.run(cfg, torch.device("cpu"), steps=1, warmup=0, out=out,
+                      vs=_bench_cfg(model_name="vit_tiny", depth=2))
+    assert result["vs_step_ms"] > 0 and result["vs_ratio"] > 0
+    assert set(result["vs_phases_ms"]) == set(step.PHASES)
+    assert "energy steps 2/2, gradient autograd" in out.getvalue() and "vs vit_tiny (depth 2)" in out.getvalue()

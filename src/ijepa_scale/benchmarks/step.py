@@ -8,7 +8,9 @@ model FLOPs utilisation against a matmul rate measured on the same device in the
 `--vs-official` also times, interleaved with ours on the same images, masks and sizes, a plain eager
 step written from the official train.py (explicit softmax attention, AdamW's default implementation,
 a GradScaler under bfloat16, a Python loop for the EMA, the loss read back every step) and prints the
-ratio.  One rank, no data loading: this measures the model step only.
+ratio.  `--vs-base` times the YAML without the command-line overrides the same way (e.g. the energy
+transformer against the YAML's ViT; peak memory then counts both models).  One rank, no data loading: this
+measures the model step only.
 """
 
 from __future__ import annotations
@@ -247,7 +249,9 @@ def _warm_libraries(device: torch.device, cfg: Config) -> None:
 
 
 def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_official: bool = False,
-        out=sys.stdout) -> dict:
+        out=sys.stdout, vs: Config | None = None) -> dict:
+    """`vs`: a second config (same data, mask and batch settings) whose step is timed interleaved with ours,
+    step by step on the same inputs, so load on a shared machine hits both alike."""
     batch = cfg.data.batch_size
     collator = MultiBlockMaskCollator(
         input_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size, enc_mask_scale=cfg.mask.enc_mask_scale,
@@ -270,6 +274,9 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
     before_mb = peak_memory_mb(device)
     ours = build_models(cfg, device)
     official = build_models(cfg, device, official=True) if vs_official else None
+    other = build_models(vs, device) if vs is not None else None
+    other_times: dict[str, list[float]] = {}
+    other_ms: list[float] = []
     scaler = torch.amp.GradScaler(device.type) if cfg.meta.resolved_dtype == "bfloat16" else None
     momentum = cfg.optimization.ema[0]
     times: dict[str, list[float]] = {}
@@ -290,6 +297,14 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
             _sync(device)
             if i >= warmup:
                 official_ms.append((time.perf_counter() - start) * 1000.0)
+        if other is not None:
+            start = time.perf_counter()
+            step_times = {}
+            our_step(other, images, masks_enc, masks_pred, vs, device, momentum, step_times)
+            if i >= warmup:
+                other_ms.append((time.perf_counter() - start) * 1000.0)
+                for name, values in step_times.items():
+                    other_times.setdefault(name, []).extend(values)
     peak_mb = peak_memory_mb(device) - (before_mb if device.type != "cuda" else 0.0)
 
     dtype = DTYPES[cfg.meta.resolved_dtype]
@@ -306,6 +321,12 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
     if official is not None:
         result["official_step_ms"] = statistics.median(official_ms)
         result["speedup_vs_official"] = result["official_step_ms"] / step_ms
+    if other is not None:
+        result["vs_step_ms"] = statistics.median(other_ms)
+        result["vs_phases_ms"] = {name: statistics.median(other_times[name]) for name in PHASES}
+        # Paired by step: both ran back to back on the same inputs.
+        result["vs_ratio"] = statistics.median(a / b for a, b in zip(ours_ms, other_ms))
+        result["vs_name"] = f"{vs.meta.model_name} ({_depth_text(vs)})"
     print(format_result(cfg, device, result, steps), file=out)
     return result
 
@@ -329,6 +350,10 @@ def format_result(cfg: Config, device: torch.device, r: dict, steps: int) -> str
         f"  model {r['model_tflop_per_step'] * 1e3:.2f} GFLOP/step, matmul peak {r['matmul_peak_tflops']:.3f} "
         f"TFLOP/s, MFU {100 * r['mfu']:.1f} %",
     ]
+    if "vs_step_ms" in r:
+        lines.append(f"  vs {r['vs_name']}, interleaved: step {r['vs_step_ms']:.1f} ms  "
+                     + "  ".join(f"{name} {ms:.1f}" for name, ms in r["vs_phases_ms"].items())
+                     + f" (ms) -> ours takes {r['vs_ratio']:.2f}x its time (median of per-step ratios)")
     if "official_step_ms" in r:
         lines.append(f"  official-style step {r['official_step_ms']:.1f} ms -> ours is "
                      f"{r['speedup_vs_official']:.2f}x as fast")
@@ -343,12 +368,16 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--vs-official", action="store_true", help="also time an official-style step")
+    parser.add_argument("--vs-base", action="store_true",
+                        help="also time the --fname config without the command-line overrides, interleaved step by "
+                             "step (e.g. overrides that switch to meta.model_name=energy_transformer vs the YAML's ViT)")
     parser.add_argument("overrides", nargs="*", help="config overrides such as data.batch_size=32")
     args = parser.parse_args(argv)
     try:
         if args.steps < 1 or args.warmup < 0:
             raise UserError(f"--steps {args.steps} / --warmup {args.warmup}: need steps >= 1 and warmup >= 0")
         cfg = load_config(args.fname, args.overrides)
+        vs = load_config(args.fname) if args.vs_base else None
         from ..distributed import parse_device
 
         device = parse_device(args.device)
@@ -357,5 +386,5 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    run(cfg, device, steps=args.steps, warmup=args.warmup, vs_official=args.vs_official)
+    run(cfg, device, steps=args.steps, warmup=args.warmup, vs_official=args.vs_official, vs=vs)
     return 0

@@ -10,7 +10,7 @@ summed over the batch, and each of ``steps`` iterations (weights shared) does x 
 There is no value/output projection, no MLP and no final norm. The gradient is taken by autograd with
 ``create_graph`` whenever the caller records gradients (training then differentiates a gradient:
 second order, memory ~ steps), or from its closed form (``gradient="analytic"``: the same function
-with a first-order graph).
+with a first-order graph). Where no gradient is recorded (no_grad, inference_mode) both use the closed form.
 
 :class:`EnergyTransformer` and :class:`EnergyPredictor` take the same arguments as the ViT encoder and
 predictor (``encoder(images, masks)``, ``predictor(z, masks_x, masks)``) and return the same shapes.
@@ -137,16 +137,15 @@ class EnergyBlock(nn.Module):
         return -(from_queries + from_keys) - hopfield @ self.memories.T
 
     def autograd_gradient(self, g: torch.Tensor) -> torch.Tensor:
-        """dE/dg by autograd: with create_graph when the caller records gradients (training), else a
-        detached result even under no_grad (the target encoder, evaluation). Inference mode cannot record
-        the energy's graph at all, so there the closed form stands in (the same function)."""
-        if torch.is_inference_mode_enabled():
+        """dE/dg by autograd with create_graph, so training differentiates through it (second order).
+        Where nothing records gradients (no_grad: the target encoder, evaluation; inference_mode, which
+        cannot run autograd at all; a frozen block on a constant input) the closed form, the same function,
+        is used instead: no graph is built or kept, and it is faster than building one to take its gradient."""
+        if not (torch.is_grad_enabled() and (g.requires_grad or any(p.requires_grad for p in self.parameters()))):
             return self.energy_gradient(g)
-        create_graph = torch.is_grad_enabled() and (g.requires_grad or any(p.requires_grad for p in self.parameters()))
-        with torch.enable_grad():
-            if not g.requires_grad:
-                g = g.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.energy(g), g, create_graph=create_graph)
+        if not g.requires_grad:  # a constant input to a trained block: dE/dg still depends on the weights
+            g = g.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.energy(g), g, create_graph=True)
         return grad
 
     def forward(self, x: torch.Tensor, steps: int, alpha: float, gradient: str = "autograd") -> torch.Tensor:
