@@ -262,3 +262,12 @@ def test_bench_step_counts_the_energy_step_and_times_it_against_the_vit_interlea
     assert result["vs_step_ms"] > 0 and result["vs_ratio"] > 0
     assert set(result["vs_phases_ms"]) == set(step.PHASES)
     assert "energy steps 2/2, gradient autograd" in out.getvalue() and "vs vit_tiny (depth 2)" in out.getvalue()
+
+
+def test_plan_refuses_the_energy_model_with_one_line(tmp_path, capsys):
+    from ijepa_scale.benchmarks import plan
+
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {shards: x.tar}\nmeta: {model_name: energy_transformer, pred_emb_dim: 64}\n")
+    assert plan.main(["--fname", str(config)]) == 2
+    assert "plan models ViT memory only" in capsys.readouterr().err
