@@ -24,6 +24,7 @@ from .errors import UserError
 from .objectives.gated import GatedConfig
 from .objectives.pkt import LOSS_ALIASES, PKTConfig
 from .objectives.saccade import SaccadeConfig
+from .models.energy_transformer import MODEL_NAME as ENERGY_MODEL_NAME, EnergyConfig
 
 PLACEHOLDER_PREFIX = "$replace_this"
 OBJECTIVES = ("ijepa", "pkt", "gated", "saccade")
@@ -191,9 +192,10 @@ class MetaConfig:
         if self.init_optimizer and not self.init_from:
             raise ConfigError("meta.init_optimizer=true needs meta.init_from (the checkpoint to take it from)")
 
-        if self.model_name not in VIT_SIZES:
+        if self.model_name not in VIT_SIZES and self.model_name != ENERGY_MODEL_NAME:
             raise ConfigError(
-                f"meta.model_name={self.model_name!r} is not a ViT size; use one of {', '.join(VIT_SIZES)}"
+                f"meta.model_name={self.model_name!r} is not a model; use a ViT size ({', '.join(VIT_SIZES)}) "
+                f"or {ENERGY_MODEL_NAME}"
             )
         _positive(self, "pred_depth", "pred_emb_dim")
         for name in ("embed_dim", "depth", "num_heads"):
@@ -278,11 +280,18 @@ class Config:
     pkt: PKTConfig = field(default_factory=PKTConfig)
     gated: GatedConfig = field(default_factory=GatedConfig)
     saccade: SaccadeConfig = field(default_factory=SaccadeConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
 
     def validate(self) -> None:
         for section in SECTIONS:
             getattr(self, section).validate()
         self._apply_loss_function_alias()
+        if self.meta.model_name == ENERGY_MODEL_NAME:
+            self.energy.validate_with(self.meta)
+            if self.meta.objective not in ("ijepa", "pkt"):
+                raise ConfigError(f"meta.model_name={ENERGY_MODEL_NAME} is a backbone of the I-JEPA objectives "
+                                  f"(ijepa, pkt); meta.objective={self.meta.objective} needs a ViT: set meta.model_name "
+                                  f"to a ViT size")
         if self.data.crop_size % self.mask.patch_size != 0:
             raise ConfigError(
                 f"data.crop_size={self.data.crop_size} is not a multiple of mask.patch_size={self.mask.patch_size}"
@@ -320,15 +329,23 @@ class Config:
             self.pkt.grouping = alias["grouping"]
             self.pkt.divide_by_chunks = alias["divide_by_chunks"]
 
+    def section_in_use(self, section: str) -> bool:
+        """False for the sections of an objective or model this run does not use."""
+        if section in OBJECTIVE_SECTIONS:
+            return OBJECTIVE_SECTIONS[section] == self.meta.objective
+        if section == "energy":
+            return self.meta.model_name == ENERGY_MODEL_NAME
+        return True
+
     def unused_sections(self, raw_sections) -> list[str]:
-        """Objective sections present in the YAML that the selected objective does not read."""
-        return [s for s in raw_sections if s in OBJECTIVE_SECTIONS and OBJECTIVE_SECTIONS[s] != self.meta.objective]
+        """Sections present in the YAML that this run does not read."""
+        return [s for s in raw_sections if s in SECTIONS and not self.section_in_use(s)]
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out = {}
         for section in SECTIONS:
-            if section in OBJECTIVE_SECTIONS and OBJECTIVE_SECTIONS[section] != self.meta.objective:
-                continue  # another objective's settings: not part of this run
+            if not self.section_in_use(section):
+                continue  # another objective's or model's settings: not part of this run
             values = dataclasses.asdict(getattr(self, section))
             out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
         return out
@@ -456,7 +473,8 @@ def config_from_dict(raw: Any, where: str = "<config>") -> Config:
     unused = cfg.unused_sections(raw)
     if unused:
         logging.getLogger("ijepa_scale").warning(
-            "%s: section(s) %s are not read by meta.objective=%s", where, ", ".join(unused), cfg.meta.objective)
+            "%s: section(s) %s are not read by meta.objective=%s, meta.model_name=%s", where, ", ".join(unused),
+            cfg.meta.objective, cfg.meta.model_name)
     return cfg
 
 

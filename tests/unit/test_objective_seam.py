@@ -78,7 +78,7 @@ def test_another_objectives_section_is_a_warning_and_not_saved(tmp_path, caplog)
     path.write_text(yaml.safe_dump({"data": {"shards": "x.tar"}, "gated": {"lambda_gates": 2.0}}))
     with caplog.at_level(logging.WARNING, logger="ijepa_scale"):
         cfg = load_config(path)
-    assert "section(s) gated are not read by meta.objective=ijepa" in caplog.text
+    assert "section(s) gated are not read by meta.objective=ijepa, meta.model_name=vit_base" in caplog.text
     assert "gated" not in cfg.to_dict() and "pkt" not in cfg.to_dict()
     switched = load_config(path, ["meta.objective=gated"])
     assert switched.to_dict()["gated"]["lambda_gates"] == 2.0

@@ -91,7 +91,10 @@ def pooled_features(encoder: torch.nn.Module, images: torch.Tensor, pool: str = 
         return out.mean(dim=1) if out.ndim == 3 else out  # a convolutional encoder gives [B, C] already
     if pool != "last4":
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-    blocks = list(getattr(encoder, "blocks", ()))
+    if not hasattr(encoder, "blocks"):
+        raise ValueError("pool=last4 needs a ViT encoder (the energy transformer has one shared block, a ConvNeXt "
+                         "none); use --pool mean")
+    blocks = list(encoder.blocks)
     if len(blocks) < 4:
         raise ValueError(f"pool=last4 needs an encoder with at least 4 blocks, this one has {len(blocks)}")
     outputs = []

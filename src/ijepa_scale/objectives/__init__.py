@@ -63,8 +63,11 @@ def evaluated_network(config: dict):
         size = view_size(size, settings)  # evaluated at the size it was trained on
         if settings.backbone != "vit":
             return build_convnext(settings.backbone, settings.embed_dim), size
+    from ..models.energy_transformer import EnergyConfig
+
     encoder = build_encoder(meta["model_name"], img_size=size, patch_size=config["mask"]["patch_size"],
-                            embed_dim=meta.get("embed_dim"), depth=meta.get("depth"), num_heads=meta.get("num_heads"))
+                            embed_dim=meta.get("embed_dim"), depth=meta.get("depth"), num_heads=meta.get("num_heads"),
+                            energy=EnergyConfig(**(config.get("energy") or {})))
     return encoder, size
 
 

@@ -59,7 +59,8 @@ class Objective(abc.ABC):
                             f"{cfg.mask.patch_size}; change data.crop_size or mask.patch_size")
         try:
             return build_encoder(cfg.meta.model_name, img_size=size, patch_size=cfg.mask.patch_size,
-                                 embed_dim=cfg.meta.embed_dim, depth=cfg.meta.depth, num_heads=cfg.meta.num_heads)
+                                 embed_dim=cfg.meta.embed_dim, depth=cfg.meta.depth, num_heads=cfg.meta.num_heads,
+                                 energy=cfg.energy)
         except ValueError as exc:
             raise UserError(f"meta.model_name={cfg.meta.model_name}: {exc}") from None
 

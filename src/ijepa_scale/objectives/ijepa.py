@@ -109,17 +109,18 @@ class IJEPAObjective(Objective):
     ema = {"target_encoder": "encoder"}
     encoder_name = "target_encoder"
 
-    def build_networks(self, encoder, pred_depth: int = 6, pred_emb_dim: int = 384) -> dict:
+    def build_networks(self, encoder, pred_depth: int = 6, pred_emb_dim: int = 384, energy=None) -> dict:
+        """``energy``: the EnergyConfig when ``encoder`` is an energy transformer (its predictor is one too)."""
         from ..models import build_predictor
 
         try:
-            predictor = build_predictor(encoder, pred_depth=pred_depth, pred_emb_dim=pred_emb_dim)
+            predictor = build_predictor(encoder, pred_depth=pred_depth, pred_emb_dim=pred_emb_dim, energy=energy)
         except ValueError as exc:
             raise UserError(f"meta.pred_emb_dim={pred_emb_dim}: {exc}") from None
         return {"encoder": encoder, "predictor": predictor}
 
     def networks_from_config(self, cfg) -> dict:
-        return self.build_networks(self.vit_backbone(cfg), cfg.meta.pred_depth, cfg.meta.pred_emb_dim)
+        return self.build_networks(self.vit_backbone(cfg), cfg.meta.pred_depth, cfg.meta.pred_emb_dim, cfg.energy)
 
     def _mask_targets(self, normed: torch.Tensor, masks_enc, masks_pred) -> torch.Tensor:
         h = apply_masks(normed, masks_pred)
