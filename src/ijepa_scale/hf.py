@@ -234,6 +234,11 @@ def export_main(argv=None) -> int:
         else:
             if isinstance(checkpoint, HFStateDict):
                 checkpoint = {"encoder": checkpoint}
+            from .pretrained import refuse_energy_weights, strip_prefixes
+
+            for key in ("encoder", "target_encoder"):
+                if isinstance(checkpoint.get(key), Mapping):
+                    refuse_energy_weights(strip_prefixes(checkpoint[key]))  # the official code reads ViTs only
             official = to_official(checkpoint)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(args.out, lambda f: torch.save(official, f))

@@ -228,6 +228,8 @@ def test_eval_builds_the_energy_encoder_from_the_saved_config_and_vit_formats_re
 
     assert export_main([str(path), str(tmp_path / "hf"), "--format", "hf"]) == 2
     assert not (tmp_path / "hf").exists()
+    assert export_main([str(path), str(tmp_path / "official.pth.tar"), "--format", "official"]) == 2
+    assert not (tmp_path / "official.pth.tar").exists()
 
 
 def _bench_cfg(**meta):
