@@ -17,12 +17,12 @@ import json
 import logging
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import UserError, one_line
 
@@ -40,7 +40,8 @@ def open_images(pattern: str):
     return open_eval_shards(pattern, "--shards")
 
 
-def read_batches(source, count: int, size: int, batch_size: int, desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def read_batches(source, count: int, size: int, batch_size: int,
+                 desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 [b, 3, size, size], labels [b]) batches of the first ``count`` readable samples of ``source``,
     in the order `eval` reads them; unreadable samples are skipped with a warning."""
     from .features import Progress, _SliceDataset
@@ -271,8 +272,8 @@ def run_corrdim(args) -> tuple[list[Path], str]:
     info = out / "corrdim.json"
     info.write_text(json.dumps(summary, indent=2) + "\n")
     what = "patch tokens" if isinstance(encoder, VisionTransformer) else "image vectors"
-    return [png, table, info], (f"corrdim: correlation dimension {result.dimension:.3f} (slope of log10 C(r) on log10 r, "
-                                f"fit over r in [{r_lo:.4g}, {r_hi:.4g}], {len(result.log_radii)} radii; "
+    return [png, table, info], (f"corrdim: correlation dimension {result.dimension:.3f} (slope of log10 C(r) on "
+                                f"log10 r, fit over r in [{r_lo:.4g}, {r_hi:.4g}], {len(result.log_radii)} radii; "
                                 f"{len(points)} {what} of {num_images} images) -> {png}, {table}, {info}")
 
 
@@ -295,7 +296,7 @@ def plot_embedding(xy: np.ndarray, labels: np.ndarray, names: list[str], path: P
     fig, ax = plt.subplots(figsize=(8, 6), dpi=100)
     classes = sorted(set(int(v) for v in labels))
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "turbo")
-    marker = float(np.clip(4000 / max(len(xy), 1), 2, 30))
+    marker = float(np.clip(20000 / max(len(xy), 1), 4, 30))
     for rank, cls in enumerate(classes):
         chosen = labels == cls
         colour = "grey" if cls < 0 else cmap(rank if len(classes) <= 10 else rank / max(len(classes) - 1, 1))
@@ -331,9 +332,12 @@ def run_umap(args) -> tuple[list[Path], str]:
     if len(x) < 4:
         raise UserError(f"--num-images {args.num_images}: UMAP needs at least 4 images, read {len(x)}")
     x = (x - x.mean(dim=0)) / x.std(dim=0).clamp_min(1e-12)  # per-feature standardisation, as the original
-    logger.info("umap: embedding %d pooled features of width %d", len(x), x.shape[1])
+    logger.info("umap: embedding %d pooled features of width %d (numba compiles UMAP first: up to a minute on CPU)",
+                len(x), x.shape[1])
     reducer = umap.UMAP(n_neighbors=min(args.n_neighbors, len(x) - 1), random_state=args.seed)
-    xy = np.asarray(reducer.fit_transform(x.numpy()))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="n_jobs value")  # a fixed seed runs UMAP on one thread
+        xy = np.asarray(reducer.fit_transform(x.numpy()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = class_names(args.shards)
@@ -447,7 +451,7 @@ def plot_ablation(rows: list[dict], path: Path) -> Path:
                     (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
     ax.set_ylabel("reconstruction error (squared L2, layer-normed)")
     ax.set_ylim(0, max(losses + [1e-6]) * 1.35)
-    ax.set_title("learned vs random (same open rate) vs all-open gates", fontsize=9)
+    ax.set_title("learned gates vs random gates (rate: the image's mean open probability) vs all open", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
