@@ -89,7 +89,8 @@ def convnext_backbone(config) -> str | None:
 
 
 def load_encoder(checkpoint: Path, key: str, device: torch.device, need_vit: bool = False):
-    """(frozen encoder, image size) of ``key`` via `eval`'s loader; ``need_vit`` refuses a non-ViT first."""
+    """(frozen encoder, image size, describe_checkpoint's info) of ``key``, built by `eval`'s loader (a saccade
+    ConvNeXt here: that loader builds ViTs); ``need_vit`` refuses a non-ViT with one line."""
     from ..models.vision_transformer import VisionTransformer
     from .evaluate import build_eval_encoder, describe_checkpoint
 
