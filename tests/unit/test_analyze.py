@@ -228,7 +228,8 @@ def test_gates_tables_against_direct_computation(shards, gated_run, tmp_path, ca
     assert gate_map.flatten().tolist() == pytest.approx(probs.mean(dim=0).tolist(), abs=1e-6)
 
 
-@pytest.mark.parametrize("case", ["missing_checkpoint", "no_shards", "layer", "head", "not_gated", "num_images"])
+@pytest.mark.parametrize("case", ["missing_checkpoint", "no_shards", "layer", "head", "not_gated", "num_images",
+                                  "out_is_a_file"])
 def test_user_mistakes_are_one_line(case, shards, vit_run, tmp_path, capsys):
     common = ["--checkpoint", vit_run, "--shards", shards, "--out", tmp_path]
     argv, message = {
@@ -245,7 +246,11 @@ def test_user_mistakes_are_one_line(case, shards, vit_run, tmp_path, capsys):
                       "meta.objective=ijepa; `analyze gates` needs a Gated I-JEPA checkpoint (trained with "
                       "meta.objective=gated)"),
         "num_images": (["umap", *common, "--num-images", "0"], "--num-images must be > 0, got 0"),
+        "out_is_a_file": (["corrdim", *common[:4], "--out", tmp_path / "file.txt"],
+                          f"error: --out {tmp_path / 'file.txt'}: cannot write there (File exists); pass a writable "
+                          "folder"),
     }[case]
+    (tmp_path / "file.txt").write_text("keep me")
     if case == "num_images":
         with pytest.raises(SystemExit) as exc:
             main(["analyze", *map(str, argv)])
@@ -254,3 +259,4 @@ def test_user_mistakes_are_one_line(case, shards, vit_run, tmp_path, capsys):
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert err.splitlines()[-1] == message and err.count("error:") == 1
+    assert (tmp_path / "file.txt").read_text() == "keep me"

@@ -199,7 +199,6 @@ def run_attention(args) -> tuple[list[Path], str]:
         tiles = attention_grid(encoder, x, layers, shown_heads, patch=args.patch, scale=scale).cpu()
         maps = attention_maps(encoder, x, layers)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     png = save_image_grid(tiles, out / "attention.png", pad=2)
     labels = ["image"] + [f"L{layer} h{head}" for layer in layers for head in shown_heads]
     _add_header(png, labels, tile=tiles.shape[-1], pad=2)
@@ -262,7 +261,6 @@ def run_corrdim(args) -> tuple[list[Path], str]:
     except ValueError as exc:
         raise UserError(f"correlation dimension of {len(points)} points: {exc}") from None
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     png = plot_correlation_dimension(result, out / "corrdim.png")
     table = write_csv(out / "corrdim.csv", ["log10_r", "log10_C"],
                       [(round(float(r), 6), round(float(c), 6)) for r, c in zip(result.log_radii, result.log_counts)])
@@ -340,7 +338,6 @@ def run_umap(args) -> tuple[list[Path], str]:
         warnings.filterwarnings("ignore", message="n_jobs value")  # a fixed seed runs UMAP on one thread
         xy = np.asarray(reducer.fit_transform(x.numpy()))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     names = class_names(args.shards)
     png = plot_embedding(xy, y, names, out / "umap.png",
                          f"UMAP of mean-pooled {args.key} features, {len(x)} images ({checkpoint.name})")
@@ -483,7 +480,6 @@ def run_gates(args) -> tuple[list[Path], str]:
     ]
     real, noise = stats["real"], stats["noise"]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = [plot_gate_map(summary, out / "gate_map.png"), plot_open_fractions(real, noise, out / "open_fraction.png"),
              plot_ablation(rows, out / "gate_ablation.png")]
     paths.append(write_csv(out / "gates.csv", ["gates", "open_fraction", "loss", "scored_on"],
@@ -517,6 +513,20 @@ def run_gates(args) -> tuple[list[Path], str]:
 
 
 # --------------------------------------------------------------------------------------------- CLI
+def make_out_dir(path: str) -> Path:
+    """Create --out before any work, so that a bad path fails in a second, not after the analysis."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".analyze-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--out {path}: cannot write there ({exc.strerror or type(exc).__name__}); "
+                        f"pass a writable folder") from None
+    return out
+
+
 RUNNERS = {"attention": run_attention, "corrdim": run_corrdim, "umap": run_umap, "gates": run_gates}
 
 
@@ -571,6 +581,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     _setup_logging(0)
     try:
+        make_out_dir(args.out)
         _, summary = RUNNERS[args.command](args)
     except (UserError, FileNotFoundError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
