@@ -306,9 +306,13 @@ def consolidate(path: str | Path) -> dict:
     tensors = read_dcp(path)
     state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
     model = tensors["model"]
-    for key in ("encoder", "predictor"):
+    # Trained networks live under "model" by name ("encoder.*", "student.*"); each EMA network
+    # (target_encoder) is an entry of its own.
+    for key in dict.fromkeys(k.split(".", 1)[0] for k in model):
         prefix = key + "."
         state[key] = {"module." + k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
-    state["target_encoder"] = {"module." + k: v for k, v in tensors["target_encoder"].items()}
+    for key, value in tensors.items():
+        if key not in ("model", "opt"):
+            state[key] = {"module." + k: v for k, v in value.items()}
     state["opt"] = optimizer_state_to_ids(tensors["opt"])
     return state

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,8 +21,15 @@ from typing import Any, Optional
 import yaml
 
 from .errors import UserError
+from .objectives.gated import GatedConfig
+from .objectives.pkt import LOSS_ALIASES, PKTConfig
+from .objectives.saccade import SaccadeConfig
+from .models.energy_transformer import MODEL_NAME as ENERGY_MODEL_NAME, EnergyConfig
 
 PLACEHOLDER_PREFIX = "$replace_this"
+OBJECTIVES = ("ijepa", "pkt", "gated", "saccade")
+# Sections read only by one objective; setting one for another objective is probably a mistake.
+OBJECTIVE_SECTIONS = {"pkt": "pkt", "gated": "gated", "saccade": "saccade"}
 
 
 class ConfigError(UserError):
@@ -96,6 +104,9 @@ class LoggingConfig:
     """Warn when the std across the batch of the layer-normed target features stays below this (0 = never)."""
     collapse_eff_rank: float = 2.0
     """Warn when the effective rank of the pooled target features stays below this (0 = never)."""
+    collapse_open_frac: float = 0.02
+    """meta.objective=gated: warn when the mean open fraction of the gates stays below this (the predictor
+    then sees almost only mask tokens; 0 = never)."""
     collapse_patience: int = 5
     """Consecutive progress lines below a threshold before the collapse warning."""
     tensorboard: bool = False
@@ -107,7 +118,7 @@ class LoggingConfig:
         _positive(self, "log_freq", "checkpoint_freq")
         _non_negative(self, "checkpoint_every_steps", "keep_last")
         _non_negative(self, "eval_every_epochs", "eval_every_steps", "collapse_pred_norm", "collapse_target_std",
-                      "collapse_eff_rank")
+                      "collapse_eff_rank", "collapse_open_frac")
         _positive(self, "collapse_patience")
         if not self.write_tag or "/" in self.write_tag:
             raise ConfigError(f"logging.write_tag={self.write_tag!r} must be a non-empty file-name prefix")
@@ -171,6 +182,9 @@ class MetaConfig:
     """Recompute each transformer block's activations in backward (less memory, about 1/3 more compute)."""
     compile: bool = False
     """torch.compile each transformer block (dynamic sequence lengths; the first steps pay the compile)."""
+    objective: str = "ijepa"
+    """What is trained: ijepa, pkt (Probabilistic I-JEPA), gated (Gated I-JEPA) or saccade (Saccade JEPA);
+    each objective's settings are in the section of its name."""
 
     def validate(self) -> None:
         from .models.vision_transformer import VIT_SIZES
@@ -178,9 +192,10 @@ class MetaConfig:
         if self.init_optimizer and not self.init_from:
             raise ConfigError("meta.init_optimizer=true needs meta.init_from (the checkpoint to take it from)")
 
-        if self.model_name not in VIT_SIZES:
+        if self.model_name not in VIT_SIZES and self.model_name != ENERGY_MODEL_NAME:
             raise ConfigError(
-                f"meta.model_name={self.model_name!r} is not a ViT size; use one of {', '.join(VIT_SIZES)}"
+                f"meta.model_name={self.model_name!r} is not a model; use a ViT size ({', '.join(VIT_SIZES)}) "
+                f"or {ENERGY_MODEL_NAME}"
             )
         _positive(self, "pred_depth", "pred_emb_dim")
         for name in ("embed_dim", "depth", "num_heads"):
@@ -189,6 +204,7 @@ class MetaConfig:
         if self.dtype is not None:
             _choice(self, "dtype", ("bfloat16", "float16", "float32"))
         _choice(self, "parallel", ("ddp", "fsdp"))
+        _choice(self, "objective", OBJECTIVES)
         if self.parallel == "fsdp" and self.resolved_dtype == "float16":
             raise ConfigError("meta.parallel=fsdp does not support meta.dtype=float16 (its GradScaler needs "
                               "unsharded gradients); use meta.dtype=bfloat16")
@@ -221,6 +237,9 @@ class OptimizationConfig:
     weight_decay: float = 0.04
     loss: str = "smooth_l1"
     """smooth_l1 (official code) or l2 (as in the paper)."""
+    loss_function: Optional[str] = None
+    """The Probabilistic I-JEPA's name for its loss, accepted as an alias: L2_PKT or L2_PKT_chunks select
+    meta.objective=pkt with that grouping; L2 is plain I-JEPA."""
     variance_weight: float = 0.0
     """Weight of a VICReg variance term on the context encoder's pooled, layer-normed output (0 = off, official)."""
     covariance_weight: float = 0.0
@@ -245,6 +264,8 @@ class OptimizationConfig:
         _positive(self, "variance_target")
         _range_pair(self, "ema", high=1.0, allow_zero=True)
         _choice(self, "loss", ("smooth_l1", "l2"))
+        if self.loss_function is not None:
+            _choice(self, "loss_function", ("L2",) + tuple(LOSS_ALIASES))
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ConfigError(f"optimization.clip_grad={self.clip_grad} must be > 0 (or null to disable)")
 
@@ -256,10 +277,21 @@ class Config:
     mask: MaskConfig = field(default_factory=MaskConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    pkt: PKTConfig = field(default_factory=PKTConfig)
+    gated: GatedConfig = field(default_factory=GatedConfig)
+    saccade: SaccadeConfig = field(default_factory=SaccadeConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
 
     def validate(self) -> None:
         for section in SECTIONS:
             getattr(self, section).validate()
+        self._apply_loss_function_alias()
+        if self.meta.model_name == ENERGY_MODEL_NAME:
+            self.energy.validate_with(self.meta)
+            if self.meta.objective not in ("ijepa", "pkt"):
+                raise ConfigError(f"meta.model_name={ENERGY_MODEL_NAME} is a backbone of the I-JEPA objectives "
+                                  f"(ijepa, pkt); meta.objective={self.meta.objective} needs a ViT: set meta.model_name "
+                                  f"to a ViT size")
         if self.data.crop_size % self.mask.patch_size != 0:
             raise ConfigError(
                 f"data.crop_size={self.data.crop_size} is not a multiple of mask.patch_size={self.mask.patch_size}"
@@ -280,9 +312,40 @@ class Config:
         if not self.data.shards and not self.data.root_path:
             raise ConfigError("no training data: set data.shards (tar shards) or data.root_path (ImageFolder root)")
 
+    def _apply_loss_function_alias(self) -> None:
+        name = self.optimization.loss_function
+        if name is None:
+            return
+        wanted = "ijepa" if name == "L2" else "pkt"
+        if self.meta.objective not in (wanted, "ijepa"):
+            raise ConfigError(f"optimization.loss_function={name} is a loss of meta.objective={wanted}, but "
+                              f"meta.objective={self.meta.objective}; remove one of them")
+        self.meta.objective = wanted
+        if name in LOSS_ALIASES:
+            alias = LOSS_ALIASES[name]
+            if self.pkt.grouping != PKTConfig.grouping and self.pkt.grouping != alias["grouping"]:
+                raise ConfigError(f"optimization.loss_function={name} means pkt.grouping={alias['grouping']}, but "
+                                  f"pkt.grouping={self.pkt.grouping}; remove one of them")
+            self.pkt.grouping = alias["grouping"]
+            self.pkt.divide_by_chunks = alias["divide_by_chunks"]
+
+    def section_in_use(self, section: str) -> bool:
+        """False for the sections of an objective or model this run does not use."""
+        if section in OBJECTIVE_SECTIONS:
+            return OBJECTIVE_SECTIONS[section] == self.meta.objective
+        if section == "energy":
+            return self.meta.model_name == ENERGY_MODEL_NAME
+        return True
+
+    def unused_sections(self, raw_sections) -> list[str]:
+        """Sections present in the YAML that this run does not read."""
+        return [s for s in raw_sections if s in SECTIONS and not self.section_in_use(s)]
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out = {}
         for section in SECTIONS:
+            if not self.section_in_use(section):
+                continue  # another objective's or model's settings: not part of this run
             values = dataclasses.asdict(getattr(self, section))
             out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
         return out
@@ -388,7 +451,10 @@ def _build_section(section: str, values: Any, where: str):
                 f"{where}: unknown key '{section}.{key}' (did you mean '{section}.{_closest(str(key), types_)}'?)"
             )
         kwargs[key] = _coerce(value, types_[key], f"{where}: {section}.{key}")
-    return section_cls(**kwargs)
+    try:
+        return section_cls(**kwargs)
+    except UserError as exc:  # sections that check their values when built
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def config_from_dict(raw: Any, where: str = "<config>") -> Config:
@@ -404,6 +470,11 @@ def config_from_dict(raw: Any, where: str = "<config>") -> Config:
         cfg.validate()
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    unused = cfg.unused_sections(raw)
+    if unused:
+        logging.getLogger("ijepa_scale").warning(
+            "%s: section(s) %s are not read by meta.objective=%s, meta.model_name=%s", where, ", ".join(unused),
+            cfg.meta.objective, cfg.meta.model_name)
     return cfg
 
 

@@ -223,9 +223,10 @@ def export_main(argv=None) -> int:
         # Also reads Hugging Face folders, sharded (.dcp) folders and run folders of either kind.
         checkpoint = load_checkpoint(args.source)
         if args.format == "hf":
-            from .pretrained import _select_state_dict, infer_encoder_config
+            from .pretrained import _select_state_dict, infer_encoder_config, refuse_energy_weights, strip_prefixes
 
             state = _select_state_dict(checkpoint, args.key, "patch_embed.proj.weight")
+            refuse_energy_weights(strip_prefixes(state))
             heads = args.num_heads or num_heads_of(checkpoint) or infer_encoder_config(state)["num_heads"]
             out = write_hf(state, args.out, heads)
             print(f"wrote {out} ({args.key if not isinstance(checkpoint, HFStateDict) else 'encoder'}, "

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BLOCK_LISTS = ("blocks", "predictor_blocks")
+SHARED_BLOCK = "block"  # the energy transformer's one block, applied energy.steps times in one call
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,21 @@ class ParallelPlan:
 
 
 def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of `module`, also where it wraps a ViT (the gated student, a pooled ViT)."""
     blocks = []
-    for name in BLOCK_LISTS:
-        blocks.extend(getattr(module, name, ()))
+    for sub in module.modules():
+        for name in BLOCK_LISTS:
+            blocks.extend(getattr(sub, name, ()))
+        shared = getattr(sub, SHARED_BLOCK, None)
+        if isinstance(shared, torch.nn.Module):
+            blocks.append(shared)
     return blocks
 
 
-def _checkpointed_forward(forward, *args):
-    # Non-reentrant: composes with FSDP2's hooks and with autocast, and keeps the RNG state.
-    return checkpoint(forward, *args, use_reentrant=False)
+def _checkpointed_forward(forward, *args, **kwargs):
+    # Non-reentrant: composes with FSDP2's hooks and with autocast, and keeps the RNG state (so a
+    # recomputed gated block draws the same gate noise).
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def apply_activation_checkpointing(module: torch.nn.Module) -> None:
@@ -92,6 +99,11 @@ def parallelize(module: torch.nn.Module, device: torch.device, plan: ParallelPla
     hooks sit outside the recomputed and compiled regions.  A frozen module (the target encoder)
     is sharded like a trainable one under FSDP and left plain under DDP (it needs no gradient sync).
     """
+    if plan.compile and getattr(module, "gradient", None) == "autograd":
+        from .errors import UserError
+
+        raise UserError("meta.compile=true cannot compile the energy block's second-order gradient "
+                        "(energy.gradient=autograd); set energy.gradient=analytic or meta.compile=false")
     module.to(device)
     if plan.activation_checkpointing and trainable:
         apply_activation_checkpointing(module)

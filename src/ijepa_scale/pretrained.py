@@ -30,6 +30,7 @@ import torch
 
 from .download import CACHE_ENV_VAR, RELEASES, default_cache_dir, is_url  # noqa: F401 (re-exported)
 from .download import fetch as _download_fetch
+from .errors import UserError
 from .hf import HFStateDict, num_heads_of
 from .models.vision_transformer import (
     VIT_SIZES,
@@ -165,6 +166,14 @@ def _mlp_ratio(hidden: int, dim: int) -> float:
     return ratio
 
 
+def refuse_energy_weights(state_dict: Mapping[str, Any]) -> None:
+    """UserError for energy-transformer weights where only a ViT (official format, Hugging Face) can go."""
+    if any(k.startswith("block.") for k in state_dict):
+        raise UserError("these are energy-transformer weights (meta.model_name=energy_transformer), which the "
+                        "official and Hugging Face ViT formats cannot hold; evaluate the run's checkpoint itself "
+                        "with `ijepa-scale eval ... --checkpoint RUN`, which builds it from the saved config")
+
+
 def infer_encoder_config(state_dict: Mapping[str, Any], num_heads: int | None = None) -> dict:
     """Infer the encoder architecture from its (possibly prefixed) state dict.
 
@@ -174,6 +183,7 @@ def infer_encoder_config(state_dict: Mapping[str, Any], num_heads: int | None = 
     else from the official table (by width and depth, then width alone).
     """
     sd = strip_prefixes(state_dict)
+    refuse_energy_weights(sd)
     patch_w = _require(sd, "patch_embed.proj.weight", "ViT encoder")
     embed_dim, _, patch_size, patch_w2 = patch_w.shape
     if patch_size != patch_w2:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import errno
 import logging
@@ -29,10 +28,10 @@ from .data.transforms import ImageTransform, normalize
 from .errors import RunFailure, UserError, one_line
 from .evaluation.collapse import CollapseMonitor
 from .masks import MultiBlockMaskCollator
+from .masks.multiblock import _hash_ints
 from .metrics import CSVMetrics
-from .models import build_encoder, build_predictor
 from .models.vision_transformer import VIT_SIZES
-from .objectives import build_objective
+from .objectives import build_objective, resolve
 from .parallel import (ParallelPlan, autocast_context, ema_update_, grad_norm_and_clip_, is_sharded,
                        make_grad_scaler, no_grad_sync, parallelize, unwrap)
 from .procutil import STOP_SIGNALS
@@ -60,8 +59,9 @@ def strip_module_prefix(state_dict: dict) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
 
 
-def official_param_groups(encoder: torch.nn.Module, predictor: torch.nn.Module) -> list[dict]:
-    """AdamW groups as official: weight decay on >=2-D non-bias weights only (flag WD_exclude)."""
+def official_param_groups(*modules: torch.nn.Module) -> list[dict]:
+    """AdamW groups as official: weight decay on >=2-D non-bias weights only (flag WD_exclude); one
+    decayed and one excluded group per module (official: encoder, predictor)."""
 
     def decayed(module):
         return [p for n, p in module.named_parameters() if "bias" not in n and p.ndim != 1]
@@ -69,18 +69,14 @@ def official_param_groups(encoder: torch.nn.Module, predictor: torch.nn.Module) 
     def excluded(module):
         return [p for n, p in module.named_parameters() if "bias" in n or p.ndim == 1]
 
-    return [
-        {"params": decayed(encoder)},
-        {"params": decayed(predictor)},
-        {"params": excluded(encoder), "WD_exclude": True, "weight_decay": 0},
-        {"params": excluded(predictor), "WD_exclude": True, "weight_decay": 0},
-    ]
+    return ([{"params": decayed(m)} for m in modules]
+            + [{"params": excluded(m), "WD_exclude": True, "weight_decay": 0} for m in modules])
 
 
-def make_optimizer(encoder: torch.nn.Module, predictor: torch.nn.Module) -> torch.optim.AdamW:
+def make_optimizer(*modules: torch.nn.Module) -> torch.optim.AdamW:
     # foreach: a few multi-tensor kernels instead of ~10 small ops per parameter (torch picks the
     # per-parameter loop on CPU by default); the same arithmetic, so the same losses.
-    return torch.optim.AdamW(official_param_groups(unwrap(encoder), unwrap(predictor)), foreach=True)
+    return torch.optim.AdamW(official_param_groups(*(unwrap(m) for m in modules)), foreach=True)
 
 
 def rng_state() -> dict:
@@ -320,23 +316,19 @@ class Trainer:
             self.folder.mkdir(parents=True, exist_ok=True)
         dist_utils.barrier()
 
+        # The objective says which networks are trained, which follow by EMA and what a batch carries.
+        self.objective = objective if objective is not None else build_objective(cfg)
         torch.manual_seed(cfg.meta.seed)
-        encoder = build_encoder(
-            cfg.meta.model_name, img_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size,
-            embed_dim=cfg.meta.embed_dim, depth=cfg.meta.depth, num_heads=cfg.meta.num_heads,
-        )
-        predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim)
-        target_encoder = copy.deepcopy(encoder)
-        for p in target_encoder.parameters():
-            p.requires_grad_(False)
+        online = self.objective.networks_from_config(cfg)
+        frozen = self.objective.ema_networks(online)
         self.plan = ParallelPlan.from_config(cfg.meta)
         self.accum_steps = cfg.optimization.accum_steps
-        self.encoder = parallelize(encoder, self.device, self.plan)
-        self.predictor = parallelize(predictor, self.device, self.plan)
-        self.target_encoder = parallelize(target_encoder, self.device, self.plan, trainable=False)
-        self.sharded = is_sharded(self.encoder)
+        self.networks = {name: parallelize(module, self.device, self.plan) for name, module in online.items()}
+        self.ema_networks = {name: parallelize(module, self.device, self.plan, trainable=False)
+                             for name, module in frozen.items()}
+        self.sharded = is_sharded(next(iter(self.networks.values())))
         # The trainable modules under one root, so parameter names are "encoder.*" / "predictor.*".
-        self._trainable = torch.nn.ModuleDict({"encoder": unwrap(self.encoder), "predictor": unwrap(self.predictor)})
+        self._trainable = torch.nn.ModuleDict({name: unwrap(module) for name, module in self.networks.items()})
         self._pending_save = None  # (future, folder, periodic) of an asynchronous DCP save
         self._checkpoint_group = None
         if self.sharded and cfg.logging.async_checkpoint:
@@ -344,22 +336,24 @@ class Trainer:
             import torch.distributed as dist
 
             self._checkpoint_group = dist.new_group(backend="gloo")
-        self.optimizer = make_optimizer(encoder, predictor)
+        self.optimizer = make_optimizer(*online.values())
         self.scaler = make_grad_scaler(self.device, self.dtype)
-        self.objective = objective if objective is not None else build_objective(cfg.optimization)
         # Whatever extra metrics the objective returns are logged as CSV columns, in this order.
         self.metric_names = tuple(getattr(self.objective, "metric_names", ()))
         thresholds = {n: getattr(cfg.logging, f"collapse_{n}") for n in self.metric_names
                       if hasattr(cfg.logging, f"collapse_{n}")}
         self.collapse = CollapseMonitor(thresholds, cfg.logging.collapse_patience)
 
-        self.collator = MultiBlockMaskCollator(
-            input_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size,
-            enc_mask_scale=cfg.mask.enc_mask_scale, pred_mask_scale=cfg.mask.pred_mask_scale,
-            aspect_ratio=cfg.mask.aspect_ratio, nenc=cfg.mask.num_enc_masks, npred=cfg.mask.num_pred_masks,
-            min_keep=cfg.mask.min_keep, allow_overlap=cfg.mask.allow_overlap,
-            legacy_sampler=cfg.mask.legacy_sampler, seed=cfg.meta.seed, rank=env.rank,
-        )
+        self.collator = None
+        if self.objective.batch_kind == "multiblock":
+            self.collator = MultiBlockMaskCollator(
+                input_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size,
+                enc_mask_scale=cfg.mask.enc_mask_scale, pred_mask_scale=cfg.mask.pred_mask_scale,
+                aspect_ratio=cfg.mask.aspect_ratio, nenc=cfg.mask.num_enc_masks, npred=cfg.mask.num_pred_masks,
+                min_keep=cfg.mask.min_keep, allow_overlap=cfg.mask.allow_overlap,
+                legacy_sampler=cfg.mask.legacy_sampler, seed=cfg.meta.seed, rank=env.rank,
+            )
+        self.views = self.objective.make_views(cfg) if self.objective.batch_kind == "views" else None
         transform = ImageTransform(
             crop_size=cfg.data.crop_size, crop_scale=cfg.data.crop_scale,
             horizontal_flip=cfg.data.use_horizontal_flip, color_distortion=cfg.data.use_color_distortion,
@@ -433,6 +427,24 @@ class Trainer:
             logger.info("data: %s; %d steps per epoch of %d x %d images", source.describe(),
                         self.steps_per_epoch, env.world_size, cfg.data.batch_size)
 
+    # The I-JEPA names of the networks (objectives ijepa and pkt).
+    @property
+    def encoder(self) -> torch.nn.Module:
+        return self.networks["encoder"]
+
+    @property
+    def predictor(self) -> torch.nn.Module:
+        return self.networks["predictor"]
+
+    @property
+    def target_encoder(self) -> torch.nn.Module:
+        return self.ema_networks["target_encoder"]
+
+    @property
+    def eval_encoder(self) -> torch.nn.Module:
+        """The network exported and evaluated (the EMA teacher of every objective)."""
+        return self.ema_networks[self.objective.encoder_name]
+
     def _on_main_then_broadcast(self, build):
         """Run `build()` on rank 0 only (listing, counting unindexed shards) and hand its result to
         every rank; an exception is raised on every rank, so none is left waiting in a collective."""
@@ -470,25 +482,40 @@ class Trainer:
                 group["weight_decay"] = wd
 
     def _ema_update(self, momentum: float) -> None:
-        ema_update_(self.target_encoder.parameters(), unwrap(self.encoder).parameters(), momentum)
+        for name, source in self.objective.ema.items():
+            ema_update_(self.ema_networks[name].parameters(), resolve(self.networks, source).parameters(), momentum)
 
     def _grad_norm_and_clip(self) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         return float(grad_norm_and_clip_(params, self.cfg.optimization.clip_grad))
 
-    def _forward(self, batch: dict):
-        """(loss or None, metrics, masks_enc, masks_pred) of one micro-batch."""
+    def _inputs(self, batch: dict, micro_index: int = 0) -> dict:
+        """What the objective's batch kind needs, on the device."""
         images = normalize(batch["images"].to(self.device, non_blocking=True))
-        masks_enc = [m.to(self.device, non_blocking=True) for m in batch["masks_enc"]]
-        masks_pred = [m.to(self.device, non_blocking=True) for m in batch["masks_pred"]]
+        inputs = {"images": images}
+        if self.objective.batch_kind == "multiblock":
+            inputs["masks_enc"] = [m.to(self.device, non_blocking=True) for m in batch["masks_enc"]]
+            inputs["masks_pred"] = [m.to(self.device, non_blocking=True) for m in batch["masks_pred"]]
+        elif self.objective.batch_kind == "views":
+            # Drawn from (seed, micro-batch index, rank) only, so a resumed run makes the same views.
+            inputs.update(self.views(images, step=self.step * self.accum_steps + micro_index, rank=self.env.rank))
+        if self.objective.random_per_step:
+            # Not the global RNG: the data loader also draws from it, at other points after a resume.
+            inputs["generator"] = torch.Generator().manual_seed(
+                _hash_ints(0x9A7E5, self.cfg.meta.seed, self.step * self.accum_steps + micro_index, self.env.rank))
+        return inputs
+
+    def _forward(self, batch: dict, micro_index: int = 0):
+        """(loss or None, metrics, inputs) of one micro-batch."""
+        inputs = self._inputs(batch, micro_index)
         loss, extra = None, {}
         if batch.get("usable", True):
+            networks = {**self.networks, **self.ema_networks}
             with autocast_context(self.device, self.dtype):
-                loss = self.objective(self.encoder, self.predictor, self.target_encoder, images, masks_enc,
-                                      masks_pred)
+                loss = self.objective(networks, inputs)
             if isinstance(loss, tuple):  # (loss, metrics); a plain loss is accepted too
                 loss, extra = loss
-        return loss, extra, masks_enc, masks_pred
+        return loss, extra, inputs
 
     def _agree(self, loss, extra) -> tuple[torch.Tensor, list]:
         """One collective decides for every rank: the global mean loss, which ranks cannot step
@@ -525,11 +552,12 @@ class Trainer:
         global_loss, metric_sums = 0.0, [0.0] * len(self.metric_names)
         bad_ranks: list = []
         mask_sizes = None
-        trainable = (self.encoder, self.predictor)
+        trainable = tuple(self.networks.values())
         for i, mb in enumerate(micro):
-            loss, extra, masks_enc, masks_pred = self._forward(mb)
+            loss, extra, inputs = self._forward(mb, i)
             if mask_sizes is None:
-                mask_sizes = (int(masks_enc[0].shape[1]), int(masks_pred[0].shape[1]))
+                mask_sizes = ((int(inputs["masks_enc"][0].shape[1]), int(inputs["masks_pred"][0].shape[1]))
+                              if "masks_enc" in inputs else (None, None))
             shared, bad_ranks = self._agree(loss, extra)
             if bad_ranks:
                 break  # every rank saw the same flags, so every rank leaves here together
@@ -562,7 +590,7 @@ class Trainer:
         if skipped and self.sharded:
             # FSDP keeps the roots' parameters gathered after forward until their backward, which a
             # skipped step never runs; reshard so state dicts and the EMA see the shards again.
-            for module in (self.encoder, self.predictor):
+            for module in self.networks.values():
                 module.reshard()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -620,11 +648,12 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     def _log_progress(self, metrics: dict) -> None:
         avg = self.epoch_loss_sum / max(1, self.epoch_loss_count)
+        masks = "" if metrics["mask-A"] is None else f" | masks {metrics['mask-A']}/{metrics['mask-B']}"
         logger.info(
-            "[ep %d, itr %d/%d, step %d] loss %.4f (avg %.4f) | masks %d/%d | lr %.3g wd %.3g m %.5f | "
+            "[ep %d, itr %d/%d, step %d] loss %.4f (avg %.4f)%s | lr %.3g wd %.3g m %.5f | "
             "%.0f ms/step %.1f img/s data %.0f ms | mem %.0f MB | %s%s",
             metrics["epoch"], metrics["itr"] + 1, self.steps_per_epoch, metrics["step"], metrics["loss"], avg,
-            metrics["mask-A"], metrics["mask-B"], metrics["lr"], metrics["wd"], metrics["momentum"],
+            masks, metrics["lr"], metrics["wd"], metrics["momentum"],
             metrics["time (ms)"], metrics["img_per_s"], metrics["data_ms"], metrics["max_mem_mb"],
             self._eta_text(metrics["itr"]), self._metrics_text(metrics),
         )
@@ -654,7 +683,8 @@ class Trainer:
         saved = rng_state()
         start = time.perf_counter()
         try:
-            result = evaluate(self.target_encoder, *self.eval_sources, ("knn",), crop_size=self.cfg.data.crop_size,
+            result = evaluate(self.eval_encoder, *self.eval_sources, ("knn",),
+                              crop_size=self.objective.input_size(self.cfg.data.crop_size),
                               batch_size=self.cfg.data.batch_size, num_workers=self.cfg.data.num_workers,
                               device=self.device, rank=self.env.rank, world_size=self.env.world_size)
         finally:
@@ -799,12 +829,12 @@ class Trainer:
             from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
             model, opt = get_state_dict(self._trainable, self.optimizer)
-            tensors = {"model": model, "target_encoder": get_model_state_dict(self.target_encoder), "opt": opt}
+            tensors = {"model": model, **{name: get_model_state_dict(module)
+                                          for name, module in self.ema_networks.items()}, "opt": opt}
         else:
             tensors = {
-                "encoder": add_module_prefix(unwrap(self.encoder).state_dict()),
-                "predictor": add_module_prefix(unwrap(self.predictor).state_dict()),
-                "target_encoder": add_module_prefix(self.target_encoder.state_dict()),
+                **{name: add_module_prefix(unwrap(module).state_dict()) for name, module in self.networks.items()},
+                **{name: add_module_prefix(module.state_dict()) for name, module in self.ema_networks.items()},
                 "opt": self.optimizer.state_dict(),
             }
         return {**tensors, **self._progress_state()}
@@ -825,7 +855,7 @@ class Trainer:
                 "wd": self.wd_schedule.state_dict(),
                 "momentum": self.momentum_schedule.state_dict(),
             },
-            "mask_collator": {**self.collator.state_dict(), "step": self.step},
+            "mask_collator": {**(self.collator.state_dict() if self.collator else {}), "step": self.step},
             "rank_state": per_rank,
             "counters": {
                 "skipped_steps": self.skipped_steps,
@@ -841,20 +871,34 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         where = self.resume_file or "the checkpoint"
-        missing = [k for k in ("encoder", "predictor", "target_encoder", "opt") if k not in state]
+        self._check_objective(state.get("config"), where)
+        missing = [k for k in (*self.networks, *self.ema_networks, "opt") if k not in state]
         if missing:
             raise UserError(f"{where} lacks {missing}: not a training checkpoint. Resume from another file "
                             f"(meta.load_checkpoint=true meta.read_checkpoint=FILE) or use a new logging.folder")
-        check_architecture(state, unwrap(self.encoder), unwrap(self.predictor), where)
+        self._check_architecture(state, where)
         with self._loading_errors_as_user_errors(where):
             if self.sharded:
                 self._load_full_into_shards(state)
             else:
-                unwrap(self.encoder).load_state_dict(strip_module_prefix(state["encoder"]))
-                unwrap(self.predictor).load_state_dict(strip_module_prefix(state["predictor"]))
-                self.target_encoder.load_state_dict(strip_module_prefix(state["target_encoder"]))
+                for name, module in self.networks.items():
+                    unwrap(module).load_state_dict(strip_module_prefix(state[name]))
+                for name, module in self.ema_networks.items():
+                    module.load_state_dict(strip_module_prefix(state[name]))
                 self.optimizer.load_state_dict(state["opt"])
         self._load_progress(state)
+
+    def _check_objective(self, saved_config, where) -> None:
+        saved = ((saved_config or {}).get("meta") or {}).get("objective", "ijepa")
+        if saved != self.cfg.meta.objective:
+            raise UserError(f"{where} was trained with meta.objective={saved}, this config sets meta.objective="
+                            f"{self.cfg.meta.objective}; resume with meta.objective={saved} or use a new logging.folder")
+
+    def _check_architecture(self, state: dict, where) -> None:
+        """Name each size that differs (objectives with the I-JEPA networks; others fail on the first
+        tensor that does not fit, also with a one-line error)."""
+        if "encoder" in self.networks and "predictor" in self.networks:
+            check_architecture(state, unwrap(self.encoder), unwrap(self.predictor), where)
 
     @contextlib.contextmanager
     def _loading_errors_as_user_errors(self, where):
@@ -874,11 +918,11 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
         options = StateDictOptions(full_state_dict=True)
-        model = {f"{key}.{k}": v for key in ("encoder", "predictor")
-                 for k, v in strip_module_prefix(state[key]).items()}
+        model = {f"{key}.{k}": v for key in self.networks for k, v in strip_module_prefix(state[key]).items()}
         opt = optimizer_state_to_fqns(state["opt"], self._param_names_per_group())
         set_state_dict(self._trainable, self.optimizer, model_state_dict=model, optim_state_dict=opt, options=options)
-        set_model_state_dict(self.target_encoder, strip_module_prefix(state["target_encoder"]), options=options)
+        for name, module in self.ema_networks.items():
+            set_model_state_dict(module, strip_module_prefix(state[name]), options=options)
 
     def _load_dcp(self, path: Path) -> dict:
         """Resume from a DCP folder: every rank reads the parts of the shards it now holds (any world size)."""
@@ -886,19 +930,20 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
         state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        self._check_objective(state.get("config"), path)
         shapes = dcp_tensor_shapes(path)
         # The size check reads shapes only, so a wrong architecture is named before any tensor is read.
         weights = {key: {k[len(f"model.{key}."):]: torch.empty(size, device="meta") for k, size in shapes.items()
-                         if k.startswith(f"model.{key}.")} for key in ("encoder", "predictor")}
-        check_architecture({**weights, "config": state.get("config")}, unwrap(self.encoder), unwrap(self.predictor),
-                           path)
+                         if k.startswith(f"model.{key}.")} for key in self.networks}
+        self._check_architecture({**weights, "config": state.get("config")}, path)
         with self._loading_errors_as_user_errors(path):
             tensors = self.state_dict()
-            tensors = {k: tensors[k] for k in ("model", "target_encoder", "opt")}
+            tensors = {k: tensors[k] for k in self._tensor_keys()}
             dcp.load(tensors, checkpoint_id=str(path))
             set_state_dict(self._trainable, self.optimizer, model_state_dict=tensors["model"],
                            optim_state_dict=tensors["opt"])
-            set_model_state_dict(self.target_encoder, tensors["target_encoder"])
+            for name, module in self.ema_networks.items():
+                set_model_state_dict(module, tensors[name])
         self._load_progress(state)
         return state
 
@@ -916,7 +961,8 @@ class Trainer:
         self.lr_schedule.load_state_dict(state["schedules"]["lr"])
         self.wd_schedule.load_state_dict(state["schedules"]["wd"])
         self.momentum_schedule.load_state_dict(state["schedules"]["momentum"])
-        self.collator.load_state_dict({"step": state["mask_collator"]["step"]})
+        if self.collator is not None:
+            self.collator.load_state_dict({"step": state["mask_collator"]["step"]})
         counters = state["counters"]
         self.skipped_steps = counters["skipped_steps"]
         self.consecutive_nonfinite = counters["consecutive_nonfinite"]
@@ -964,25 +1010,41 @@ class Trainer:
             raise UserError(f"{where}: cannot read it ({type(exc).__name__}: {first})") from None
         if not isinstance(state, dict):
             raise UserError(f"{where} holds a {type(state).__name__}, not weights")
-        nets = {k: strip_prefixes(state[k]) for k in ("encoder", "target_encoder", "predictor")
-                if isinstance(state.get(k), dict)}
-        if not nets and "patch_embed.proj.weight" in strip_prefixes(state):
-            nets["encoder"] = strip_prefixes(state)  # a bare encoder state dict (or a Hugging Face model)
-        if "encoder" not in nets and "target_encoder" not in nets:
-            raise UserError(f"{where} has no encoder weights (keys: {', '.join(map(str, list(state)[:8]))})")
-        # One encoder only (e.g. Hugging Face): it starts both the context and the target encoder.
-        nets.setdefault("encoder", nets.get("target_encoder"))
-        nets.setdefault("target_encoder", nets["encoder"])
-        modules = {"encoder": unwrap(self.encoder), "target_encoder": self.target_encoder,
-                   "predictor": unwrap(self.predictor)}
+        saved_objective = ((state.get("config") or {}).get("meta") or {}).get("objective", "ijepa")
+        own = (*self.networks, *self.ema_networks)
+        if saved_objective == self.cfg.meta.objective and all(isinstance(state.get(k), dict) for k in own):
+            # A run of the same objective: every network by its name.
+            nets = {k: strip_prefixes(state[k]) for k in own}
+            modules = {**{k: unwrap(m) for k, m in self.networks.items()}, **self.ema_networks}
+        else:
+            nets = {k: strip_prefixes(state[k]) for k in ("encoder", "target_encoder", "predictor")
+                    if isinstance(state.get(k), dict)}
+            if not nets and "patch_embed.proj.weight" in strip_prefixes(state):
+                nets["encoder"] = strip_prefixes(state)  # a bare encoder state dict (or a Hugging Face model)
+            if "encoder" not in nets and "target_encoder" not in nets:
+                raise UserError(f"{where} has no encoder weights (keys: {', '.join(map(str, list(state)[:8]))})")
+            # One encoder only (e.g. Hugging Face): it starts both the context and the target encoder.
+            nets.setdefault("encoder", nets.get("target_encoder"))
+            nets.setdefault("target_encoder", nets["encoder"])
+            # The encoder's weights start the backbone the EMA teacher follows (the gated student's ViT, ...).
+            modules = {"encoder": unwrap(resolve(self.networks, self.objective.ema["target_encoder"])),
+                       "target_encoder": self.ema_networks["target_encoder"]}
+            if "predictor" in self.networks and "encoder" in self.networks:
+                modules["predictor"] = unwrap(self.predictor)
+            elif "predictor" in nets:
+                del nets["predictor"]  # another objective's predictor does not fit this one
+                if self.env.is_main:
+                    logger.info("%s: its predictor is not used (meta.objective=%s has its own)", where,
+                                self.cfg.meta.objective)
         for name, weights in nets.items():
             _load_exactly(modules[name], weights, f"{where} ({name})", sharded=self.sharded)
         taken = sorted(nets)
         if with_optimizer:
             if not isinstance(state.get("opt"), dict):
                 raise UserError(f"{where} has no optimizer state; set meta.init_optimizer=false")
-            if "predictor" not in nets:
-                raise UserError(f"{where} has no predictor, so its optimizer state cannot fit; set "
+            if not all(k in nets for k in self.networks):
+                raise UserError(f"{where} lacks {', '.join(k for k in self.networks if k not in nets)} of meta.objective="
+                                f"{self.cfg.meta.objective}, so its optimizer state cannot fit; set "
                                 f"meta.init_optimizer=false")
             try:
                 if self.sharded:
@@ -1000,7 +1062,8 @@ class Trainer:
             taken.append("optimizer")
         self.lineage = [{"init_from": source}]
         if self.env.is_main:
-            missing = "" if "predictor" in nets else " (it has no predictor: the predictor starts from random weights)"
+            missing = ("" if all(k in nets for k in self.networks) else
+                       f" ({', '.join(k for k in self.networks if k not in nets)} start(s) from random weights)")
             logger.info("initialised %s from %s%s; step, schedules and data start from zero", ", ".join(taken),
                         source, missing)
 
@@ -1028,6 +1091,10 @@ class Trainer:
             raise CheckpointWriteError(error)
         self._saved_step = self.step
 
+    def _tensor_keys(self) -> tuple[str, ...]:
+        """The entries of a sharded state dict that DCP writes (the rest goes in the trainer-state file)."""
+        return ("model", *self.ema_networks, "opt")
+
     def _share_error(self, error: Optional[str]) -> None:
         error = dist_utils.broadcast_object(error)
         if error is not None:
@@ -1039,7 +1106,7 @@ class Trainer:
 
         self.wait_for_checkpoint()
         state = self.state_dict()
-        tensors = {k: state.pop(k) for k in ("model", "target_encoder", "opt")}
+        tensors = {k: state.pop(k) for k in self._tensor_keys()}
         path = self.checkpoints.dcp_path(periodic, self.step)
         error = None
         if self.env.is_main:

@@ -186,9 +186,10 @@ def test_preempted_job_requeues_resumes_and_equals_uninterrupted(two_runs):
 
 
 def test_batch_launch_submits_two_configs_at_once(shards, tmp_path):
-    for name in ("a", "b"):
+    # b trains another objective: the SLURM launcher serves every objective unchanged.
+    for name, objective in (("a", "ijepa"), ("b", "gated")):
         write_config(tmp_path / f"{name}.yaml", tiny_config(shards, tmp_path / f"run_{name}",
-                                                            optimization__epochs=1))
+                                                            optimization__epochs=1, meta__objective=objective))
     (tmp_path / "batch.yaml").write_text("- a.yaml\n- b.yaml\n")
     proc, ids = submit("--fname", tmp_path / "batch.yaml", "--batch-launch", "--folder", tmp_path / "submitit")
     assert len(ids) == 2 and ids[0].split("_")[0] == ids[1].split("_")[0], proc.stdout  # one array job
@@ -197,6 +198,9 @@ def test_batch_launch_submits_two_configs_at_once(shards, tmp_path):
         assert wait_done(job, log) == "COMPLETED", log.read_text()[-3000:]
         for rank in (0, 1):
             assert read_csv(tmp_path / f"run_{name}", rank)["step"].tolist() == list(range(1, 6))
+    gated = read_csv(tmp_path / "run_b", 0)
+    assert gated["open_frac"].between(0, 1).all() and gated["loss"].astype(float).notna().all()
+    assert weights(tmp_path / "run_b")["config"]["meta"]["objective"] == "gated"
 
 
 def test_unknown_partition_is_refused_by_sinfo(cluster, tmp_path):

@@ -112,8 +112,8 @@ def test_objective_loss_metrics_gradients_and_eval_modes():
     obj = GatedObjective(GatedConfig(lambda_gates=0.5, gate_exp_alpha=2.0))
     nets = obj.build_networks(_encoder(), pred_depth=1, pred_emb_dim=8)
     nets.update(obj.ema_networks(nets))
-    assert set(nets) == {"student", "predictor", "teacher"}
-    assert all(not p.requires_grad for p in nets["teacher"].parameters())
+    assert set(nets) == {"student", "predictor", "target_encoder"}
+    assert all(not p.requires_grad for p in nets["target_encoder"].parameters())
     images = torch.randn(3, 3, 16, 16)
     loss, metrics = obj(nets, {"images": images})
     assert set(metrics) == set(obj.metric_names)
@@ -122,7 +122,7 @@ def test_objective_loss_metrics_gradients_and_eval_modes():
     loss.backward()
     assert nets["student"].gate.proj.weight.grad.abs().sum() > 0
     assert nets["predictor"].predictor_proj.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in nets["teacher"].parameters())
+    assert all(p.grad is None for p in nets["target_encoder"].parameters())
     for net in nets.values():
         net.eval()
     gated = obj.features(nets, images, "gated")

@@ -94,11 +94,11 @@ def test_alias_and_weights_of_the_per_image_loss():
 
 def test_objective_on_models_matches_ijepa_without_the_pkt_term_and_gradients_reach_the_student():
     enc, pred, tgt, images, masks_enc, masks_pred = tiny_ijepa_batch(4)
-    plain, _ = IJEPAObjective()(enc, pred, tgt, images, masks_enc, masks_pred)
-    no_pkt, _ = PKTObjective(PKTConfig(pkt_weight=0.0))(enc, pred, tgt, images, masks_enc, masks_pred)
+    plain, _ = IJEPAObjective().losses(enc, pred, tgt, images, masks_enc, masks_pred)
+    no_pkt, _ = PKTObjective(PKTConfig(pkt_weight=0.0)).losses(enc, pred, tgt, images, masks_enc, masks_pred)
     assert no_pkt.item() == pytest.approx(plain.item(), rel=1e-6)
     obj = PKTObjective()
-    loss, metrics = obj(enc, pred, tgt, images, masks_enc, masks_pred)
+    loss, metrics = obj.losses(enc, pred, tgt, images, masks_enc, masks_pred)
     assert obj.metric_names == METRIC_NAMES + ("pred_loss", "pkt_loss")
     assert set(metrics) == set(obj.metric_names)
     assert metrics["pkt_loss"].item() > 0

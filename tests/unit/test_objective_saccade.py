@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ijepa_scale.errors import UserError
 from ijepa_scale.models import build_encoder
 from ijepa_scale.models.convnext import ConvNeXt
+from ijepa_scale.objectives.base import resolve
 from ijepa_scale.models.saccade import SHIFT_CODE_DIM, SaccadePredictor, encode_shift, frequency_encoding
 from ijepa_scale.objectives.saccade import (SaccadeConfig, SaccadeObjective, SaccadeViews, affine_matrices,
                                             center_crop, inverse_shift, warp)
@@ -84,7 +85,7 @@ def test_loss_terms_by_hand():
     obj = SaccadeObjective(cfg)
     torch.manual_seed(0)
     predictor = SaccadePredictor(2, depth=1)
-    nets = {"student": nn.Flatten(), "teacher": nn.Flatten(), "predictor": predictor}
+    nets = {"student": nn.Flatten(), "target_encoder": nn.Flatten(), "predictor": predictor}
     context = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
     target = torch.tensor([[0.5, 0.5], [0.0, 1.0], [1.0, 0.0], [2.0, -1.0]])
     shift = torch.tensor([[0.01, 0.1, 0.0]] * 4)
@@ -119,16 +120,17 @@ def test_backbones_train_and_only_the_student_gets_gradients(backbone):
     loss, metrics = obj(nets, batch)
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
     loss.backward()
-    assert all(p.grad is None for p in nets["teacher"].parameters())
+    assert all(p.grad is None for p in nets["target_encoder"].parameters())
     assert sum(p.grad.abs().sum() for p in nets["student"].parameters() if p.grad is not None) > 0
     width = 16 if backbone == "vit" else 24
-    assert nets["teacher"](batch["target"]).shape == (4, width)
-    before = [p.clone() for p in nets["teacher"].parameters()]
+    assert obj.teacher(nets, batch["target"]).shape == (4, width)
+    before = [p.clone() for p in nets["target_encoder"].parameters()]
+    online = resolve(nets, obj.ema["target_encoder"])
     with torch.no_grad():
-        for p in nets["student"].parameters():
+        for p in online.parameters():
             p.add_(1.0)
-    obj.ema_update(nets["teacher"], nets["student"], 0.75)
-    for b, t, s in zip(before, nets["teacher"].parameters(), nets["student"].parameters()):
+    obj.ema_update(nets["target_encoder"], online, 0.75)
+    for b, t, s in zip(before, nets["target_encoder"].parameters(), online.parameters()):
         assert torch.allclose(t, 0.75 * b + 0.25 * s)
 
 

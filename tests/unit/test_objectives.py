@@ -36,10 +36,10 @@ def test_covariance_term_by_hand():
 
 def test_regulariser_adds_weighted_terms_and_logs_them():
     enc, pred, tgt, images, masks_enc, masks_pred = tiny_ijepa_batch()
-    plain_loss, plain_metrics = IJEPAObjective()(enc, pred, tgt, images, masks_enc, masks_pred)
+    plain_loss, plain_metrics = IJEPAObjective().losses(enc, pred, tgt, images, masks_enc, masks_pred)
     assert set(plain_metrics) == set(METRIC_NAMES)
     obj = IJEPAObjective(variance_weight=2.0, covariance_weight=0.5)
-    loss, metrics = obj(enc, pred, tgt, images, masks_enc, masks_pred)
+    loss, metrics = obj.losses(enc, pred, tgt, images, masks_enc, masks_pred)
     assert obj.metric_names == METRIC_NAMES + ("pred_loss", "var_loss", "cov_loss")
     assert metrics["pred_loss"].item() == pytest.approx(plain_loss.item(), rel=1e-6)
     expected = plain_loss + 2.0 * metrics["var_loss"] + 0.5 * metrics["cov_loss"]
@@ -53,11 +53,11 @@ def test_regulariser_adds_weighted_terms_and_logs_them():
 
 def test_config_keys_default_off_and_validated():
     cfg = config_from_dict({"data": {"shards": "x.tar"}, "logging": {"folder": "/tmp/x"}})
-    obj = build_objective(cfg.optimization)
+    obj = build_objective(cfg)
     assert not obj.regularised and obj.metric_names == METRIC_NAMES
     cfg = config_from_dict({"data": {"shards": "x.tar"}, "logging": {"folder": "/tmp/x"},
                             "optimization": {"variance_weight": 1.0, "covariance_weight": 1.0}})
-    assert build_objective(cfg.optimization).regularised
+    assert build_objective(cfg).regularised
     with pytest.raises(ConfigError, match="optimization.variance_weight=-1"):
         config_from_dict({"data": {"shards": "x.tar"}, "logging": {"folder": "/tmp/x"},
                           "optimization": {"variance_weight": -1}})

@@ -78,8 +78,8 @@ def test_l2_loss_is_the_paper_objective(shards, tmp_path):
     args = (trainer.encoder, trainer.predictor, trainer.target_encoder, normalize(batch["images"]),
             batch["masks_enc"], batch["masks_pred"])
     with torch.no_grad():
-        smooth, _ = IJEPAObjective("smooth_l1")(*args)
-        l2, _ = IJEPAObjective("l2")(*args)
+        smooth, _ = IJEPAObjective("smooth_l1").losses(*args)
+        l2, _ = IJEPAObjective("l2").losses(*args)
         z = IJEPAObjective().predictions(*args[:2], *args[3:])
         h = IJEPAObjective().targets(*args[2:])
     assert torch.allclose(l2, ((z - h) ** 2).mean())

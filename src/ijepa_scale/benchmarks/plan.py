@@ -155,6 +155,9 @@ def main(argv=None) -> int:
         if unknown:
             raise UserError(f"--sizes {' '.join(unknown)}: not a ViT size; use {', '.join(VIT_SIZES)}")
         cfg = load_config(args.fname, args.overrides)
+        if cfg.meta.model_name not in VIT_SIZES:
+            raise UserError(f"meta.model_name={cfg.meta.model_name}: plan models ViT memory only; measure this "
+                            f"model with `ijepa-scale bench-step` (peak memory) or plan a ViT size")
     except (UserError, FileNotFoundError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

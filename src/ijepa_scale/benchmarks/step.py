@@ -8,7 +8,9 @@ model FLOPs utilisation against a matmul rate measured on the same device in the
 `--vs-official` also times, interleaved with ours on the same images, masks and sizes, a plain eager
 step written from the official train.py (explicit softmax attention, AdamW's default implementation,
 a GradScaler under bfloat16, a Python loop for the EMA, the loss read back every step) and prints the
-ratio.  One rank, no data loading: this measures the model step only.
+ratio.  `--vs-base` times the YAML without the command-line overrides the same way (e.g. the energy
+transformer against the YAML's ViT; peak memory then counts both models).  One rank, no data loading: this
+measures the model step only.
 """
 
 from __future__ import annotations
@@ -43,10 +45,20 @@ def transformer_flops(tokens: int, width: int, hidden: int, depth: int, batch: i
     return depth * batch * tokens * (per_token + attention)
 
 
+def energy_flops(tokens: int, width: int, heads: int, head_dim: int, hidden: int, steps: int, batch: int) -> float:
+    """Forward FLOPs of `steps` energy-descent iterations: each computes queries, keys, scores and the
+    Hopfield projection, then dE/dg (scores times keys and queries, back-projection, memories)."""
+    qk = heads * head_dim
+    per_step = 8 * tokens * width * qk + 6 * tokens * tokens * qk + 4 * tokens * width * hidden
+    return steps * batch * per_step
+
+
 def step_flops(cfg: Config, k_ctx: int, k_tgt: int, encoder=None, predictor=None) -> float:
     """Model FLOPs of one I-JEPA step: target forward, context forward + backward, predictor
     forward + backward (backward = 2 x forward), projections and patch embedding included."""
     enc = encoder or _encoder(cfg)
+    if hasattr(enc, "block"):
+        return _energy_step_flops(cfg, k_ctx, k_tgt, enc)
     width, depth = enc.embed_dim, len(enc.blocks)
     hidden = enc.blocks[0].mlp.fc1.out_features if depth else 4 * width
     pred_width, pred_depth = cfg.meta.pred_emb_dim, cfg.meta.pred_depth
@@ -57,6 +69,25 @@ def step_flops(cfg: Config, k_ctx: int, k_tgt: int, encoder=None, predictor=None
     context = transformer_flops(k_ctx, width, hidden, depth, batch * nenc) + 2 * batch * patches * patch_in * width
     pred_tokens = k_ctx + k_tgt
     pred = (transformer_flops(pred_tokens, pred_width, 4 * pred_width, pred_depth, batch * nenc * npred)
+            + 2 * batch * nenc * k_ctx * width * pred_width + 2 * batch * nenc * npred * k_tgt * pred_width * width)
+    return target + 3 * (context + pred)
+
+
+def _energy_step_flops(cfg: Config, k_ctx: int, k_tgt: int, enc) -> float:
+    # Counted like the ViT (backward = 2 x forward); with energy.gradient=autograd the backward
+    # differentiates the gradient (second order) and really costs more.
+    width, block, e = enc.embed_dim, enc.block, cfg.energy
+    heads, head_dim = block.wq.shape[0], block.wq.shape[1]
+    pred_width = cfg.meta.pred_emb_dim
+    pred_head_dim = e.head_dim or pred_width // heads
+    pred_hidden = e.pred_hidden_dim or 8 * pred_width
+    batch, patches = cfg.data.batch_size, enc.num_patches
+    nenc, npred = cfg.mask.num_enc_masks, cfg.mask.num_pred_masks
+    embed = 2 * batch * patches * 3 * cfg.mask.patch_size ** 2 * width
+    target = energy_flops(patches, width, heads, head_dim, block.memories.shape[1], enc.steps, batch) + embed
+    context = energy_flops(k_ctx, width, heads, head_dim, block.memories.shape[1], enc.steps, batch * nenc) + embed
+    pred = (energy_flops(k_ctx + k_tgt, pred_width, heads, pred_head_dim, pred_hidden, e.pred_steps or e.steps,
+                         batch * nenc * npred)
             + 2 * batch * nenc * k_ctx * width * pred_width + 2 * batch * nenc * npred * k_tgt * pred_width * width)
     return target + 3 * (context + pred)
 
@@ -84,7 +115,8 @@ def _sync(device: torch.device) -> None:
 
 def _encoder(cfg: Config):
     return build_encoder(cfg.meta.model_name, img_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size,
-                         embed_dim=cfg.meta.embed_dim, depth=cfg.meta.depth, num_heads=cfg.meta.num_heads)
+                         embed_dim=cfg.meta.embed_dim, depth=cfg.meta.depth, num_heads=cfg.meta.num_heads,
+                         energy=cfg.energy)
 
 
 @dataclass
@@ -100,7 +132,8 @@ def build_models(cfg: Config, device: torch.device, official: bool = False) -> M
 
     torch.manual_seed(cfg.meta.seed)
     encoder = _encoder(cfg)
-    predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim)
+    predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim,
+                                energy=cfg.energy)
     target = copy.deepcopy(encoder)
     for p in target.parameters():
         p.requires_grad_(False)
@@ -199,6 +232,15 @@ def official_step(models: Models, images, masks_enc, masks_pred, dtype_name: str
 
 
 # ------------------------------------------------------------------------------------------ run
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (0 without compile)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -216,7 +258,9 @@ def _warm_libraries(device: torch.device, cfg: Config) -> None:
 
 
 def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_official: bool = False,
-        out=sys.stdout) -> dict:
+        out=sys.stdout, vs: Config | None = None) -> dict:
+    """`vs`: a second config (same data, mask and batch settings) whose step is timed interleaved with ours,
+    step by step on the same inputs, so load on a shared machine hits both alike."""
     batch = cfg.data.batch_size
     collator = MultiBlockMaskCollator(
         input_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size, enc_mask_scale=cfg.mask.enc_mask_scale,
@@ -230,6 +274,8 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
         masks_enc, masks_pred = collator.sample(batch, step=i)
         inputs.append((images, [m.to(device) for m in masks_enc], [m.to(device) for m in masks_pred]))
     k_ctx = statistics.mean(int(m[0].shape[1]) for _, m, _ in inputs)
+    lengths = [(int(e[0].shape[1]), int(p[0].shape[1])) for _, e, p in inputs]
+    distinct_lengths = f"{sum(a != b for a, b in zip(lengths, lengths[1:]))}/{len(lengths) - 1}"
     k_tgt = statistics.mean(int(m[0].shape[1]) for _, _, m in inputs)
 
     if device.type == "cuda":
@@ -239,15 +285,22 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
     before_mb = peak_memory_mb(device)
     ours = build_models(cfg, device)
     official = build_models(cfg, device, official=True) if vs_official else None
+    other = build_models(vs, device) if vs is not None else None
+    other_times: dict[str, list[float]] = {}
+    other_ms: list[float] = []
     scaler = torch.amp.GradScaler(device.type) if cfg.meta.resolved_dtype == "bfloat16" else None
     momentum = cfg.optimization.ema[0]
     times: dict[str, list[float]] = {}
     ours_ms, official_ms, first_ms = [], [], None
+    compiled_at: list[tuple[int, int, float]] = []  # (step, graphs compiled in it, its ms)
     for i, (images, masks_enc, masks_pred) in enumerate(inputs):
+        graphs_before = _compiled_graphs()
         start = time.perf_counter()
         step_times: dict[str, list[float]] = {}
         our_step(ours, images, masks_enc, masks_pred, cfg, device, momentum, step_times)
         elapsed = (time.perf_counter() - start) * 1000.0
+        if _compiled_graphs() > graphs_before:
+            compiled_at.append((i + 1, _compiled_graphs() - graphs_before, elapsed))
         first_ms = elapsed if first_ms is None else first_ms
         if i >= warmup:
             ours_ms.append(elapsed)
@@ -259,6 +312,14 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
             _sync(device)
             if i >= warmup:
                 official_ms.append((time.perf_counter() - start) * 1000.0)
+        if other is not None:
+            start = time.perf_counter()
+            step_times = {}
+            our_step(other, images, masks_enc, masks_pred, vs, device, momentum, step_times)
+            if i >= warmup:
+                other_ms.append((time.perf_counter() - start) * 1000.0)
+                for name, values in step_times.items():
+                    other_times.setdefault(name, []).extend(values)
     peak_mb = peak_memory_mb(device) - (before_mb if device.type != "cuda" else 0.0)
 
     dtype = DTYPES[cfg.meta.resolved_dtype]
@@ -270,20 +331,32 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
         "phases_ms": {name: statistics.median(times[name]) for name in PHASES},
         "peak_memory_mb": peak_mb, "model_tflop_per_step": flops / 1e12,
         "matmul_peak_tflops": peak / 1e12, "mfu": flops / (step_ms / 1000.0) / peak,
-        "k_ctx": k_ctx, "k_tgt": k_tgt,
+        "k_ctx": k_ctx, "k_tgt": k_tgt, "compiled_at": compiled_at, "distinct_lengths": distinct_lengths,
     }
     if official is not None:
         result["official_step_ms"] = statistics.median(official_ms)
         result["speedup_vs_official"] = result["official_step_ms"] / step_ms
+    if other is not None:
+        result["vs_step_ms"] = statistics.median(other_ms)
+        result["vs_phases_ms"] = {name: statistics.median(other_times[name]) for name in PHASES}
+        # Paired by step: both ran back to back on the same inputs.
+        result["vs_ratio"] = statistics.median(a / b for a, b in zip(ours_ms, other_ms))
+        result["vs_name"] = f"{vs.meta.model_name} ({_depth_text(vs)})"
     print(format_result(cfg, device, result, steps), file=out)
     return result
+
+
+def _depth_text(cfg: Config) -> str:
+    if cfg.meta.model_name == "energy_transformer":
+        e = cfg.energy
+        return f"energy steps {e.steps}/{e.pred_steps or e.steps}, gradient {e.gradient}"
+    return f"depth {cfg.meta.depth or 'default'}"
 
 
 def format_result(cfg: Config, device: torch.device, r: dict, steps: int) -> str:
     memory = "peak allocated" if device.type == "cuda" else "peak RSS growth"
     lines = [
-        f"bench-step: {cfg.meta.model_name} (width {cfg.meta.embed_dim or 'default'}, depth "
-        f"{cfg.meta.depth or 'default'}), {cfg.data.crop_size} px / patch {cfg.mask.patch_size}, batch "
+        f"bench-step: {cfg.meta.model_name} (width {cfg.meta.embed_dim or 'default'}, {_depth_text(cfg)}), {cfg.data.crop_size} px / patch {cfg.mask.patch_size}, batch "
         f"{cfg.data.batch_size}, {cfg.meta.resolved_dtype}, {device}, {torch.get_num_threads()} threads, "
         f"median of {steps} steps; context {r['k_ctx']:.1f} / target {r['k_tgt']:.1f} tokens",
         f"  step {r['step_ms']:.1f} ms  {r['images_per_s']:.1f} img/s  {memory} {r['peak_memory_mb']:.0f} MB  "
@@ -292,6 +365,15 @@ def format_result(cfg: Config, device: torch.device, r: dict, steps: int) -> str
         f"  model {r['model_tflop_per_step'] * 1e3:.2f} GFLOP/step, matmul peak {r['matmul_peak_tflops']:.3f} "
         f"TFLOP/s, MFU {100 * r['mfu']:.1f} %",
     ]
+    if cfg.meta.compile:
+        compiled = r["compiled_at"]
+        lines.append(f"  compile: {sum(n for _, n, _ in compiled)} graph(s), compiled in step(s) "
+                     + (", ".join(f"{step} ({n} graph(s), {ms / 1000:.1f} s)" for step, n, ms in compiled) or "none")
+                     + f"; context/target lengths changed in {r.get('distinct_lengths', '?')} of the steps")
+    if "vs_step_ms" in r:
+        lines.append(f"  vs {r['vs_name']}, interleaved: step {r['vs_step_ms']:.1f} ms  "
+                     + "  ".join(f"{name} {ms:.1f}" for name, ms in r["vs_phases_ms"].items())
+                     + f" (ms) -> ours takes {r['vs_ratio']:.2f}x its time (median of per-step ratios)")
     if "official_step_ms" in r:
         lines.append(f"  official-style step {r['official_step_ms']:.1f} ms -> ours is "
                      f"{r['speedup_vs_official']:.2f}x as fast")
@@ -306,12 +388,16 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--vs-official", action="store_true", help="also time an official-style step")
+    parser.add_argument("--vs-base", action="store_true",
+                        help="also time the --fname config without the command-line overrides, interleaved step by "
+                             "step (e.g. overrides that switch to meta.model_name=energy_transformer vs the YAML's ViT)")
     parser.add_argument("overrides", nargs="*", help="config overrides such as data.batch_size=32")
     args = parser.parse_args(argv)
     try:
         if args.steps < 1 or args.warmup < 0:
             raise UserError(f"--steps {args.steps} / --warmup {args.warmup}: need steps >= 1 and warmup >= 0")
         cfg = load_config(args.fname, args.overrides)
+        vs = load_config(args.fname) if args.vs_base else None
         from ..distributed import parse_device
 
         device = parse_device(args.device)
@@ -320,5 +406,5 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    run(cfg, device, steps=args.steps, warmup=args.warmup, vs_official=args.vs_official)
+    run(cfg, device, steps=args.steps, warmup=args.warmup, vs_official=args.vs_official, vs=vs)
     return 0

@@ -140,7 +140,9 @@ class _EpochDataset(IterableDataset):
                     images[i], labels[i] = images[source], labels[source]
             batch_images = torch.stack(images)
             step = self.epoch * plan.steps_per_epoch + k
-            masks_enc, masks_pred = self.collator.sample(batch_size, step=step, rank=self.rank)
+            masks_enc, masks_pred = [], []
+            if self.collator is not None:  # objectives without masks (gated, saccade) have none
+                masks_enc, masks_pred = self.collator.sample(batch_size, step=step, rank=self.rank)
             yield {
                 "images": batch_images,
                 "labels": torch.tensor(labels, dtype=torch.long),

@@ -19,7 +19,10 @@ from .linear import linear_probe
 logger = logging.getLogger("ijepa_scale")
 
 METHODS = ("linear", "knn")
-KEYS = ("target_encoder", "encoder")
+KEYS = ("target_encoder", "encoder", "gated", "all_open")
+# Gated I-JEPA runs are also evaluated as the original did: predictor tokens behind hard gates (gated) or
+# without gates (all_open).
+GATED_KEYS = ("gated", "all_open")
 
 
 def open_eval_shards(pattern: str, what: str):
@@ -129,7 +132,12 @@ def describe_checkpoint(path: Path, key: str) -> dict:
     state = _read(path, mmap=True)
     if not isinstance(state, dict):
         raise UserError(f"--checkpoint {path}: not a checkpoint dict")
-    if key not in state:
+    if key in GATED_KEYS:
+        objective = ((state.get("config") or {}).get("meta") or {}).get("objective", "ijepa")
+        if objective != "gated" or "student" not in state:
+            raise UserError(f"--key {key} evaluates a meta.objective=gated run, and {path} is a meta.objective="
+                            f"{objective} checkpoint; use --key target_encoder")
+    elif key not in state:
         keys = ", ".join(k for k in state if isinstance(state[k], dict) and k in KEYS + ("predictor",)) or "none"
         raise UserError(f"--checkpoint {path}: no {key!r} weights (it has: {keys}); pick --key {'/'.join(KEYS)}")
     step = state.get("step")
@@ -144,19 +152,23 @@ def build_eval_encoder(path: Path, key: str, random_init: bool = False, seed: in
     Our checkpoints carry their config, which gives the architecture; an official checkpoint's
     architecture is inferred from the weights. `random_init` keeps the architecture, not the weights.
     """
-    from ..models import build_encoder
     from ..models.vision_transformer import VisionTransformer
     from ..pretrained import infer_encoder_config, load_encoder, strip_prefixes
 
     state = _read(path, mmap=False)
-    weights = strip_prefixes(state[key])
     config = state.get("config")
+    if key in GATED_KEYS:
+        return _gated_features(state, key, random_init)
+    weights = strip_prefixes(state[key])
     torch.manual_seed(seed)
+    size = None
     if isinstance(config, dict) and "meta" in config:
-        meta, data, mask = config["meta"], config["data"], config["mask"]
-        encoder = build_encoder(meta["model_name"], img_size=data["crop_size"], patch_size=mask["patch_size"],
-                                embed_dim=meta.get("embed_dim"), depth=meta.get("depth"),
-                                num_heads=meta.get("num_heads"))
+        from ..objectives import evaluated_network
+
+        if key != "target_encoder" and config["meta"].get("objective", "ijepa") not in ("ijepa", "pkt"):
+            raise UserError(f"--key {key}: a meta.objective={config['meta']['objective']} run is evaluated by its "
+                            f"target_encoder (the EMA teacher); use --key target_encoder")
+        encoder, size = evaluated_network(config)
         if not random_init:
             encoder.load_state_dict(weights)
     elif random_init:
@@ -169,7 +181,26 @@ def build_eval_encoder(path: Path, key: str, random_init: bool = False, seed: in
         encoder = load_encoder(state, key=key)
     for p in encoder.parameters():
         p.requires_grad_(False)
-    return encoder.eval(), int(encoder.img_size)
+    return encoder.eval(), int(size or encoder.img_size)
+
+
+def _gated_features(state: dict, mode: str, random_init: bool) -> tuple[torch.nn.Module, int]:
+    from ..objectives import evaluated_network
+    from ..objectives.gated import GatedConfig, GatedFeatures, GatedObjective
+    from ..pretrained import strip_prefixes
+
+    config = state["config"]
+    encoder, size = evaluated_network(config)
+    meta = config["meta"]
+    networks = GatedObjective(GatedConfig(**config.get("gated", {}))).build_networks(
+        encoder, pred_depth=meta["pred_depth"], pred_emb_dim=meta["pred_emb_dim"])
+    if not random_init:
+        for name in ("student", "predictor"):
+            networks[name].load_state_dict(strip_prefixes(state[name]))
+    model = GatedFeatures(networks["student"], networks["predictor"], mode)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), size
 
 
 def run_evaluation(checkpoint: Path, key: str, methods, train_source, val_source, *, pool: str,

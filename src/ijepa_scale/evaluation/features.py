@@ -87,9 +87,13 @@ def pooled_features(encoder: torch.nn.Module, images: torch.Tensor, pool: str = 
     """`mean`: average of the last layer's tokens; `last4`: the average-pooled outputs of the last
     4 blocks (before the final norm), concatenated."""
     if pool == "mean":
-        return encoder(images).mean(dim=1)
+        out = encoder(images)
+        return out.mean(dim=1) if out.ndim == 3 else out  # a convolutional encoder gives [B, C] already
     if pool != "last4":
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if not hasattr(encoder, "blocks"):
+        raise ValueError("pool=last4 needs a ViT encoder (the energy transformer has one shared block, a ConvNeXt "
+                         "none); use --pool mean")
     blocks = list(encoder.blocks)
     if len(blocks) < 4:
         raise ValueError(f"pool=last4 needs an encoder with at least 4 blocks, this one has {len(blocks)}")

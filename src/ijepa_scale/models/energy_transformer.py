@@ -10,7 +10,7 @@ summed over the batch, and each of ``steps`` iterations (weights shared) does x 
 There is no value/output projection, no MLP and no final norm. The gradient is taken by autograd with
 ``create_graph`` whenever the caller records gradients (training then differentiates a gradient:
 second order, memory ~ steps), or from its closed form (``gradient="analytic"``: the same function
-with a first-order graph).
+with a first-order graph). Where no gradient is recorded (no_grad, inference_mode) both use the closed form.
 
 :class:`EnergyTransformer` and :class:`EnergyPredictor` take the same arguments as the ViT encoder and
 predictor (``encoder(images, masks)``, ``predictor(z, masks_x, masks)``) and return the same shapes.
@@ -19,7 +19,8 @@ predictor (``encoder(images, masks)``, ``predictor(z, masks_x, masks)``) and ret
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,64 @@ from .vision_transformer import LAYER_NORM_EPS, MaskArg, PatchEmbed, _normalise_
 
 HOPFIELD_KINDS = ("relu", "softmax")
 GRADIENTS = ("autograd", "analytic")
+MODEL_NAME = "energy_transformer"
+DEFAULT_EMBED_DIM, DEFAULT_NUM_HEADS = 256, 8  # EnergyIJepa's sizes when meta.embed_dim/num_heads are unset
+
+
+@dataclass
+class EnergyConfig:
+    """The `energy` config section: used when meta.model_name is energy_transformer (widths and head count
+    still come from meta.embed_dim, meta.num_heads and meta.pred_emb_dim)."""
+
+    SECTION = "energy"
+
+    steps: int = 6
+    """Energy-descent iterations of the encoder's one shared block (the analogue of depth)."""
+    pred_steps: Optional[int] = None
+    """Iterations of the predictor's block (default: steps); meta.pred_depth is not used."""
+    alpha: float = 0.1
+    """Step size of each descent iteration: x <- x - alpha * dE/dg."""
+    hidden_dim: Optional[int] = None
+    """Hopfield memories of the encoder's block (default 8 x meta.embed_dim)."""
+    pred_hidden_dim: Optional[int] = None
+    """Hopfield memories of the predictor's block (default 8 x meta.pred_emb_dim)."""
+    head_dim: Optional[int] = None
+    """Query/key size per head (default width / num_heads)."""
+    hopfield: str = "relu"
+    """Hopfield energy: relu (-1/2 sum relu(b g.W)^2) or softmax (-(1/b) logsumexp(b g.W))."""
+    gradient: str = "autograd"
+    """How dE/dg is taken: autograd (create_graph; training is second order) or analytic (its closed form)."""
+
+    def validate(self) -> None:
+        from ..config import ConfigError
+
+        for name in ("steps", "pred_steps", "hidden_dim", "pred_hidden_dim", "head_dim"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"energy.{name}={value} must be > 0")
+        if not self.alpha > 0:
+            raise ConfigError(f"energy.alpha={self.alpha} must be > 0")
+        for name, choices in (("hopfield", HOPFIELD_KINDS), ("gradient", GRADIENTS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"energy.{name}={getattr(self, name)!r} must be one of {', '.join(choices)}")
+
+    def validate_with(self, meta) -> None:
+        """Checks against the meta section when meta.model_name is energy_transformer."""
+        from ..config import ConfigError
+
+        if meta.depth is not None:
+            raise ConfigError(f"meta.depth={meta.depth} does not apply to {MODEL_NAME}: set energy.steps "
+                              f"(iterations of its one shared block) and leave meta.depth unset")
+        if meta.compile and self.gradient == "autograd":
+            raise ConfigError(f"meta.compile=true cannot compile the second-order gradient of energy.gradient="
+                              f"autograd; set energy.gradient=analytic (the same function) or meta.compile=false")
+        width = meta.embed_dim or DEFAULT_EMBED_DIM
+        heads = meta.num_heads or DEFAULT_NUM_HEADS
+        if self.head_dim is None:
+            for key, dim in (("meta.embed_dim", width), ("meta.pred_emb_dim", meta.pred_emb_dim)):
+                if dim % heads != 0:
+                    raise ConfigError(f"{key}={dim} is not divisible by meta.num_heads={heads}; change one or "
+                                      f"set energy.head_dim")
 
 
 class EnergyBlock(nn.Module):
@@ -45,7 +104,8 @@ class EnergyBlock(nn.Module):
         self.wk = nn.Parameter(torch.randn(num_heads, head_dim, dim) * init_std)
         self.betas = nn.Parameter(torch.full((num_heads,), 1.0 / math.sqrt(head_dim)))
         self.memories = nn.Parameter(torch.randn(dim, hidden_dim) * init_std)
-        self.hopfield_beta = nn.Parameter(torch.tensor(1.0 if hopfield == "relu" else 0.01))
+        # Shape [1], not a scalar: FSDP2 shards along dim 0, and the optimizer's no-decay group takes 1-D tensors.
+        self.hopfield_beta = nn.Parameter(torch.full((1,), 1.0 if hopfield == "relu" else 0.01))
 
     def _scores(self, g: torch.Tensor):
         q = torch.einsum("bld,hed->bhle", g, self.wq)
@@ -61,7 +121,7 @@ class EnergyBlock(nn.Module):
             hopfield = -0.5 * torch.relu(hidden).pow(2).sum()
         else:
             hopfield = -(torch.logsumexp(hidden, dim=-1).sum() / self.hopfield_beta)
-        return attention + hopfield
+        return (attention + hopfield).sum()
 
     def energy_gradient(self, g: torch.Tensor) -> torch.Tensor:
         """dE/dg in closed form: -sum_h (P Wq-side + P^T Wk-side) minus the Hopfield term."""
@@ -77,11 +137,15 @@ class EnergyBlock(nn.Module):
         return -(from_queries + from_keys) - hopfield @ self.memories.T
 
     def autograd_gradient(self, g: torch.Tensor) -> torch.Tensor:
-        create_graph = torch.is_grad_enabled() and g.requires_grad
-        with torch.enable_grad():
-            if not g.requires_grad:
-                g = g.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.energy(g), g, create_graph=create_graph)
+        """dE/dg by autograd with create_graph, so training differentiates through it (second order).
+        Where nothing records gradients (no_grad: the target encoder, evaluation; inference_mode, which
+        cannot run autograd at all; a frozen block on a constant input) the closed form, the same function,
+        is used instead: no graph is built or kept, and it is faster than building one to take its gradient."""
+        if not (torch.is_grad_enabled() and (g.requires_grad or any(p.requires_grad for p in self.parameters()))):
+            return self.energy_gradient(g)
+        if not g.requires_grad:  # a constant input to a trained block: dE/dg still depends on the weights
+            g = g.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.energy(g), g, create_graph=True)
         return grad
 
     def forward(self, x: torch.Tensor, steps: int, alpha: float, gradient: str = "autograd") -> torch.Tensor:
@@ -155,3 +219,25 @@ class EnergyPredictor(nn.Module):
         tokens = torch.cat([ctx.repeat(npred, 1, 1), queries], dim=1)
         tokens = self.block(tokens, self.steps, self.alpha, self.gradient)
         return self.predictor_proj(self.predictor_norm(tokens[:, ctx.shape[1]:]))
+
+
+def build_energy_encoder(img_size: int | Sequence[int], patch_size: int, embed_dim: Optional[int] = None,
+                         num_heads: Optional[int] = None, energy: Optional[EnergyConfig] = None) -> EnergyTransformer:
+    """The encoder of meta.model_name=energy_transformer: width and heads from meta, the rest from `energy`."""
+    energy = energy or EnergyConfig()
+    embed_dim = embed_dim or DEFAULT_EMBED_DIM
+    return EnergyTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                             num_heads=num_heads or DEFAULT_NUM_HEADS, head_dim=energy.head_dim,
+                             hidden_dim=energy.hidden_dim or 8 * embed_dim, steps=energy.steps, alpha=energy.alpha,
+                             hopfield=energy.hopfield, gradient=energy.gradient)
+
+
+def build_energy_predictor(encoder: EnergyTransformer, pred_emb_dim: int,
+                           energy: Optional[EnergyConfig] = None) -> EnergyPredictor:
+    """Its predictor: width meta.pred_emb_dim, the encoder's head count, energy.pred_steps iterations."""
+    energy = energy or EnergyConfig()
+    return EnergyPredictor(encoder.num_patches, embed_dim=encoder.embed_dim, predictor_embed_dim=pred_emb_dim,
+                           num_heads=encoder.num_heads, head_dim=energy.head_dim,
+                           hidden_dim=energy.pred_hidden_dim or 8 * pred_emb_dim,
+                           steps=energy.pred_steps or energy.steps, alpha=energy.alpha, hopfield=energy.hopfield,
+                           gradient=energy.gradient)

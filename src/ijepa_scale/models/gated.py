@@ -41,11 +41,13 @@ class HardConcreteGate(nn.Module):
     def log_alpha(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(tokens)).squeeze(-1).float().clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, N, D] -> (gates [B, N] float32, log_alpha [B, N] float32)."""
+    def forward(self, tokens: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, N, D] -> (gates [B, N] float32, log_alpha [B, N] float32); ``noise``: the uniform samples
+        [B, N] of a training step (drawn here from the global RNG when not given)."""
         log_alpha = self.log_alpha(tokens)
         if self.training:
-            gates = relaxed_bernoulli(log_alpha, torch.rand_like(log_alpha), self.beta)
+            uniform = torch.rand_like(log_alpha) if noise is None else noise.to(log_alpha.device, log_alpha.dtype)
+            gates = relaxed_bernoulli(log_alpha, uniform, self.beta)
         else:
             gates = (log_alpha > 0).float()
         return gates, log_alpha
@@ -77,8 +79,9 @@ class GatedViT(nn.Module):
         init_weights_as_official(self.gate, std=init_std)
         nn.init.trunc_normal_(self.mask_token, std=init_std)
 
-    def _mix(self, tokens: torch.Tensor, images: torch.Tensor, forced: torch.Tensor | None = None):
-        gates, log_alpha = self.gate(tokens)
+    def _mix(self, tokens: torch.Tensor, images: torch.Tensor, forced: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None):
+        gates, log_alpha = self.gate(tokens, noise)
         if forced is not None:
             gates = forced.float()
         fill = self.mask_token
@@ -88,30 +91,42 @@ class GatedViT(nn.Module):
         r = gates.to(tokens.dtype).unsqueeze(-1)
         return r * tokens + (1 - r) * fill.to(tokens.dtype), gates, log_alpha
 
-    def forward(self, images: torch.Tensor, gated: bool = True, gates: torch.Tensor | None = None):
+    def forward(self, images: torch.Tensor, gated: bool = True, gates: torch.Tensor | None = None,
+                generator: torch.Generator | None = None):
         """images [B, C, H, W] -> (tokens [B, N, D], gates [B, N], log_alpha [B, N]).
 
         ``gated=False`` returns the plain encoder tokens (the ``all_open`` evaluation; gates and
         log_alpha are then None). ``gates`` [B, N] replaces the gate's own values (ablations).
+        ``generator`` draws the gate noise (a per-step generator makes it independent of anything else
+        that uses the global RNG, so a resumed run draws the same noise).
         """
+        noise = None
+        if generator is not None and self.training and gated:
+            side = self.encoder.patch_size
+            noise = torch.rand(len(images), (images.shape[-2] // side) * (images.shape[-1] // side),
+                               generator=generator).to(images.device)
         if not gated:
             return self.encoder(images), None, None
         if self.gate_layer is None:
-            return self._mix(self.encoder(images), images, gates)
+            return self._mix(self.encoder(images), images, gates, noise)
         x = self.encoder.embed(images)
         for index, block in enumerate(self.encoder.blocks):
             if index != self.gate_layer:
                 x = block(x)
                 continue
-            if self.gate_location == "attn":
-                mixed, gates, log_alpha = self._mix(block.attn_branch(x), images, gates)
-                x = x + mixed
-                x = x + block.mlp_branch(x)
-            elif self.gate_location == "skip":
-                x, gates, log_alpha = self._mix(x + block.attn_branch(x), images, gates)
-                x = x + block.mlp_branch(x)
-            else:
-                x, gates, log_alpha = self._mix(block(x), images, gates)
+            if self.gate_location == "post":
+                x, gates, log_alpha = self._mix(block(x), images, gates, noise)
+                continue
+            out = {}
+
+            def gate(tokens, forced=gates):
+                mixed, out["gates"], out["log_alpha"] = self._mix(tokens, images, forced, noise)
+                return mixed
+
+            # Through the block's own forward, so FSDP gathers its weights (attn: gates on the attention
+            # branch; skip: gates on the residual stream after attention).
+            x = block(x, **{"attn_hook" if self.gate_location == "attn" else "residual_hook": gate})
+            gates, log_alpha = out["gates"], out["log_alpha"]
         return self.encoder.norm(x), gates, log_alpha
 
 

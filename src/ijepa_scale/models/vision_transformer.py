@@ -160,8 +160,15 @@ class Block(nn.Module):
         """The MLP residual branch alone (what ``forward`` adds second)."""
         return self.mlp(self.norm2(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn_branch(x)
+    def forward(self, x: torch.Tensor, attn_hook=None, residual_hook=None) -> torch.Tensor:
+        """``attn_hook`` maps the attention branch before it is added, ``residual_hook`` the sum before the
+        MLP (the gated student's gates); inside ``forward`` so wrappers (FSDP, checkpointing) see one call."""
+        branch = self.attn_branch(x)
+        if attn_hook is not None:
+            branch = attn_hook(branch)
+        x = x + branch
+        if residual_hook is not None:
+            x = residual_hook(x)
         return x + self.mlp_branch(x)
 
 
@@ -420,11 +427,22 @@ def build_encoder(
     embed_dim: int | None = None,
     depth: int | None = None,
     num_heads: int | None = None,
+    energy=None,
 ) -> VisionTransformer:
-    """Build a named encoder, optionally overriding its width, depth or head count."""
+    """Build a named encoder, optionally overriding its width, depth or head count.
+
+    ``model_name="energy_transformer"`` builds :class:`~.energy_transformer.EnergyTransformer` with the
+    settings of ``energy`` (an ``EnergyConfig``; ignored by ViTs) and no depth.
+    """
+    if model_name == "energy_transformer":
+        from .energy_transformer import build_energy_encoder
+
+        if depth is not None:
+            raise ValueError("energy_transformer has no depth: its iterations are energy.steps")
+        return build_energy_encoder(img_size, patch_size, embed_dim, num_heads, energy)
     if model_name not in VIT_SIZES:
         raise ValueError(
-            f"unknown model_name {model_name!r}; valid names: {', '.join(VIT_SIZES)}"
+            f"unknown model_name {model_name!r}; valid names: {', '.join(VIT_SIZES)}, energy_transformer"
         )
     cfg = dict(VIT_SIZES[model_name])
     for field, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
@@ -440,9 +458,17 @@ def build_encoder(
 
 
 def build_predictor(
-    encoder: VisionTransformer, pred_depth: int, pred_emb_dim: int
+    encoder: VisionTransformer, pred_depth: int, pred_emb_dim: int, energy=None
 ) -> VisionTransformerPredictor:
-    """Build the predictor for ``encoder``; like upstream it uses the encoder's head count."""
+    """Build the predictor for ``encoder``; like upstream it uses the encoder's head count.
+
+    An energy-transformer encoder gets an :class:`~.energy_transformer.EnergyPredictor` set by
+    ``energy`` (``pred_depth`` is then unused).
+    """
+    from .energy_transformer import EnergyTransformer, build_energy_predictor
+
+    if isinstance(encoder, EnergyTransformer):
+        return build_energy_predictor(encoder, pred_emb_dim, energy)
     heads = encoder.num_heads
     if pred_emb_dim % heads != 0:
         raise ValueError(

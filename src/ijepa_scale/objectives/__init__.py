@@ -1,33 +1,75 @@
 """Training objectives: what the loss is and what it needs from the models.
 
-One file per objective: ``ijepa`` (I-JEPA), ``pkt`` (Probabilistic I-JEPA), ``gated`` (Gated I-JEPA),
-``saccade`` (Saccade JEPA). The contract the trainer can rely on (``base.Objective``):
+One file per objective, selected by ``meta.objective``: ``ijepa`` (I-JEPA), ``pkt`` (Probabilistic
+I-JEPA), ``gated`` (Gated I-JEPA), ``saccade`` (Saccade JEPA). The trainer knows none of them; it relies
+on this contract (``base.Objective``):
 
-* settings: one dataclass per objective (``PKTConfig``, ``GatedConfig``, ``SaccadeConfig``), validated
-  when built; a bad value raises ``UserError`` naming the key (``pkt.grouping=...``) and the fix.
-* ``build_networks(encoder, **sizes) -> {name: module}``: the trained networks, built around the backbone
-  the config names (``saccade`` also builds a ConvNeXt itself). One optimizer covers all of them; each is
+* settings: one dataclass per objective (``PKTConfig``, ``GatedConfig``, ``SaccadeConfig``), a section of
+  the config tree named after the objective, validated when loaded (a bad value is one line naming the key).
+* ``networks_from_config(cfg) -> {name: module}``: the trained networks (``build_networks`` with the
+  run's sizes). One optimizer covers all of them (one decayed and one excluded group each); each is
   wrapped (DDP/FSDP) on its own, and each ``forward`` does a whole step's work for that network, so a
-  wrapper sees one call per step (the saccade predictor returns prediction and cycle in one call).
+  wrapper sees one call per step.
 * ``ema = {ema_name: "online.path"}`` and ``ema_networks(networks)``: frozen deep copies of the online
-  modules (build them before wrapping); the trainer's momentum schedule updates each from its source.
-* ``batch_kind``: ``multiblock`` (images + MultiBlockMaskCollator masks), ``views`` (images turned into
-  ``{context, target, shift, shift_back}`` by ``saccade.SaccadeViews(images, step, rank)``, whose draws
-  depend only on (seed, step, rank), so resume needs no extra state) or ``images``.
+  modules, updated by the momentum schedule. Every objective calls its teacher ``target_encoder``; it is
+  the ``encoder_name`` that eval, export and the periodic k-NN read, a plain ViT (or the saccade ConvNeXt).
+* ``batch_kind``: ``multiblock`` (images + MultiBlockMaskCollator masks), ``views`` (``make_views(cfg)``
+  turns images into ``{context, target, shift, shift_back}``; draws depend only on (seed, step, rank)) or
+  ``images``. ``random_per_step``: the batch also carries a ``generator`` seeded by (seed, step, rank),
+  so the objective's noise (gated's gate samples) is the same after a resume.
 * ``__call__(networks, batch) -> (loss, metrics)``: ``networks`` holds the trained and the EMA networks
-  by name, ``batch`` is a dict; metrics are detached 0-dim tensors named by ``metric_names`` (CSV order).
-* ``encoder_name``: the network exported and evaluated (the EMA teacher everywhere).
-* Objectives hold no state of their own (nothing to checkpoint beyond the networks).
+  by name, ``batch`` the inputs above on the device; metrics are detached 0-dim tensors named by
+  ``metric_names`` (CSV columns, in order; ``collapse_<name>`` thresholds in ``logging`` apply to them).
+* Objectives hold no state of their own: a checkpoint is the networks by name, ``opt`` and the trainer's
+  progress, so every objective resumes exactly.
 
-``IJEPAObjective`` and ``PKTObjective`` keep the I-JEPA call ``(encoder, predictor, target_encoder,
-images, masks_enc, masks_pred)``; in the contract's terms they are networks ``encoder`` and ``predictor``,
-``ema = {"target_encoder": "encoder"}``, ``encoder_name = "target_encoder"``, ``batch_kind = "multiblock"``.
+Networks: ijepa/pkt ``encoder``, ``predictor`` (+ ``target_encoder`` <- encoder); gated ``student``
+(GatedViT), ``predictor`` (+ ``target_encoder`` <- student.encoder); saccade ``student`` (pooled ViT or
+ConvNeXt), ``predictor`` (+ ``target_encoder`` <- the student's backbone). ``IJEPAObjective.losses(encoder,
+predictor, target_encoder, images, masks_enc, masks_pred)`` keeps the positional I-JEPA call.
 """
 
+from .base import Objective, resolve
 from .gated import GatedConfig, GatedObjective
-from .ijepa import IJEPAObjective, build_objective
+from .ijepa import IJEPAObjective, ijepa_objective
 from .pkt import PKTConfig, PKTObjective
 from .saccade import SaccadeConfig, SaccadeObjective, SaccadeViews
 
-__all__ = ["GatedConfig", "GatedObjective", "IJEPAObjective", "PKTConfig", "PKTObjective", "SaccadeConfig",
-           "SaccadeObjective", "SaccadeViews", "build_objective"]
+
+def build_objective(cfg) -> Objective:
+    """The objective of ``meta.objective`` with its section's settings."""
+    name = cfg.meta.objective
+    if name == "ijepa":
+        return ijepa_objective(cfg.optimization)
+    if name == "pkt":
+        return PKTObjective(cfg.pkt, loss=cfg.optimization.loss)
+    if name == "gated":
+        return GatedObjective(cfg.gated)
+    if name == "saccade":
+        return SaccadeObjective(cfg.saccade)
+    raise ValueError(f"unknown objective {name!r}")
+
+
+def evaluated_network(config: dict):
+    """(the network exported and evaluated, with random weights; the image side it takes) for a run's
+    saved config dict (``Config.to_dict()``, as in every checkpoint of ours)."""
+    from ..models import build_encoder
+    from ..models.convnext import build_convnext
+    from .saccade import view_size
+
+    meta, size = config["meta"], config["data"]["crop_size"]
+    if meta.get("objective", "ijepa") == "saccade":
+        settings = SaccadeConfig(**config.get("saccade", {}))
+        size = view_size(size, settings)  # evaluated at the size it was trained on
+        if settings.backbone != "vit":
+            return build_convnext(settings.backbone, settings.embed_dim), size
+    from ..models.energy_transformer import EnergyConfig
+
+    encoder = build_encoder(meta["model_name"], img_size=size, patch_size=config["mask"]["patch_size"],
+                            embed_dim=meta.get("embed_dim"), depth=meta.get("depth"), num_heads=meta.get("num_heads"),
+                            energy=EnergyConfig(**(config.get("energy") or {})))
+    return encoder, size
+
+
+__all__ = ["GatedConfig", "GatedObjective", "IJEPAObjective", "Objective", "PKTConfig", "PKTObjective",
+           "SaccadeConfig", "SaccadeObjective", "SaccadeViews", "build_objective", "evaluated_network", "resolve"]

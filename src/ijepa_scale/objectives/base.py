@@ -9,6 +9,8 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from ..errors import UserError
+
 BATCH_KINDS = ("multiblock", "views", "images")
 
 
@@ -36,10 +38,39 @@ class Objective(abc.ABC):
     metric_names: tuple[str, ...] = ()
     ema: dict[str, str] = {}
     encoder_name = ""
+    random_per_step = False
+    """True: the trainer puts a ``generator`` in each batch, seeded by (seed, micro-batch, rank) only."""
 
     @abc.abstractmethod
     def build_networks(self, encoder: nn.Module, **kwargs) -> dict[str, nn.Module]:
         """The trained networks by name, built around the backbone ``encoder``."""
+
+    def input_size(self, crop_size: int) -> int:
+        """Side in pixels of what the networks see, for data.crop_size images."""
+        return crop_size
+
+    def vit_backbone(self, cfg) -> nn.Module:
+        """The ViT of ``meta.model_name`` for this objective's input size."""
+        from ..models import build_encoder
+
+        size = self.input_size(cfg.data.crop_size)
+        if size % cfg.mask.patch_size:
+            raise UserError(f"the {self.name} networks see {size} px images, not a multiple of mask.patch_size="
+                            f"{cfg.mask.patch_size}; change data.crop_size or mask.patch_size")
+        try:
+            return build_encoder(cfg.meta.model_name, img_size=size, patch_size=cfg.mask.patch_size,
+                                 embed_dim=cfg.meta.embed_dim, depth=cfg.meta.depth, num_heads=cfg.meta.num_heads,
+                                 energy=cfg.energy)
+        except ValueError as exc:
+            raise UserError(f"meta.model_name={cfg.meta.model_name}: {exc}") from None
+
+    @abc.abstractmethod
+    def networks_from_config(self, cfg) -> dict[str, nn.Module]:
+        """``build_networks`` with the sizes of a run's config (the caller seeds the RNG)."""
+
+    def make_views(self, cfg):
+        """For batch_kind ``views``: the callable (images, step, rank) -> batch entries."""
+        raise NotImplementedError(f"objective {self.name} does not use views")
 
     def ema_networks(self, networks: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
         """Frozen deep copies of the modules named in ``ema`` (build them before wrapping)."""

@@ -37,6 +37,9 @@ class GatedConfig:
     mask_position: bool = True
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
         if not self.gate_beta > 0:
             raise UserError(f"gated.gate_beta={self.gate_beta} must be positive (the original uses 2/3)")
         if self.lambda_gates < 0:
@@ -60,7 +63,7 @@ def reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch
 
 class GatedObjective(Objective):
     """Networks: ``student`` (GatedViT: encoder + gate + mask token) and ``predictor`` (TokenPredictor)
-    are trained; ``teacher`` follows ``student.encoder`` by EMA and is the encoder for export/eval.
+    are trained; ``target_encoder`` (the teacher) follows ``student.encoder`` by EMA and is the encoder for export/eval.
     Batches carry only images. Metrics: the collapse metrics plus pred_loss, gate_penalty (weighted)
     and open_frac (mean sigmoid(log_alpha)).
     """
@@ -68,8 +71,9 @@ class GatedObjective(Objective):
     name = "gated"
     batch_kind = "images"
     metric_names = METRIC_NAMES + ("pred_loss", "gate_penalty", "open_frac")
-    ema = {"teacher": "student.encoder"}
-    encoder_name = "teacher"
+    ema = {"target_encoder": "student.encoder"}
+    encoder_name = "target_encoder"
+    random_per_step = True  # the gate noise, from batch["generator"]
 
     def __init__(self, config: GatedConfig | None = None):
         self.config = config if config is not None else GatedConfig()
@@ -86,12 +90,16 @@ class GatedObjective(Objective):
                                    pred_heads or encoder.num_heads)
         return {"student": student, "predictor": predictor}
 
+    def networks_from_config(self, cfg) -> dict:
+        return self.build_networks(self.vit_backbone(cfg), pred_depth=cfg.meta.pred_depth,
+                                   pred_emb_dim=cfg.meta.pred_emb_dim)
+
     def __call__(self, networks: Mapping, batch: Mapping) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch["images"]
         with torch.no_grad():
-            tokens = networks["teacher"](images)
+            tokens = networks["target_encoder"](images)
             target = F.layer_norm(tokens, (tokens.size(-1),))
-        mixed, _, log_alpha = networks["student"](images)
+        mixed, _, log_alpha = networks["student"](images, generator=batch.get("generator"))
         raw = networks["predictor"](mixed)
         prediction = F.layer_norm(raw, (raw.size(-1),))
         pred_loss = reconstruction_loss(prediction, target)
@@ -111,3 +119,18 @@ class GatedObjective(Objective):
         tokens, _, _ = networks["student"](images, gated=mode == "gated")
         out = networks["predictor"](tokens)
         return F.layer_norm(out, (out.size(-1),))
+
+
+class GatedFeatures(torch.nn.Module):
+    """A gated run as one frozen feature extractor (``eval --key gated|all_open``): images -> the
+    layer-normed predictor tokens [B, N, D] of ``GatedObjective.features``."""
+
+    def __init__(self, student, predictor, mode: str = "gated"):
+        super().__init__()
+        if mode not in EVAL_MODES:
+            raise UserError(f"gated evaluation mode {mode!r} is not one of {', '.join(EVAL_MODES)}")
+        self.student, self.predictor, self.mode = student, predictor, mode
+        self.img_size = student.encoder.img_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return GatedObjective.features({"student": self.student, "predictor": self.predictor}, images, self.mode)

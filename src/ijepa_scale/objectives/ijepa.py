@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..models.utils import apply_masks, repeat_interleave_batch
+from .base import Objective
 
 # What every call returns beside the loss (global means are logged per step; see collapse_metrics).
 METRIC_NAMES = ("pred_norm", "target_std", "eff_rank")
@@ -79,8 +81,11 @@ def variance_covariance(features: torch.Tensor, gamma: float = 1.0) -> tuple[tor
     return variance, off_diagonal / d
 
 
-class IJEPAObjective:
+class IJEPAObjective(Objective):
     """I-JEPA's loss, optionally with variance/covariance terms on the context encoder's pooled output.
+
+    Networks: ``encoder`` (context) and ``predictor`` are trained; ``target_encoder`` follows ``encoder``
+    by EMA and is the encoder exported and evaluated. Batches carry multi-block masks.
 
     The terms act on the mean over visible tokens of the context encoder's output, layer-normed without
     affine parameters so the final norm's gain cannot fake spread. They are off by default (the official
@@ -98,6 +103,24 @@ class IJEPAObjective:
         self.variance_target = variance_target
         self.regularised = variance_weight > 0 or covariance_weight > 0
         self.metric_names = METRIC_NAMES + (("pred_loss", "var_loss", "cov_loss") if self.regularised else ())
+
+    name = "ijepa"
+    batch_kind = "multiblock"
+    ema = {"target_encoder": "encoder"}
+    encoder_name = "target_encoder"
+
+    def build_networks(self, encoder, pred_depth: int = 6, pred_emb_dim: int = 384, energy=None) -> dict:
+        """``energy``: the EnergyConfig when ``encoder`` is an energy transformer (its predictor is one too)."""
+        from ..models import build_predictor
+
+        try:
+            predictor = build_predictor(encoder, pred_depth=pred_depth, pred_emb_dim=pred_emb_dim, energy=energy)
+        except ValueError as exc:
+            raise UserError(f"meta.pred_emb_dim={pred_emb_dim}: {exc}") from None
+        return {"encoder": encoder, "predictor": predictor}
+
+    def networks_from_config(self, cfg) -> dict:
+        return self.build_networks(self.vit_backbone(cfg), cfg.meta.pred_depth, cfg.meta.pred_emb_dim, cfg.energy)
 
     def _mask_targets(self, normed: torch.Tensor, masks_enc, masks_pred) -> torch.Tensor:
         h = apply_masks(normed, masks_pred)
@@ -122,8 +145,12 @@ class IJEPAObjective:
         context = encoder(images, masks_enc)
         return tokens, normed, h, context, predictor(context, masks_enc, masks_pred)
 
-    def __call__(self, encoder, predictor, target_encoder, images, masks_enc,
-                 masks_pred) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, networks, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.losses(networks["encoder"], networks["predictor"], networks["target_encoder"], batch["images"],
+                           batch["masks_enc"], batch["masks_pred"])
+
+    def losses(self, encoder, predictor, target_encoder, images, masks_enc,
+               masks_pred) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, metrics): the loss to minimise and the collapse metrics of this batch."""
         tokens, normed, h, context, z = self.forward(encoder, predictor, target_encoder, images, masks_enc,
                                                      masks_pred)
@@ -141,6 +168,6 @@ class IJEPAObjective:
         return loss, metrics
 
 
-def build_objective(opt_cfg) -> IJEPAObjective:
+def ijepa_objective(opt_cfg) -> IJEPAObjective:
     return IJEPAObjective(loss=opt_cfg.loss, variance_weight=opt_cfg.variance_weight,
                           covariance_weight=opt_cfg.covariance_weight, variance_target=opt_cfg.variance_target)

@@ -50,6 +50,9 @@ class PKTConfig:
     eps: float = 1e-7
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
         if self.grouping not in GROUPINGS:
             raise UserError(f"pkt.grouping={self.grouping!r} is not one of {', '.join(GROUPINGS)}; "
                             f"set pkt.grouping: image (per image) or chunks (the original's L2_PKT_chunks)")
@@ -152,8 +155,8 @@ class PKTObjective(IJEPAObjective):
             pkt = pkt_sum / max(1, -(-z.shape[0] * z.shape[1] // cfg.chunk_rows))
         return loss, {"pred_loss": regression.detach(), "pkt_loss": pkt.detach()}
 
-    def __call__(self, encoder, predictor, target_encoder, images, masks_enc,
-                 masks_pred) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def losses(self, encoder, predictor, target_encoder, images, masks_enc,
+               masks_pred) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         tokens, normed, h, _, z = self.forward(encoder, predictor, target_encoder, images, masks_enc, masks_pred)
         loss, terms = self.loss_terms(z, h, len(images))
         metrics = collapse_metrics(z.detach(), normed, tokens.mean(dim=1))

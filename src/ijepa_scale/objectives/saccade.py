@@ -59,6 +59,9 @@ class SaccadeConfig:
     vicreg_gamma: float = 4.0
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
         if self.backbone not in BACKBONES:
             raise UserError(f"saccade.backbone={self.backbone!r} is not one of {', '.join(BACKBONES)}")
         if not 0 < self.crop_fraction <= 1:
@@ -95,6 +98,11 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., top:top + size, left:left + size]
 
 
+def view_size(image_size: int, config: SaccadeConfig) -> int:
+    """Side of the two views cut from ``image_size`` px images."""
+    return max(1, int(round(image_size * config.crop_fraction)))
+
+
 class SaccadeViews:
     """Makes the two views of each image; the random draws depend only on (seed, step, rank), so a
     resumed run makes the same views."""
@@ -102,7 +110,7 @@ class SaccadeViews:
     def __init__(self, image_size: int, config: SaccadeConfig | None = None, seed: int = 0):
         self.config = config if config is not None else SaccadeConfig()
         self.image_size = image_size
-        self.crop_size = max(1, int(round(image_size * self.config.crop_fraction)))
+        self.crop_size = view_size(image_size, self.config)
         max_translation = int((image_size - self.crop_size) * self.config.translation_fraction)
         self.max_translate = max_translation / image_size
         self.max_rotation = math.radians(self.config.max_rotation_deg)
@@ -136,8 +144,8 @@ class SaccadeViews:
 
 class SaccadeObjective(Objective):
     """Networks: ``student`` (PooledViT or ConvNeXt, images -> [B, C]) and ``predictor``
-    (SaccadePredictor) are trained; ``teacher`` follows ``student`` by EMA and is the encoder for
-    export/eval. Batches carry two views and their shifts (SaccadeViews). Metrics: pred_norm, target_std
+    (SaccadePredictor) are trained; ``target_encoder`` (the teacher) follows the student's backbone by EMA
+    (the bare ViT, or the ConvNeXt) and is the encoder for export/eval. Batches carry two views and their shifts (SaccadeViews). Metrics: pred_norm, target_std
     (of the layer-normed teacher embeddings), eff_rank (teacher embeddings), and the unweighted terms
     pred_loss (Huber), cycle_loss, var_loss, cov_loss.
     """
@@ -145,11 +153,33 @@ class SaccadeObjective(Objective):
     name = "saccade"
     batch_kind = "views"
     metric_names = METRIC_NAMES + ("pred_loss", "cycle_loss", "var_loss", "cov_loss")
-    ema = {"teacher": "student"}
-    encoder_name = "teacher"
+    encoder_name = "target_encoder"
 
     def __init__(self, config: SaccadeConfig | None = None):
         self.config = config if config is not None else SaccadeConfig()
+        # With the ViT backbone the teacher is the bare ViT (what eval and export read); its tokens are
+        # mean-pooled here, as PooledViT does for the student.
+        self.ema = {"target_encoder": "student.encoder" if self.config.backbone == "vit" else "student"}
+
+    def input_size(self, crop_size: int) -> int:
+        return view_size(crop_size, self.config)
+
+    def networks_from_config(self, cfg) -> dict:
+        networks = self.build_networks(self.vit_backbone(cfg) if self.config.backbone == "vit" else None)
+        size, needed = self.input_size(cfg.data.crop_size), getattr(networks["student"], "min_input", 1)
+        if size < needed:
+            raise UserError(f"saccade.backbone={self.config.backbone} needs views of at least {needed} px, but "
+                            f"data.crop_size={cfg.data.crop_size} x saccade.crop_fraction={self.config.crop_fraction} "
+                            f"gives {size} px; raise data.crop_size (>= {math.ceil(needed / self.config.crop_fraction)})")
+        return networks
+
+    def make_views(self, cfg) -> "SaccadeViews":
+        return SaccadeViews(cfg.data.crop_size, self.config, seed=cfg.meta.seed)
+
+    @staticmethod
+    def teacher(networks: Mapping, images: torch.Tensor) -> torch.Tensor:
+        out = networks["target_encoder"](images)
+        return out.mean(dim=1) if out.ndim == 3 else out
 
     def build_networks(self, encoder=None, in_chans: int = 3):
         """``encoder``: the ViT for backbone ``vit`` (mean-pooled); ConvNeXt backbones are built here."""
@@ -165,7 +195,7 @@ class SaccadeObjective(Objective):
     def __call__(self, networks: Mapping, batch: Mapping) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.config
         with torch.no_grad():
-            target = networks["teacher"](batch["target"])
+            target = self.teacher(networks, batch["target"])
         context = networks["student"](batch["context"])
         prediction, back = networks["predictor"](context, batch["shift"], batch["shift_back"])
         with torch.autocast(context.device.type, enabled=False):
