@@ -119,15 +119,16 @@ def test_corrdim_number_png_and_table(shards, vit_run, tmp_path, capsys):
     # the same tokens drawn again give the same number
     source = analyze.open_images(shards)
     encoder, size, _ = analyze.load_encoder(vit_run / "jepa-latest.pth.tar", "target_encoder", torch.device("cpu"))
-    points, _ = analyze.sample_tokens(encoder, analyze.read_batches(source, NUM_IMAGES, size, 5, "test"), NUM_IMAGES,
+    points, _, per_image = analyze.sample_tokens(encoder, analyze.read_batches(source, NUM_IMAGES, size, 5, "test"), NUM_IMAGES,
                                       150, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert per_image == 16 and "150 patch tokens of 12 images" in stdout
     assert correlation_dimension(points, base=10).dimension == pytest.approx(info["dimension"], rel=1e-9)
 
 
 def test_corrdim_of_a_convnext_encoder_uses_image_vectors(shards, tmp_path, capsys):
     config = base_config(crop=32)
     config["meta"]["objective"] = "saccade"
-    config["saccade"] = {"backbone": "convnext_atto", "embed_dim": 24}
+    config["saccade"] = {"backbone": "convnext_atto", "embed_dim": 24, "crop_fraction": 1.0}
     torch.manual_seed(0)
     net = build_convnext("convnext_atto", 24)
     path = tmp_path / "saccade.pth.tar"
@@ -260,3 +261,13 @@ def test_user_mistakes_are_one_line(case, shards, vit_run, tmp_path, capsys):
     assert code == 2
     assert err.splitlines()[-1] == message and err.count("error:") == 1
     assert (tmp_path / "file.txt").read_text() == "keep me"
+
+
+def test_gated_run_predictor_tokens_and_teacher_attention(shards, gated_run, tmp_path, capsys):
+    code, stdout, _ = run(capsys, "corrdim", "--checkpoint", gated_run, "--shards", shards, "--out", tmp_path,
+                          "--key", "gated", "--num-points", 100)
+    assert code == 0 and f"100 patch tokens of {NUM_IMAGES} images" in stdout  # the predictor's tokens
+    assert math.isfinite(json.loads((tmp_path / "corrdim.json").read_text())["dimension"])
+    code, _, _ = run(capsys, "attention", "--checkpoint", gated_run, "--shards", shards, "--out", tmp_path,
+                     "--num-images", 2, "--heads", 1)
+    assert code == 0 and png_size(tmp_path / "attention.png")[0] == 3 * (16 * 7 + 2) + 2

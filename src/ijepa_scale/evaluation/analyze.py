@@ -89,8 +89,8 @@ def convnext_backbone(config) -> str | None:
 
 
 def load_encoder(checkpoint: Path, key: str, device: torch.device, need_vit: bool = False):
-    """(frozen encoder, image size, describe_checkpoint's info) of ``key``, built by `eval`'s loader (a saccade
-    ConvNeXt here: that loader builds ViTs); ``need_vit`` refuses a non-ViT with one line."""
+    """(frozen encoder, image size, describe_checkpoint's info) of ``key``, built by `eval`'s loader;
+    ``need_vit`` refuses a non-ViT (a saccade ConvNeXt, the energy transformer) with one line."""
     from ..models.vision_transformer import VisionTransformer
     from .evaluate import build_eval_encoder, describe_checkpoint
 
@@ -99,10 +99,7 @@ def load_encoder(checkpoint: Path, key: str, device: torch.device, need_vit: boo
     if need_vit and backbone is not None:
         raise UserError(f"--checkpoint {checkpoint}: its {key} is a ConvNeXt (saccade.backbone={backbone}), which has "
                         f"no attention maps; `analyze attention` needs a ViT encoder (corrdim and umap work here)")
-    if backbone is not None:
-        encoder, size = _build_convnext(checkpoint, key, backbone, info["config"])
-    else:
-        encoder, size = build_eval_encoder(checkpoint, key)
+    encoder, size = build_eval_encoder(checkpoint, key)
     if need_vit and not isinstance(encoder, VisionTransformer):
         raise UserError(f"--checkpoint {checkpoint}: its {key} is a {type(encoder).__name__}, not a ViT; "
                         f"`analyze attention` needs a ViT encoder (corrdim and umap work here)")
@@ -116,19 +113,6 @@ def parse_device(name: str) -> torch.device:
         return parse(name)
     except UserError as exc:
         raise UserError(str(exc).replace("--devices", "--device", 1)) from None
-
-
-def _build_convnext(checkpoint: Path, key: str, backbone: str, config: dict):
-    """A saccade checkpoint's ConvNeXt (images -> [B, saccade.embed_dim]), frozen, and its image size."""
-    from ..models.convnext import build_convnext
-    from ..pretrained import strip_prefixes
-    from .evaluate import _read
-
-    state = _read(checkpoint, mmap=False)
-    encoder = build_convnext(backbone, int(config["saccade"]["embed_dim"]))
-    encoder.load_state_dict(strip_prefixes(state[key]))
-    encoder.requires_grad_(False)
-    return encoder.eval(), int(config["data"]["crop_size"])
 
 
 def normalized(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -226,24 +210,26 @@ def _add_header(path: Path, labels: list[str], tile: int, pad: int, height: int 
 
 
 # ----------------------------------------------------------------------------------------- corrdim
-def sample_tokens(encoder, batches, num_images: int, num_points: int, device, generator) -> tuple[torch.Tensor, int]:
+def sample_tokens(encoder, batches, num_images: int, num_points: int, device,
+                  generator) -> tuple[torch.Tensor, int, int]:
     """Up to ``num_points`` patch tokens drawn uniformly from all tokens of the images (kept per batch in
-    proportion, so memory stays near num_points rows), and the number of images read."""
-    kept, images = [], 0
+    proportion, so memory stays near num_points rows), the number of images read and tokens per image."""
+    kept, images, per_image = [], 0, 1
     with torch.no_grad():
         for batch, _ in batches:
-            tokens = token_features(encoder, normalized(batch, device)).flatten(0, 1).float().cpu()
+            tokens = token_features(encoder, normalized(batch, device))
+            per_image = tokens.shape[1]
+            tokens = tokens.flatten(0, 1).float().cpu()
             share = min(len(tokens), math.ceil(num_points * len(batch) / num_images) + 1)
             kept.append(tokens[torch.randperm(len(tokens), generator=generator)[:share]])
             images += len(batch)
     points = torch.cat(kept)
     if len(points) > num_points:
         points = points[torch.randperm(len(points), generator=generator)[:num_points]]
-    return points, images
+    return points, images, per_image
 
 
 def run_corrdim(args) -> tuple[list[Path], str]:
-    from ..models.vision_transformer import VisionTransformer
     from .analysis import correlation_dimension, plot_correlation_dimension
     from .evaluate import resolve_checkpoint
 
@@ -254,8 +240,8 @@ def run_corrdim(args) -> tuple[list[Path], str]:
     size = args.crop_size or size
     generator = torch.Generator().manual_seed(args.seed)
     count = min(args.num_images, source.num_samples)
-    points, num_images = sample_tokens(encoder, read_batches(source, count, size, args.batch_size, "corrdim images"),
-                                       count, args.num_points, device, generator)
+    batches = read_batches(source, count, size, args.batch_size, "corrdim images")
+    points, num_images, per_image = sample_tokens(encoder, batches, count, args.num_points, device, generator)
     try:
         result = correlation_dimension(points, num_radii=args.num_radii, base=LOG_BASE)
     except ValueError as exc:
@@ -270,7 +256,7 @@ def run_corrdim(args) -> tuple[list[Path], str]:
                "num_points": len(points), "num_images": num_images, "key": args.key, "checkpoint": str(checkpoint)}
     info = out / "corrdim.json"
     info.write_text(json.dumps(summary, indent=2) + "\n")
-    what = "patch tokens" if isinstance(encoder, VisionTransformer) else "image vectors"
+    what = "patch tokens" if per_image > 1 else "image vectors"
     return [png, table, info], (f"corrdim: correlation dimension {result.dimension:.3f} (slope of log10 C(r) on "
                                 f"log10 r, fit over r in [{r_lo:.4g}, {r_hi:.4g}], {len(result.log_radii)} radii; "
                                 f"{len(points)} {what} of {num_images} images) -> {png}, {table}, {info}")
@@ -349,7 +335,7 @@ def run_umap(args) -> tuple[list[Path], str]:
 # ------------------------------------------------------------------------------------------- gates
 def load_gated(checkpoint: Path, device: torch.device):
     """(student GatedViT, predictor, teacher, image size) of a Gated I-JEPA checkpoint, all in eval mode."""
-    from ..models import build_encoder
+    from ..objectives import evaluated_network
     from ..objectives.gated import GatedConfig, GatedObjective
     from ..pretrained import strip_prefixes
     from .evaluate import _read, build_eval_encoder
@@ -365,11 +351,10 @@ def load_gated(checkpoint: Path, device: torch.device):
     if missing:
         raise UserError(f"--checkpoint {checkpoint}: a gated checkpoint without {', '.join(missing)} weights; "
                         f"pass a training checkpoint (jepa-latest.pth.tar or a run folder)")
-    meta, data, mask = config["meta"], config["data"], config["mask"]
+    meta = config["meta"]
     known = {f.name for f in dataclasses.fields(GatedConfig)}
     gated = GatedConfig(**{k: v for k, v in (config.get("gated") or {}).items() if k in known})
-    encoder = build_encoder(meta["model_name"], img_size=data["crop_size"], patch_size=mask["patch_size"],
-                            embed_dim=meta.get("embed_dim"), depth=meta.get("depth"), num_heads=meta.get("num_heads"))
+    encoder, _ = evaluated_network(config)
     networks = GatedObjective(gated).build_networks(encoder, pred_depth=meta["pred_depth"],
                                                     pred_emb_dim=meta.get("pred_emb_dim"))
     for name in ("student", "predictor"):
@@ -543,11 +528,16 @@ def parse_args(argv=None):
     common.add_argument("--device", default="cpu", help="e.g. cpu or cuda:0 (default cpu)")
     common.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     keyed = argparse.ArgumentParser(add_help=False)
-    keyed.add_argument("--key", choices=KEYS, default="target_encoder", help="which encoder (default target_encoder)")
+    keyed.add_argument("--key", choices=KEYS, default="target_encoder",
+                       help="which network, as for `eval` (default target_encoder; gated|all_open: a Gated I-JEPA "
+                            "run's predictor tokens)")
+    vit_keyed = argparse.ArgumentParser(add_help=False)
+    vit_keyed.add_argument("--key", choices=("target_encoder", "encoder"), default="target_encoder",
+                           help="which encoder (default target_encoder)")
 
     parser = argparse.ArgumentParser(prog="ijepa-scale analyze", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
-    p = sub.add_parser("attention", parents=[common, keyed],
+    p = sub.add_parser("attention", parents=[common, vit_keyed],
                        help="attention maps of chosen layers and heads over images (PNG grid)")
     p.add_argument("--layers", type=int, nargs="+", default=[0, -1], help="block indices, negative from the end "
                    "(default 0 -1)")
