@@ -119,8 +119,9 @@ def test_corrdim_number_png_and_table(shards, vit_run, tmp_path, capsys):
     # the same tokens drawn again give the same number
     source = analyze.open_images(shards)
     encoder, size, _ = analyze.load_encoder(vit_run / "jepa-latest.pth.tar", "target_encoder", torch.device("cpu"))
-    points, _, per_image = analyze.sample_tokens(encoder, analyze.read_batches(source, NUM_IMAGES, size, 5, "test"), NUM_IMAGES,
-                                      150, torch.device("cpu"), torch.Generator().manual_seed(0))
+    batches = analyze.read_batches(source, NUM_IMAGES, size, 5, "test")
+    points, _, per_image = analyze.sample_tokens(encoder, batches, NUM_IMAGES, 150, torch.device("cpu"),
+                                                 torch.Generator().manual_seed(0))
     assert per_image == 16 and "150 patch tokens of 12 images" in stdout
     assert correlation_dimension(points, base=10).dimension == pytest.approx(info["dimension"], rel=1e-9)
 
