@@ -168,8 +168,8 @@ def run_attention(args) -> tuple[list[Path], str]:
     source = open_images(args.shards)
     encoder, size, _ = load_encoder(checkpoint, args.key, device, need_vit=True)
     layers = [_resolve_index(v, len(encoder.blocks), "--layers", "blocks") for v in args.layers]
-    heads = None if args.heads is None else [_resolve_index(v, encoder.num_heads, "--heads", "heads")
-                                             for v in args.heads]
+    heads = (list(range(encoder.num_heads)) if args.heads is None
+             else [_resolve_index(v, encoder.num_heads, "--heads", "heads") for v in args.heads])
     size = args.crop_size or size
     if args.patch is not None:
         tokens = (size // encoder.patch_size) ** 2
@@ -178,22 +178,21 @@ def run_attention(args) -> tuple[list[Path], str]:
                                                             "attention images")])
     x = normalized(batch, device)
     with torch.no_grad():
-        shown_heads = heads if heads is not None else list(range(encoder.num_heads))
         scale = args.scale or max(1, round(112 / size))
-        tiles = attention_grid(encoder, x, layers, shown_heads, patch=args.patch, scale=scale).cpu()
+        tiles = attention_grid(encoder, x, layers, heads, patch=args.patch, scale=scale).cpu()
         maps = attention_maps(encoder, x, layers)
     out = Path(args.out)
     png = save_image_grid(tiles, out / "attention.png", pad=2)
-    labels = ["image"] + [f"L{layer} h{head}" for layer in layers for head in shown_heads]
+    labels = ["image"] + [f"L{layer} h{head}" for layer in layers for head in heads]
     _add_header(png, labels, tile=tiles.shape[-1], pad=2)
     rows = []
     for layer in layers:
         perplexity = attention_perplexity(maps[layer])
-        rows += [(layer, head, round(float(perplexity[head]), 4)) for head in shown_heads]
+        rows += [(layer, head, round(float(perplexity[head]), 4)) for head in heads]
     table = write_csv(out / "attention.csv", ["layer", "head", "perplexity"], rows)
     target = "mean attention each key receives" if args.patch is None else f"attention to patch {args.patch}"
     return [png, table], (f"attention: {len(batch)} images x {len(labels) - 1} maps (layers {layers}, heads "
-                          f"{shown_heads}; {target}) -> {png}, {table}")
+                          f"{heads}; {target}) -> {png}, {table}")
 
 
 def _add_header(path: Path, labels: list[str], tile: int, pad: int, height: int = 14) -> None:
