@@ -25,8 +25,9 @@ setup(
         "gcs": ["gcsfs"],
         "hf": ["transformers"],
         "tensorboard": ["tensorboard"],
+        "umap": ["umap-learn"],
         "dev": ["pytest", "pytest-timeout", "scikit-image", "scikit-learn", "transformers", "tensorboard", "s3fs",
-                "moto[server]"],
+                "moto[server]", "umap-learn"],
     },
     entry_points={"console_scripts": ["ijepa-scale=ijepa_scale.cli:main"]},
 )
