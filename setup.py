@@ -27,7 +27,7 @@ setup(
         "tensorboard": ["tensorboard"],
         "umap": ["umap-learn"],
         "dev": ["pytest", "pytest-timeout", "scikit-image", "scikit-learn", "transformers", "tensorboard", "s3fs",
-                "moto[server]", "umap-learn"],
+                "moto[server]"],
     },
     entry_points={"console_scripts": ["ijepa-scale=ijepa_scale.cli:main"]},
 )
