@@ -31,7 +31,7 @@ from .masks import MultiBlockMaskCollator
 from .masks.multiblock import _hash_ints
 from .metrics import CSVMetrics
 from .models.vision_transformer import VIT_SIZES
-from .objectives import build_objective, resolve
+from .objectives import build_objective, resolve, saved_objective
 from .parallel import (ParallelPlan, autocast_context, ema_update_, grad_norm_and_clip_, is_sharded,
                        make_grad_scaler, no_grad_sync, parallelize, unwrap)
 from .procutil import STOP_SIGNALS
@@ -496,13 +496,14 @@ class Trainer:
         if self.objective.batch_kind == "multiblock":
             inputs["masks_enc"] = [m.to(self.device, non_blocking=True) for m in batch["masks_enc"]]
             inputs["masks_pred"] = [m.to(self.device, non_blocking=True) for m in batch["masks_pred"]]
-        elif self.objective.batch_kind == "views":
-            # Drawn from (seed, micro-batch index, rank) only, so a resumed run makes the same views.
-            inputs.update(self.views(images, step=self.step * self.accum_steps + micro_index, rank=self.env.rank))
+        # Views and noise are drawn from (seed, micro-batch index, rank) only, so a resumed run draws the same;
+        # not from the global RNG, which the data loader also draws from, at other points after a resume.
+        draw = self.step * self.accum_steps + micro_index
+        if self.objective.batch_kind == "views":
+            inputs.update(self.views(images, step=draw, rank=self.env.rank))
         if self.objective.random_per_step:
-            # Not the global RNG: the data loader also draws from it, at other points after a resume.
-            inputs["generator"] = torch.Generator().manual_seed(
-                _hash_ints(0x9A7E5, self.cfg.meta.seed, self.step * self.accum_steps + micro_index, self.env.rank))
+            inputs["generator"] = torch.Generator().manual_seed(_hash_ints(0x9A7E5, self.cfg.meta.seed, draw,
+                                                                           self.env.rank))
         return inputs
 
     def _forward(self, batch: dict, micro_index: int = 0):
@@ -889,7 +890,7 @@ class Trainer:
         self._load_progress(state)
 
     def _check_objective(self, saved_config, where) -> None:
-        saved = ((saved_config or {}).get("meta") or {}).get("objective", "ijepa")
+        saved = saved_objective(saved_config)
         if saved != self.cfg.meta.objective:
             raise UserError(f"{where} was trained with meta.objective={saved}, this config sets meta.objective="
                             f"{self.cfg.meta.objective}; resume with meta.objective={saved} or use a new logging.folder")
@@ -1010,9 +1011,8 @@ class Trainer:
             raise UserError(f"{where}: cannot read it ({type(exc).__name__}: {first})") from None
         if not isinstance(state, dict):
             raise UserError(f"{where} holds a {type(state).__name__}, not weights")
-        saved_objective = ((state.get("config") or {}).get("meta") or {}).get("objective", "ijepa")
         own = (*self.networks, *self.ema_networks)
-        if saved_objective == self.cfg.meta.objective and all(isinstance(state.get(k), dict) for k in own):
+        if saved_objective(state.get("config")) == self.cfg.meta.objective and all(isinstance(state.get(k), dict) for k in own):
             # A run of the same objective: every network by its name.
             nets = {k: strip_prefixes(state[k]) for k in own}
             modules = {**{k: unwrap(m) for k, m in self.networks.items()}, **self.ema_networks}

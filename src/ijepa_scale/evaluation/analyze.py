@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError, one_line
+from ..objectives import saved_objective
 
 logger = logging.getLogger("ijepa_scale")
 
@@ -82,7 +82,7 @@ def convnext_backbone(config) -> str | None:
     """The ConvNeXt size of a saccade checkpoint's encoder (saccade.backbone), None for a ViT."""
     if not isinstance(config, dict):
         return None
-    if (config.get("meta") or {}).get("objective", "ijepa") != "saccade":
+    if saved_objective(config) != "saccade":
         return None
     backbone = (config.get("saccade") or {}).get("backbone", "vit")
     return None if backbone == "vit" else str(backbone)
@@ -334,14 +334,11 @@ def run_umap(args) -> tuple[list[Path], str]:
 # ------------------------------------------------------------------------------------------- gates
 def load_gated(checkpoint: Path, device: torch.device):
     """(student GatedViT, predictor, teacher, image size) of a Gated I-JEPA checkpoint, all in eval mode."""
-    from ..objectives import evaluated_network
-    from ..objectives.gated import GatedConfig, GatedObjective
-    from ..pretrained import strip_prefixes
-    from .evaluate import _read, build_eval_encoder
+    from .evaluate import _read, build_eval_encoder, gated_networks
 
     state = _read(checkpoint, mmap=False)
     config = state.get("config") if isinstance(state, dict) else None
-    objective = (config.get("meta") or {}).get("objective", "ijepa") if isinstance(config, dict) else None
+    objective = saved_objective(config) if isinstance(config, dict) else None
     if objective != "gated":
         what = f"meta.objective={objective}" if objective else "no config (an official or exported checkpoint)"
         raise UserError(f"--checkpoint {checkpoint}: has {what}; `analyze gates` needs a Gated I-JEPA checkpoint "
@@ -350,14 +347,7 @@ def load_gated(checkpoint: Path, device: torch.device):
     if missing:
         raise UserError(f"--checkpoint {checkpoint}: a gated checkpoint without {', '.join(missing)} weights; "
                         f"pass a training checkpoint (jepa-latest.pth.tar or a run folder)")
-    meta = config["meta"]
-    known = {f.name for f in dataclasses.fields(GatedConfig)}
-    gated = GatedConfig(**{k: v for k, v in (config.get("gated") or {}).items() if k in known})
-    encoder, _ = evaluated_network(config)
-    networks = GatedObjective(gated).build_networks(encoder, pred_depth=meta["pred_depth"],
-                                                    pred_emb_dim=meta.get("pred_emb_dim"))
-    for name in ("student", "predictor"):
-        networks[name].load_state_dict(strip_prefixes(state[name]))
+    networks, _ = gated_networks(state)
     teacher, size = build_eval_encoder(checkpoint, "target_encoder")
     modules = [networks["student"], networks["predictor"], teacher]
     for module in modules:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -133,7 +134,9 @@ def describe_checkpoint(path: Path, key: str) -> dict:
     if not isinstance(state, dict):
         raise UserError(f"--checkpoint {path}: not a checkpoint dict")
     if key in GATED_KEYS:
-        objective = ((state.get("config") or {}).get("meta") or {}).get("objective", "ijepa")
+        from ..objectives import saved_objective
+
+        objective = saved_objective(state.get("config"))
         if objective != "gated" or "student" not in state:
             raise UserError(f"--key {key} evaluates a meta.objective=gated run, and {path} is a meta.objective="
                             f"{objective} checkpoint; use --key target_encoder")
@@ -163,9 +166,9 @@ def build_eval_encoder(path: Path, key: str, random_init: bool = False, seed: in
     torch.manual_seed(seed)
     size = None
     if isinstance(config, dict) and "meta" in config:
-        from ..objectives import evaluated_network
+        from ..objectives import evaluated_network, saved_objective
 
-        if key != "target_encoder" and config["meta"].get("objective", "ijepa") not in ("ijepa", "pkt"):
+        if key != "target_encoder" and saved_objective(config) not in ("ijepa", "pkt"):
             raise UserError(f"--key {key}: a meta.objective={config['meta']['objective']} run is evaluated by its "
                             f"target_encoder (the EMA teacher); use --key target_encoder")
         encoder, size = evaluated_network(config)
@@ -184,19 +187,30 @@ def build_eval_encoder(path: Path, key: str, random_init: bool = False, seed: in
     return encoder.eval(), int(size or encoder.img_size)
 
 
-def _gated_features(state: dict, mode: str, random_init: bool) -> tuple[torch.nn.Module, int]:
+def gated_networks(state: dict, load_weights: bool = True) -> tuple[dict, int]:
+    """({student, predictor} of a Gated I-JEPA checkpoint, the image side), rebuilt from its saved config;
+    gated settings this version does not know are ignored."""
     from ..objectives import evaluated_network
-    from ..objectives.gated import GatedConfig, GatedFeatures, GatedObjective
+    from ..objectives.gated import GatedConfig, GatedObjective
     from ..pretrained import strip_prefixes
 
     config = state["config"]
     encoder, size = evaluated_network(config)
     meta = config["meta"]
-    networks = GatedObjective(GatedConfig(**config.get("gated", {}))).build_networks(
-        encoder, pred_depth=meta["pred_depth"], pred_emb_dim=meta["pred_emb_dim"])
-    if not random_init:
+    known = {f.name for f in dataclasses.fields(GatedConfig)}
+    settings = GatedConfig(**{k: v for k, v in (config.get("gated") or {}).items() if k in known})
+    networks = GatedObjective(settings).build_networks(encoder, pred_depth=meta["pred_depth"],
+                                                       pred_emb_dim=meta["pred_emb_dim"])
+    if load_weights:
         for name in ("student", "predictor"):
             networks[name].load_state_dict(strip_prefixes(state[name]))
+    return networks, size
+
+
+def _gated_features(state: dict, mode: str, random_init: bool) -> tuple[torch.nn.Module, int]:
+    from ..objectives.gated import GatedFeatures
+
+    networks, size = gated_networks(state, load_weights=not random_init)
     model = GatedFeatures(networks["student"], networks["predictor"], mode)
     for p in model.parameters():
         p.requires_grad_(False)

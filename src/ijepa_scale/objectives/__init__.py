@@ -50,6 +50,11 @@ def build_objective(cfg) -> Objective:
     raise ValueError(f"unknown objective {name!r}")
 
 
+def saved_objective(config) -> str:
+    """The meta.objective a run's saved config dict records (ijepa for configs from before the choice)."""
+    return ((config or {}).get("meta") or {}).get("objective", "ijepa")
+
+
 def evaluated_network(config: dict):
     """(the network exported and evaluated, with random weights; the image side it takes) for a run's
     saved config dict (``Config.to_dict()``, as in every checkpoint of ours)."""
@@ -58,7 +63,7 @@ def evaluated_network(config: dict):
     from .saccade import view_size
 
     meta, size = config["meta"], config["data"]["crop_size"]
-    if meta.get("objective", "ijepa") == "saccade":
+    if saved_objective(config) == "saccade":
         settings = SaccadeConfig(**config.get("saccade", {}))
         size = view_size(size, settings)  # evaluated at the size it was trained on
         if settings.backbone != "vit":
@@ -72,4 +77,5 @@ def evaluated_network(config: dict):
 
 
 __all__ = ["GatedConfig", "GatedObjective", "IJEPAObjective", "Objective", "PKTConfig", "PKTObjective",
-           "SaccadeConfig", "SaccadeObjective", "SaccadeViews", "build_objective", "evaluated_network", "resolve"]
+           "SaccadeConfig", "SaccadeObjective", "SaccadeViews", "build_objective", "evaluated_network", "resolve",
+           "saved_objective"]
