@@ -28,8 +28,8 @@ from .models.energy_transformer import MODEL_NAME as ENERGY_MODEL_NAME, EnergyCo
 
 PLACEHOLDER_PREFIX = "$replace_this"
 OBJECTIVES = ("ijepa", "pkt", "gated", "saccade")
-# Sections read only by one objective; setting one for another objective is probably a mistake.
-OBJECTIVE_SECTIONS = {"pkt": "pkt", "gated": "gated", "saccade": "saccade"}
+# Sections read only by the objective of the same name; setting one for another objective is probably a mistake.
+OBJECTIVE_SECTIONS = ("pkt", "gated", "saccade")
 
 
 class ConfigError(UserError):
@@ -332,7 +332,7 @@ class Config:
     def section_in_use(self, section: str) -> bool:
         """False for the sections of an objective or model this run does not use."""
         if section in OBJECTIVE_SECTIONS:
-            return OBJECTIVE_SECTIONS[section] == self.meta.objective
+            return section == self.meta.objective
         if section == "energy":
             return self.meta.model_name == ENERGY_MODEL_NAME
         return True
