@@ -274,9 +274,9 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
         masks_enc, masks_pred = collator.sample(batch, step=i)
         inputs.append((images, [m.to(device) for m in masks_enc], [m.to(device) for m in masks_pred]))
     k_ctx = statistics.mean(int(m[0].shape[1]) for _, m, _ in inputs)
-    lengths = [(int(e[0].shape[1]), int(p[0].shape[1])) for _, e, p in inputs]
-    distinct_lengths = f"{sum(a != b for a, b in zip(lengths, lengths[1:]))}/{len(lengths) - 1}"
     k_tgt = statistics.mean(int(m[0].shape[1]) for _, _, m in inputs)
+    lengths = [(int(e[0].shape[1]), int(p[0].shape[1])) for _, e, p in inputs]
+    length_changes = f"{sum(a != b for a, b in zip(lengths, lengths[1:]))}/{len(lengths) - 1}"
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -299,8 +299,9 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
         step_times: dict[str, list[float]] = {}
         our_step(ours, images, masks_enc, masks_pred, cfg, device, momentum, step_times)
         elapsed = (time.perf_counter() - start) * 1000.0
-        if _compiled_graphs() > graphs_before:
-            compiled_at.append((i + 1, _compiled_graphs() - graphs_before, elapsed))
+        compiled = _compiled_graphs() - graphs_before
+        if compiled:
+            compiled_at.append((i + 1, compiled, elapsed))
         first_ms = elapsed if first_ms is None else first_ms
         if i >= warmup:
             ours_ms.append(elapsed)
@@ -331,7 +332,7 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
         "phases_ms": {name: statistics.median(times[name]) for name in PHASES},
         "peak_memory_mb": peak_mb, "model_tflop_per_step": flops / 1e12,
         "matmul_peak_tflops": peak / 1e12, "mfu": flops / (step_ms / 1000.0) / peak,
-        "k_ctx": k_ctx, "k_tgt": k_tgt, "compiled_at": compiled_at, "distinct_lengths": distinct_lengths,
+        "k_ctx": k_ctx, "k_tgt": k_tgt, "compiled_at": compiled_at, "length_changes": length_changes,
     }
     if official is not None:
         result["official_step_ms"] = statistics.median(official_ms)
@@ -369,7 +370,7 @@ def format_result(cfg: Config, device: torch.device, r: dict, steps: int) -> str
         compiled = r["compiled_at"]
         lines.append(f"  compile: {sum(n for _, n, _ in compiled)} graph(s), compiled in step(s) "
                      + (", ".join(f"{step} ({n} graph(s), {ms / 1000:.1f} s)" for step, n, ms in compiled) or "none")
-                     + f"; context/target lengths changed in {r.get('distinct_lengths', '?')} of the steps")
+                     + f"; context/target lengths changed in {r['length_changes']} of the steps")
     if "vs_step_ms" in r:
         lines.append(f"  vs {r['vs_name']}, interleaved: step {r['vs_step_ms']:.1f} ms  "
                      + "  ".join(f"{name} {ms:.1f}" for name, ms in r["vs_phases_ms"].items())
