@@ -23,7 +23,12 @@ def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor
     return [(x - mean) / std for x in (train, *others)]
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 300,
+# L-BFGS iterations per fit: 300 stopped short of the optimum on 60,000 x 192 features (the demo's probe
+# read 83.5 % after 300 and 84.0 % after 1,000 or 3,000).
+MAX_ITER = 1000
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = MAX_ITER,
                  init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise mean cross-entropy + l2/2 * |W|^2 (bias not penalised); returns (W [C, D], b [C])."""
     if init is None:
@@ -54,7 +59,7 @@ def accuracy(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                  num_classes: int, l2_grid=L2_GRID, holdout_fraction: float = HOLDOUT_FRACTION,
-                 seed: int = 0, max_iter: int = 300) -> dict:
+                 seed: int = 0, max_iter: int = MAX_ITER) -> dict:
     """Returns {accuracy, l2, holdout: {l2: accuracy}} (accuracy on the validation features)."""
     if len(train_x) < 2:
         raise ValueError("the linear probe needs at least 2 training features")
