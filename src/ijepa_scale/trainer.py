@@ -1012,7 +1012,8 @@ class Trainer:
         if not isinstance(state, dict):
             raise UserError(f"{where} holds a {type(state).__name__}, not weights")
         own = (*self.networks, *self.ema_networks)
-        if saved_objective(state.get("config")) == self.cfg.meta.objective and all(isinstance(state.get(k), dict) for k in own):
+        same_objective = saved_objective(state.get("config")) == self.cfg.meta.objective
+        if same_objective and all(isinstance(state.get(k), dict) for k in own):
             # A run of the same objective: every network by its name.
             nets = {k: strip_prefixes(state[k]) for k in own}
             modules = {**{k: unwrap(m) for k, m in self.networks.items()}, **self.ema_networks}
