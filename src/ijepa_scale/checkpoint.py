@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from . import safe_load
 from .errors import UserError
 from .fileutil import atomic_write, fsync_dir
 
@@ -220,8 +221,8 @@ def _peek(path: Path) -> dict:
     """A checkpoint's small fields; tensors are memory-mapped, so nothing large is read."""
     try:
         if path.is_dir():
-            return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return safe_load.load(path / TRAINER_STATE)
+        return safe_load.load(path, mmap=True)
     except Exception:
         return {}
 
@@ -232,7 +233,9 @@ RESUME_HINT = ("resume from another file with meta.load_checkpoint=true meta.rea
 
 def load_checkpoint_file(path: Path) -> dict:
     try:
-        state = consolidate(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
+        state = consolidate(path) if path.is_dir() else safe_load.load(path)
+    except safe_load.UnsafeCheckpointError as exc:
+        raise UserError(f"{exc}. Refusing to start from scratch: {RESUME_HINT}") from None
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0]
         raise UserError(
@@ -272,23 +275,14 @@ def optimizer_state_to_fqns(id_state: dict, names_per_group: list[list[str]]) ->
 
 def read_dcp(path: str | Path) -> dict:
     """Every tensor and object of a DCP folder, in one process, as the nested dict that was saved."""
-    # What format_utils.dcp_to_torch_save does, without writing the result to another file first.
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state: dict = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
-    return state
+    return safe_load.read_dcp(path)
 
 
 def dcp_tensor_shapes(path: str | Path) -> dict[str, torch.Size]:
     """The global shape of every tensor in a DCP folder, by flattened key (from .metadata, no data read)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = FileSystemReader(str(path)).read_metadata()
+    metadata = safe_load.read_dcp_metadata(path)
     return {key: item.size for key, item in metadata.state_dict_metadata.items()
             if isinstance(item, TensorStorageMetadata)}
 
@@ -304,7 +298,7 @@ def consolidate(path: str | Path) -> dict:
     if not is_committed(path):
         raise UserError(f"{path} has no {COMMIT_MARKER} marker: its save did not finish; use an older checkpoint")
     tensors = read_dcp(path)
-    state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+    state = safe_load.load(path / TRAINER_STATE)
     model = tensors["model"]
     # Trained networks live under "model" by name ("encoder.*", "student.*"); each EMA network
     # (target_encoder) is an entry of its own.

@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 
 from .download import CACHE_ENV_VAR, RELEASES, default_cache_dir, is_url  # noqa: F401 (re-exported)
 from .download import fetch as _download_fetch
+from . import safe_load
 from .errors import UserError
 from .hf import HFStateDict, num_heads_of
 from .models.vision_transformer import (
@@ -61,17 +60,13 @@ def load_checkpoint(
     map_location: Any = "cpu",
     cache_dir: str | os.PathLike | None = None,
     sha256: str | None = None,
-    *,
-    weights_only: bool | None = None,
 ) -> dict:
     """Read a checkpoint from a local path or URL (see :func:`fetch` for caching); a sharded
     checkpoint folder (`*.dcp`, from meta.parallel=fsdp) is consolidated into the single-file layout.
 
-    ``weights_only=None`` (default) first unpickles with ``torch.load(weights_only=True)``,
-    which accepts everything official and ijepa-scale checkpoints contain (tensors, dicts,
-    lists, numbers, strings, None). Only if that refuses the file does it fall back to full
-    unpickling, with a warning: full unpickling can run code, so only use it on files you
-    trust. Pass ``weights_only=True`` to forbid the fallback, ``False`` to skip the safe try.
+    Files are read as tensors and plain Python values only (:mod:`ijepa_scale.safe_load`), which
+    is everything official and ijepa-scale checkpoints hold; a file whose pickle asks to run code
+    is refused with :class:`~ijepa_scale.safe_load.UnsafeCheckpointError`, never unpickled fully.
     """
     from .checkpoint import consolidate, is_dcp_checkpoint, run_folder_latest
     from .hf import is_hf_source, read_hf
@@ -91,17 +86,7 @@ def load_checkpoint(
         if is_dcp_checkpoint(latest[0]):
             return consolidate(latest[0])
         path = latest[0]
-    if weights_only is not None:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        warnings.warn(
-            f"{path} holds objects that weights_only loading refuses ({err}); falling back "
-            "to full unpickling. Pass weights_only=True to forbid this.",
-            stacklevel=2,
-        )
-        return torch.load(path, map_location=map_location, weights_only=False)
+    return safe_load.load(path, map_location=map_location)
 
 
 # --------------------------------------------------------------------------------------------

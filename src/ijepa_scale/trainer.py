@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
+from . import safe_load
 from .checkpoint import (TRAINER_STATE, CheckpointFiles, atomic_save, dcp_tensor_shapes, load_checkpoint_file,
                          optimizer_state_to_fqns)
 from .config import Config, dump_config
@@ -927,10 +928,9 @@ class Trainer:
 
     def _load_dcp(self, path: Path) -> dict:
         """Resume from a DCP folder: every rank reads the parts of the shards it now holds (any world size)."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        state = safe_load.load(path / TRAINER_STATE)
         self._check_objective(state.get("config"), path)
         shapes = dcp_tensor_shapes(path)
         # The size check reads shapes only, so a wrong architecture is named before any tensor is read.
@@ -940,7 +940,7 @@ class Trainer:
         with self._loading_errors_as_user_errors(path):
             tensors = self.state_dict()
             tensors = {k: tensors[k] for k in self._tensor_keys()}
-            dcp.load(tensors, checkpoint_id=str(path))
+            safe_load.load_dcp(tensors, path)
             set_state_dict(self._trainable, self.optimizer, model_state_dict=tensors["model"],
                            optim_state_dict=tensors["opt"])
             for name, module in self.ema_networks.items():

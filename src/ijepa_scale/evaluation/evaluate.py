@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from .. import distributed as dist_utils
+from .. import safe_load
 from ..data.sources import open_shards
 from ..errors import UserError
 from .features import extract_features, gather_features
@@ -121,8 +122,10 @@ def _read(path: Path, mmap: bool) -> dict:
 
             return consolidate(path)
         if mmap:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return safe_load.load(path, mmap=True)
         return load_checkpoint(path, map_location="cpu")
+    except UserError:
+        raise
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise UserError(f"--checkpoint {path}: cannot load it ({type(exc).__name__}: {first})") from None
