@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .errors import UserError
+from .errors import ConfigError, UserError  # noqa: F401 (ConfigError is re-exported)
 from .objectives.gated import GatedConfig
 from .objectives.pkt import LOSS_ALIASES, PKTConfig
 from .objectives.saccade import SaccadeConfig
@@ -30,10 +30,6 @@ PLACEHOLDER_PREFIX = "$replace_this"
 OBJECTIVES = ("ijepa", "pkt", "gated", "saccade")
 # Sections read only by the objective of the same name; setting one for another objective is probably a mistake.
 OBJECTIVE_SECTIONS = ("pkt", "gated", "saccade")
-
-
-class ConfigError(UserError):
-    """A user mistake in a config file or a command-line override."""
 
 
 @dataclass

@@ -5,6 +5,10 @@ class UserError(ValueError):
     """A bad config value, input path, device list or resume request; the message says the fix (exit 2)."""
 
 
+class ConfigError(UserError):
+    """A user mistake in a config file or a command-line override."""
+
+
 class RunFailure(RuntimeError):
     """A failure after start-up whose cause is known (a full disk, a diverged loss); the message
     names the cause and what to do (exit 1)."""

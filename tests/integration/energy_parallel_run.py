@@ -14,12 +14,12 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from ijepa_scale import distributed as dist_utils
+from ijepa_scale.distributed.env import env as dist_utils
 from ijepa_scale.masks import MultiBlockMaskCollator
 from ijepa_scale.models import build_encoder, build_predictor
 from ijepa_scale.models.energy_transformer import EnergyConfig
 from ijepa_scale.models.utils import apply_masks, repeat_interleave_batch
-from ijepa_scale.parallel import ParallelPlan, full, parallelize, unwrap
+from ijepa_scale.distributed.parallel import ParallelPlan, full, parallelize, unwrap
 
 BATCH = 8
 MODES = {"ddp": ParallelPlan(mode="ddp"), "fsdp": ParallelPlan(mode="fsdp"),

@@ -9,11 +9,11 @@ import sys
 import torch
 import torch.multiprocessing as mp
 
-from ijepa_scale import distributed as dist_utils
+from ijepa_scale.distributed.env import env as dist_utils
 from ijepa_scale.config import load_config
 from ijepa_scale.objectives import IJEPAObjective
 from ijepa_scale.launchers.entry import setup_logging
-from ijepa_scale.trainer import Trainer
+from ijepa_scale.training.trainer import Trainer
 
 
 class NaNOnSteps(IJEPAObjective):

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from ijepa_scale import distributed as dist_utils
+from ijepa_scale.distributed.env import env as dist_utils
 from ijepa_scale.config import apply_overrides, config_from_dict
-from ijepa_scale.parallel import full, unwrap
-from ijepa_scale.trainer import Trainer
+from ijepa_scale.distributed.parallel import full, unwrap
+from ijepa_scale.training.trainer import Trainer
 from tests.integration.common import tiny_config
 
 STEPS = 3

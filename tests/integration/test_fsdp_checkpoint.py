@@ -6,12 +6,12 @@ import shutil
 import pytest
 import torch
 
-from ijepa_scale.checkpoint import COMMIT_MARKER, consolidate, read_dcp
+from ijepa_scale.checkpoint.files import COMMIT_MARKER, consolidate, read_dcp
 from ijepa_scale.config import config_from_dict
-from ijepa_scale.distributed import DistEnv
+from ijepa_scale.distributed.env import DistEnv
 from ijepa_scale.models.vision_transformer import VisionTransformer
-from ijepa_scale.pretrained import load_encoder
-from ijepa_scale.trainer import Trainer
+from ijepa_scale.weights.load import load_encoder
+from ijepa_scale.training.trainer import Trainer
 from tests.integration.common import read_csv, run_main, tiny_config, write_config
 
 pytestmark = pytest.mark.integration
@@ -88,7 +88,7 @@ def test_sharded_checkpoint_loads_through_the_generic_loader(uninterrupted):
 
 
 def test_export_reads_a_sharded_checkpoint_and_its_run_folder(uninterrupted, tmp_path):
-    from ijepa_scale.hf import export_main
+    from ijepa_scale.weights.hf import export_main
 
     expected = consolidate(uninterrupted / "jepa-latest.dcp")
     for i, source in enumerate((uninterrupted / "jepa-latest.dcp", uninterrupted)):

@@ -47,7 +47,7 @@ def test_two_rank_run_starts_from_downloaded_weights(tmp_path, monkeypatch):
                 assert torch.equal(saved[net][name], value), (net, name)
     assert len([n for n in os.listdir(tmp_path / "cache") if not n.endswith(".lock")]) == 2  # file + pinned sha256
     # The run's report: both ranks, every step, a PNG.
-    from ijepa_scale.report import report
+    from ijepa_scale.run_report import report
 
     _, png, summary = report(tmp_path / "run")
     assert [r["steps"] for r in summary["ranks"].values()] == [5, 5] and summary["world_size"] == 2
@@ -62,7 +62,7 @@ def test_two_rank_run_starts_from_downloaded_weights(tmp_path, monkeypatch):
 
 def test_fsdp_run_starts_from_a_local_checkpoint(tmp_path):
     """meta.init_from under meta.parallel=fsdp: every rank keeps its shards of the full weights."""
-    from ijepa_scale.checkpoint import consolidate
+    from ijepa_scale.checkpoint.files import consolidate
 
     torch.manual_seed(12)
     encoder = build_encoder("vit_tiny", 32, 8, embed_dim=48, depth=2, num_heads=3)

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from ijepa_scale.checkpoint import CheckpointFiles, atomic_save, load_checkpoint_file
+from ijepa_scale.checkpoint.files import CheckpointFiles, atomic_save, load_checkpoint_file
 
 
 def test_save_writes_periodic_and_latest_with_same_content(tmp_path):
@@ -92,7 +92,7 @@ def test_exception_mid_write_leaves_previous_file(tmp_path):
 WRITER = textwrap.dedent(
     """
     import sys, torch
-    from ijepa_scale.checkpoint import CheckpointFiles
+    from ijepa_scale.checkpoint.files import CheckpointFiles
     files = CheckpointFiles(sys.argv[1], "jepa")
     step = int(sys.argv[2])
     big = torch.full((4_000_000,), float(step))
@@ -130,7 +130,7 @@ def test_sigkill_during_saves_never_leaves_a_truncated_latest(tmp_path):
 def test_sharded_checkpoint_folders_count_only_once_committed(tmp_path):
     import os
 
-    from ijepa_scale.checkpoint import COMMIT_MARKER, CheckpointFiles
+    from ijepa_scale.checkpoint.files import COMMIT_MARKER, CheckpointFiles
 
     files = CheckpointFiles(tmp_path, "jepa", keep_last=1)
     first = files.dcp_path(tmp_path / "jepa-step2.pth.tar", 2)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from ijepa_scale.config import ConfigError, config_from_dict
-from ijepa_scale.distributed import DistEnv
-from ijepa_scale.evaluation.collapse import CollapseMonitor
+from ijepa_scale.distributed.env import DistEnv
+from ijepa_scale.training.collapse import CollapseMonitor
 from ijepa_scale.objectives.ijepa import METRIC_NAMES, collapse_metrics, effective_rank
-from ijepa_scale.trainer import Trainer
+from ijepa_scale.training.trainer import Trainer
 
 
 def test_effective_rank_counts_equally_used_directions():

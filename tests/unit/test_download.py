@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from ijepa_scale import download
-from ijepa_scale.download import DownloadError, cache_path, fetch, find_release
-from ijepa_scale.pretrained import load_checkpoint
+from ijepa_scale.weights import download
+from ijepa_scale.weights.download import DownloadError, cache_path, fetch, find_release
+from ijepa_scale.weights.load import load_checkpoint
 from tests.helpers.http_server import FileServer
 
 PAYLOAD = os.urandom(3 * (1 << 20) + 12345)  # > 3 chunks, so a cut lands mid-file

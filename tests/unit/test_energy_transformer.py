@@ -94,7 +94,7 @@ from ijepa_scale.config import ConfigError, config_from_dict  # noqa: E402
 from ijepa_scale.errors import UserError  # noqa: E402
 from ijepa_scale.models import build_encoder, build_predictor  # noqa: E402
 from ijepa_scale.models.energy_transformer import EnergyConfig  # noqa: E402
-from ijepa_scale.parallel import ParallelPlan, parallelize, transformer_blocks  # noqa: E402
+from ijepa_scale.distributed.parallel import ParallelPlan, parallelize, transformer_blocks  # noqa: E402
 
 TINY_ENERGY = EnergyConfig(steps=3, pred_steps=2, hidden_dim=40, pred_hidden_dim=24, hopfield="softmax")
 
@@ -150,7 +150,7 @@ def test_builders_take_sizes_from_meta_and_the_rest_from_the_energy_section():
 
 
 def test_scalar_parameters_are_one_dimensional_so_they_skip_weight_decay():
-    from ijepa_scale.trainer import official_param_groups
+    from ijepa_scale.training.trainer import official_param_groups
 
     enc, pred = _pair("autograd")
     groups = official_param_groups(enc, pred)
@@ -206,7 +206,7 @@ def test_parallel_wrapping_finds_the_shared_block_checkpoints_it_and_refuses_com
 def test_eval_builds_the_energy_encoder_from_the_saved_config_and_vit_formats_refuse_it(tmp_path):
     from ijepa_scale.evaluation.evaluate import build_eval_encoder
     from ijepa_scale.evaluation.features import pooled_features
-    from ijepa_scale.pretrained import load_encoder
+    from ijepa_scale.weights.load import load_encoder
 
     cfg = _config({"steps": 2, "hidden_dim": 16, "hopfield": "softmax"})
     torch.manual_seed(0)
@@ -224,7 +224,7 @@ def test_eval_builds_the_energy_encoder_from_the_saved_config_and_vit_formats_re
         pooled_features(loaded, images, pool="last4")
     with pytest.raises(UserError, match="energy-transformer weights .* `ijepa-scale eval"):
         load_encoder(str(path))
-    from ijepa_scale.hf import export_main
+    from ijepa_scale.weights.hf import export_main
 
     assert export_main([str(path), str(tmp_path / "hf"), "--format", "hf"]) == 2
     assert not (tmp_path / "hf").exists()

@@ -11,7 +11,7 @@ from ijepa_scale.data.sources import open_shards
 from ijepa_scale.evaluation.features import eval_image, extract_features, gather_features, pooled_features, rank_range
 from ijepa_scale.evaluation.knn import knn_accuracy, knn_predict
 from ijepa_scale.evaluation.linear import fit_logistic, linear_probe
-from ijepa_scale.evaluation.report import CSV_COLUMNS, append_rows, format_table
+from ijepa_scale.evaluation.table import CSV_COLUMNS, append_rows, format_table
 from ijepa_scale.models import build_encoder
 from tests.helpers.photos import encode, make_photo_shards
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ijepa_scale.config import config_from_dict
-from ijepa_scale.distributed import DistEnv
-from ijepa_scale.trainer import Trainer
+from ijepa_scale.distributed.env import DistEnv
+from ijepa_scale.training.trainer import Trainer
 from tests.helpers.photos import make_photo_shards
 
 GOLDEN = Path(__file__).resolve().parents[1] / "assets" / "golden_losses_tiny.json"

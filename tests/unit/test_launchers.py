@@ -11,7 +11,7 @@ from ijepa_scale.config import ConfigError, config_from_dict, load_config
 from ijepa_scale.errors import RunFailure, UserError
 from ijepa_scale.launchers import local
 from ijepa_scale.launchers.entry import check_logging_folder, run_rank
-from ijepa_scale.trainer import NonFiniteLossError
+from ijepa_scale.training.trainer import NonFiniteLossError
 from tests.helpers.photos import make_photo_shards
 
 

@@ -8,11 +8,11 @@ import torch
 import yaml
 
 from ijepa_scale.config import ConfigError, config_from_dict, load_config
-from ijepa_scale.distributed import DistEnv
+from ijepa_scale.distributed.env import DistEnv
 from ijepa_scale.errors import UserError
 from ijepa_scale.evaluation.evaluate import build_eval_encoder, describe_checkpoint
 from ijepa_scale.objectives import GatedObjective, IJEPAObjective, PKTObjective, SaccadeObjective
-from ijepa_scale.trainer import Trainer
+from ijepa_scale.training.trainer import Trainer
 from tests.unit.test_trainer import make_trainer
 
 BASE = {

@@ -3,7 +3,7 @@ import torch
 
 from ijepa_scale.config import ConfigError, config_from_dict
 from ijepa_scale.models import build_encoder
-from ijepa_scale.parallel import ParallelPlan, ema_update_, grad_norm_and_clip_, parallelize
+from ijepa_scale.distributed.parallel import ParallelPlan, ema_update_, grad_norm_and_clip_, parallelize
 
 
 def tiny_encoder():

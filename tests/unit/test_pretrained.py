@@ -1,4 +1,4 @@
-"""Tests for ijepa_scale.pretrained using tiny checkpoints in the official format."""
+"""Tests for ijepa_scale.weights.load using tiny checkpoints in the official format."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ijepa_scale.models import build_encoder, build_predictor
-from ijepa_scale.pretrained import (
+from ijepa_scale.weights.load import (
     infer_encoder_config,
     infer_predictor_config,
     load_checkpoint,

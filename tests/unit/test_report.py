@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ijepa_scale.metrics import COLUMNS, CSVMetrics
-from ijepa_scale.report import main, report
+from ijepa_scale.run_report import main, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -3,7 +3,7 @@
 import yaml
 
 from ijepa_scale.config import load_config
-from ijepa_scale.show_masks import main, sample_batch
+from ijepa_scale.masks.show import main, sample_batch
 
 
 def write_config(tmp_path, shards):

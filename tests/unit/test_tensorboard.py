@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ijepa_scale.config import config_from_dict
-from ijepa_scale.distributed import DistEnv
-from ijepa_scale.trainer import Trainer
+from ijepa_scale.distributed.env import DistEnv
+from ijepa_scale.training.trainer import Trainer
 
 pytest.importorskip("tensorboard")
 

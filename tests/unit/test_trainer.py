@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ijepa_scale.config import config_from_dict
-from ijepa_scale.distributed import DistEnv
-from ijepa_scale.trainer import Trainer
+from ijepa_scale.distributed.env import DistEnv
+from ijepa_scale.training.trainer import Trainer
 
 
 def make_trainer(shards, folder, batch_size=4, **meta):
@@ -155,7 +155,7 @@ def test_gradient_clipping_bounds_the_update_norm(shards, tmp_path):
 def test_slow_notice_logs_only_a_slow_wait_and_its_end_once(caplog):
     import time as _time
 
-    from ijepa_scale.trainer import slow_notice
+    from ijepa_scale.training.trainer import slow_notice
 
     caplog.set_level("INFO", logger="ijepa_scale")
     with slow_notice("fast thing", after=5.0):

@@ -6,9 +6,9 @@ import logging
 import pytest
 import torch
 
-from ijepa_scale.distributed import DistEnv
+from ijepa_scale.distributed.env import DistEnv
 from ijepa_scale.errors import UserError
-from ijepa_scale.trainer import CheckpointWriteError, Trainer
+from ijepa_scale.training.trainer import CheckpointWriteError, Trainer
 from tests.unit.test_launchers import tiny_cfg
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ijepa_scale import safe_load
+from ijepa_scale.checkpoint.files import safe_load
 from ijepa_scale.errors import UserError
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "ijepa_scale"
@@ -41,7 +41,7 @@ def evil_checkpoint(path, marker):
 def committed_dcp(folder, objects):
     import torch.distributed.checkpoint as dcp
 
-    from ijepa_scale.checkpoint import COMMIT_MARKER, TRAINER_STATE
+    from ijepa_scale.checkpoint.files import COMMIT_MARKER, TRAINER_STATE
 
     dcp.save({"model": {"encoder.w": torch.ones(2)}, "opt": {"state": {"encoder.w": {"step": torch.tensor(1.0)}},
                                                        "param_groups": [{"lr": 0.1, "params": ["encoder.w"]}]}, **objects},
@@ -82,10 +82,10 @@ def test_numpy_values_and_plain_python_still_load(tmp_path):
 
 
 def test_weights_doors_refuse_a_file_that_runs_code(tmp_path, marker):
-    from ijepa_scale.checkpoint import load_checkpoint_file
+    from ijepa_scale.checkpoint.files import load_checkpoint_file
     from ijepa_scale.evaluation.analyze import load_encoder as analyze_load_encoder
     from ijepa_scale.evaluation.evaluate import build_eval_encoder, describe_checkpoint
-    from ijepa_scale.pretrained import load_checkpoint, load_encoder, load_predictor, load_pretrained
+    from ijepa_scale.weights.load import load_checkpoint, load_encoder, load_predictor, load_pretrained
 
     path = evil_checkpoint(tmp_path / "jepa-latest.pth.tar", marker)
     refused(lambda: load_checkpoint(path), path)
@@ -100,7 +100,7 @@ def test_weights_doors_refuse_a_file_that_runs_code(tmp_path, marker):
 
 
 def test_export_refuses_a_file_that_runs_code(tmp_path, marker, capsys):
-    from ijepa_scale.hf import export_main
+    from ijepa_scale.weights.hf import export_main
 
     path = evil_checkpoint(tmp_path / "x.pth.tar", marker)
     for fmt, out in (("hf", tmp_path / "hf"), ("official", tmp_path / "o.pth.tar")):
@@ -119,7 +119,7 @@ def test_init_from_refuses_a_file_that_runs_code(shards, tmp_path, marker):
 
 
 def test_dcp_folders_are_read_without_running_code(tmp_path, marker):
-    from ijepa_scale.checkpoint import TRAINER_STATE, consolidate, dcp_tensor_shapes
+    from ijepa_scale.checkpoint.files import TRAINER_STATE, consolidate, dcp_tensor_shapes
 
     good = committed_dcp(tmp_path / "good.dcp", {"extra": {"note": "plain"}})
     assert consolidate(good)["encoder"]["module.w"].tolist() == [1.0, 1.0]

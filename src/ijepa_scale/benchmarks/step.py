@@ -32,7 +32,7 @@ from ..masks import MultiBlockMaskCollator
 from ..models import build_encoder, build_predictor
 from ..models.utils import apply_masks, repeat_interleave_batch
 from ..objectives.ijepa import collapse_metrics
-from ..parallel import DTYPES, ParallelPlan, autocast_context, ema_update_, grad_norm_and_clip_, parallelize
+from ..distributed.parallel import DTYPES, ParallelPlan, autocast_context, ema_update_, grad_norm_and_clip_, parallelize
 
 PHASES = ("target_fwd", "context_fwd", "predictor", "backward", "optimizer", "ema")
 
@@ -128,7 +128,7 @@ class Models:
 
 
 def build_models(cfg: Config, device: torch.device, official: bool = False) -> Models:
-    from ..trainer import make_optimizer, official_param_groups
+    from ..training.trainer import make_optimizer, official_param_groups
 
     torch.manual_seed(cfg.meta.seed)
     encoder = _encoder(cfg)
@@ -399,7 +399,7 @@ def main(argv=None) -> int:
             raise UserError(f"--steps {args.steps} / --warmup {args.warmup}: need steps >= 1 and warmup >= 0")
         cfg = load_config(args.fname, args.overrides)
         vs = load_config(args.fname) if args.vs_base else None
-        from ..distributed import parse_device
+        from ..distributed.env import parse_device
 
         device = parse_device(args.device)
     except (UserError, FileNotFoundError) as exc:

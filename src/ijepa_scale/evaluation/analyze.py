@@ -107,7 +107,7 @@ def load_encoder(checkpoint: Path, key: str, device: torch.device, need_vit: boo
 
 
 def parse_device(name: str) -> torch.device:
-    from ..distributed import parse_device as parse
+    from ..distributed.env import parse_device as parse
 
     try:
         return parse(name)

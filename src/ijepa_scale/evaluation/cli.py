@@ -63,7 +63,7 @@ def evaluate_rank(rank: int, world_size: int, device_name: str, args, checkpoint
     """What one rank does: join the group, evaluate, leave; returns the result rows (the same on every rank)."""
     import torch
 
-    from .. import distributed as dist_utils
+    from ..distributed import env as dist_utils
     from .evaluate import run_evaluation
 
     _setup_logging(rank)
@@ -100,7 +100,7 @@ def _spawned(rank, world_size, devices, args, checkpoint, sources, threads, queu
 
 
 def _run(args, checkpoint: Path, sources) -> list[dict] | None:
-    from .. import distributed as dist_utils
+    from ..distributed import env as dist_utils
 
     env_info = dist_utils.env_rank_info()
     if env_info is not None:  # under torchrun: this process is one rank
@@ -153,7 +153,7 @@ def _run(args, checkpoint: Path, sources) -> list[dict] | None:
 
 def main(argv=None) -> int:
     from .evaluate import describe_checkpoint, open_eval_shards, resolve_checkpoint
-    from .report import append_rows, format_table
+    from .table import append_rows, format_table
 
     args = parse_args(argv)
     _setup_logging(0)

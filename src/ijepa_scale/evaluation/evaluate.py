@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from .. import distributed as dist_utils
-from .. import safe_load
+from ..distributed import env as dist_utils
+from ..checkpoint import safe_load
 from ..data.sources import open_shards
 from ..errors import UserError
 from .features import extract_features, gather_features
@@ -90,13 +90,13 @@ def evaluate(encoder: torch.nn.Module, train_source, val_source, methods=("knn",
 def resolve_checkpoint(source: str) -> Path:
     """A local checkpoint file: the file itself, a run folder's `*-latest.pth.tar`, or a downloaded URL
     (a registry name such as `ijepa_vith14_1k` is its URL)."""
-    from ..download import resolve_source
-    from ..pretrained import _is_url, fetch
+    from ..weights.download import resolve_source
+    from ..weights.load import _is_url, fetch
 
     source = resolve_source(source)
     if _is_url(source):
         return Path(fetch(source))
-    from ..checkpoint import is_dcp_checkpoint, run_folder_latest
+    from ..checkpoint.files import is_dcp_checkpoint, run_folder_latest
 
     path = Path(source)
     if is_dcp_checkpoint(path):
@@ -114,11 +114,11 @@ def resolve_checkpoint(source: str) -> Path:
 
 
 def _read(path: Path, mmap: bool) -> dict:
-    from ..pretrained import load_checkpoint
+    from ..weights.load import load_checkpoint
 
     try:
         if path.is_dir():
-            from ..checkpoint import consolidate
+            from ..checkpoint.files import consolidate
 
             return consolidate(path)
         if mmap:
@@ -159,7 +159,7 @@ def build_eval_encoder(path: Path, key: str, random_init: bool = False, seed: in
     architecture is inferred from the weights. `random_init` keeps the architecture, not the weights.
     """
     from ..models.vision_transformer import VisionTransformer
-    from ..pretrained import infer_encoder_config, load_encoder, strip_prefixes
+    from ..weights.load import infer_encoder_config, load_encoder, strip_prefixes
 
     state = _read(path, mmap=False)
     config = state.get("config")
@@ -195,7 +195,7 @@ def gated_networks(state: dict, load_weights: bool = True) -> tuple[dict, int]:
     gated settings this version does not know are ignored."""
     from ..objectives import evaluated_network
     from ..objectives.gated import GatedConfig, GatedObjective
-    from ..pretrained import strip_prefixes
+    from ..weights.load import strip_prefixes
 
     config = state["config"]
     encoder, size = evaluated_network(config)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .. import distributed as dist_utils
+from ..distributed import env as dist_utils
 from ..data.sources import RawSample
 from ..data.transforms import normalize, open_image, to_rgb
 

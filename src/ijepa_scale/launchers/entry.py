@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .. import distributed as dist_utils
+from ..distributed import env as dist_utils
 from ..config import Config
 from ..errors import UserError
 from ..procutil import STOP_SIGNALS, unblock_stop_signals
@@ -102,7 +102,7 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
     carries `failed_at` (time.time() when it left the training code, before the clean-up),
     which a launcher uses to tell the rank that failed first from its peers' follow-up errors.
     """
-    from ..trainer import Trainer
+    from ..training.trainer import Trainer
 
     setup_logging(rank, Path(cfg.logging.folder) / f"{cfg.logging.write_tag}_r0.log")
     # Stop requests that arrive while the trainer is being built are kept, not lost: the

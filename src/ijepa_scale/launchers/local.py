@@ -27,7 +27,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Optional
 
-from .. import distributed as dist_utils
+from ..distributed import env as dist_utils
 from ..config import Config
 from ..errors import RunFailure, UserError, one_line
 from ..procutil import STOP_SIGNALS, die_with_parent, stop_signals_blocked

@@ -443,7 +443,7 @@ class SlurmTrainingJob:
     def __call__(self) -> dict:
         import submitit
 
-        from .. import distributed as dist_utils
+        from ..distributed import env as dist_utils
         from ..procutil import block_stop_signals
         from .entry import run_rank
 

@@ -1,5 +1,6 @@
 """I-JEPA models: ViT encoder, predictor and mask helpers (plain single-device PyTorch)."""
 
+from .factory import build_encoder, build_predictor
 from .utils import apply_masks, repeat_interleave_batch
 from .vision_transformer import (
     LAYER_NORM_EPS,
@@ -11,8 +12,6 @@ from .vision_transformer import (
     PatchEmbed,
     VisionTransformer,
     VisionTransformerPredictor,
-    build_encoder,
-    build_predictor,
     get_2d_sincos_pos_embed,
     init_weights_as_official,
     vit_base,

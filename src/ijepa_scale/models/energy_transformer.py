@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..errors import ConfigError
 from .utils import apply_masks, repeat_interleave_batch
 from .vision_transformer import LAYER_NORM_EPS, MaskArg, PatchEmbed, _normalise_img_size, get_2d_sincos_pos_embed
 
@@ -59,8 +60,6 @@ class EnergyConfig:
     """How dE/dg is taken: autograd (create_graph; training is second order) or analytic (its closed form)."""
 
     def validate(self) -> None:
-        from ..config import ConfigError
-
         for name in ("steps", "pred_steps", "hidden_dim", "pred_hidden_dim", "head_dim"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -73,8 +72,6 @@ class EnergyConfig:
 
     def validate_with(self, meta) -> None:
         """Checks against the meta section when meta.model_name is energy_transformer."""
-        from ..config import ConfigError
-
         if meta.depth is not None:
             raise ConfigError(f"meta.depth={meta.depth} does not apply to {MODEL_NAME}: set energy.steps "
                               f"(iterations of its one shared block) and leave meta.depth unset")

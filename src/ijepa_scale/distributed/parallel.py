@@ -100,7 +100,7 @@ def parallelize(module: torch.nn.Module, device: torch.device, plan: ParallelPla
     is sharded like a trainable one under FSDP and left plain under DDP (it needs no gradient sync).
     """
     if plan.compile and getattr(module, "gradient", None) == "autograd":
-        from .errors import UserError
+        from ..errors import UserError
 
         raise UserError("meta.compile=true cannot compile the energy block's second-order gradient "
                         "(energy.gradient=autograd); set energy.gradient=analytic or meta.compile=false")

@@ -18,25 +18,25 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import distributed as dist_utils
-from . import safe_load
-from .checkpoint import (TRAINER_STATE, CheckpointFiles, atomic_save, dcp_tensor_shapes, load_checkpoint_file,
+from ..distributed import env as dist_utils
+from ..checkpoint import safe_load
+from ..checkpoint.files import (TRAINER_STATE, CheckpointFiles, atomic_save, dcp_tensor_shapes, load_checkpoint_file,
                          optimizer_state_to_fqns)
-from .config import Config, dump_config
-from .data.sources import build_source
-from .data.stream import DataStream
-from .data.transforms import ImageTransform, normalize
-from .errors import RunFailure, UserError, one_line
-from .evaluation.collapse import CollapseMonitor
-from .masks import MultiBlockMaskCollator
-from .masks.multiblock import _hash_ints
-from .metrics import CSVMetrics
-from .models.vision_transformer import VIT_SIZES
-from .objectives import build_objective, resolve, saved_objective
-from .parallel import (ParallelPlan, autocast_context, ema_update_, grad_norm_and_clip_, is_sharded,
+from ..config import Config, dump_config
+from ..data.sources import build_source
+from ..data.stream import DataStream
+from ..data.transforms import ImageTransform, normalize
+from ..errors import RunFailure, UserError, one_line
+from .collapse import CollapseMonitor
+from ..masks import MultiBlockMaskCollator
+from ..masks.multiblock import _hash_ints
+from ..metrics import CSVMetrics
+from ..models.vision_transformer import VIT_SIZES
+from ..objectives import build_objective, resolve, saved_objective
+from ..distributed.parallel import (ParallelPlan, autocast_context, ema_update_, grad_norm_and_clip_, is_sharded,
                        make_grad_scaler, no_grad_sync, parallelize, unwrap)
-from .procutil import STOP_SIGNALS
-from .schedules import build_schedules
+from ..procutil import STOP_SIGNALS
+from ..schedules import build_schedules
 
 logger = logging.getLogger("ijepa_scale")
 
@@ -469,7 +469,7 @@ class Trainer:
 
     def _open_eval_sources_once(self, data_cfg):
         """The periodic evaluation's (train, val) shard sources, listed on rank 0 like the training data."""
-        from .evaluation.evaluate import open_eval_shards
+        from ..evaluation.evaluate import open_eval_shards
 
         return self._on_main_then_broadcast(
             lambda: (open_eval_shards(data_cfg.eval_train_shards, "data.eval_train_shards"),
@@ -680,7 +680,7 @@ class Trainer:
         Training is left exactly as it was: the RNG states are restored afterwards and the
         training data stream is not touched, so a run with evaluation resumes bit for bit.
         """
-        from .evaluation.evaluate import evaluate
+        from ..evaluation.evaluate import evaluate
 
         saved = rng_state()
         start = time.perf_counter()
@@ -991,7 +991,7 @@ class Trainer:
     def init_from(self, source: str, with_optimizer: bool = False) -> None:
         """Take weights (and optionally the optimizer state) from `source`; step, schedules and data
         position stay at zero. Rank 0 fetches first, so a URL is downloaded once into the cache."""
-        from .pretrained import fetch, load_checkpoint, strip_prefixes
+        from ..weights.load import fetch, load_checkpoint, strip_prefixes
 
         where = f"meta.init_from={source}"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError, one_line
+from ..errors import UserError, one_line
 
 TARGET_COLOURS = ("#e41a1c", "#377eb8", "#ff7f00", "#984ea3", "#a65628", "#f781bf", "#999999", "#4daf4a")
 
@@ -27,10 +27,10 @@ def _grid_mask(indices: torch.Tensor, grid: int) -> np.ndarray:
 
 def sample_batch(cfg, num_images: int, step: int = 0):
     """`num_images` augmented images (uint8 [N,3,H,W]) with the masks the collator draws at `step`."""
-    from .data.sources import build_source
-    from .data.stream import DataStream
-    from .data.transforms import ImageTransform
-    from .masks import MultiBlockMaskCollator
+    from ..data.sources import build_source
+    from ..data.stream import DataStream
+    from ..data.transforms import ImageTransform
+    from . import MultiBlockMaskCollator
 
     collator = MultiBlockMaskCollator(
         input_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size, enc_mask_scale=cfg.mask.enc_mask_scale,
@@ -98,7 +98,7 @@ def draw(images: torch.Tensor, masks_enc, masks_pred, patch_size: int, out: Path
 
 
 def main(argv=None) -> int:
-    from .config import load_config
+    from ..config import load_config
 
     parser = argparse.ArgumentParser(
         prog="ijepa-scale show-masks",

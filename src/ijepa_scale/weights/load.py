@@ -5,7 +5,7 @@ checkpoints: a dict with ``encoder``, ``predictor`` and ``target_encoder`` state
 prefixed with DDP's ``module.``) plus optimizer state. The architecture is inferred from the
 weights, so no config file is needed::
 
-    from ijepa_scale.pretrained import load_encoder
+    from ijepa_scale.weights.load import load_encoder
     enc = load_encoder("https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar")
 
 ``target_encoder`` (the EMA encoder, what the paper evaluates) is the default; pass
@@ -28,10 +28,10 @@ import torch
 
 from .download import CACHE_ENV_VAR, RELEASES, default_cache_dir, is_url  # noqa: F401 (re-exported)
 from .download import fetch as _download_fetch
-from . import safe_load
-from .errors import UserError
+from ..checkpoint import safe_load
+from ..errors import UserError
 from .hf import HFStateDict, num_heads_of
-from .models.vision_transformer import (
+from ..models.vision_transformer import (
     VIT_SIZES,
     VisionTransformer,
     VisionTransformerPredictor,
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 _STRIPPABLE_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 
-# Kept for existing callers: name -> URL of each released checkpoint (see ijepa_scale.download).
+# Kept for existing callers: name -> URL of each released checkpoint (see ijepa_scale.weights.download).
 OFFICIAL_CHECKPOINT_URLS = {alias: r.url for r in RELEASES for alias in (r.name,) + r.aliases}
 
 
@@ -51,7 +51,7 @@ def _is_url(source: str) -> bool:
 
 def fetch(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
           sha256: str | None = None) -> Path:
-    """A local path for a registry name, URL or path (see :func:`ijepa_scale.download.fetch`)."""
+    """A local path for a registry name, URL or path (see :func:`ijepa_scale.weights.download.fetch`)."""
     return _download_fetch(source, cache_dir=cache_dir, sha256=sha256)
 
 
@@ -64,11 +64,11 @@ def load_checkpoint(
     """Read a checkpoint from a local path or URL (see :func:`fetch` for caching); a sharded
     checkpoint folder (`*.dcp`, from meta.parallel=fsdp) is consolidated into the single-file layout.
 
-    Files are read as tensors and plain Python values only (:mod:`ijepa_scale.safe_load`), which
+    Files are read as tensors and plain Python values only (:mod:`ijepa_scale.checkpoint.safe_load`), which
     is everything official and ijepa-scale checkpoints hold; a file whose pickle asks to run code
-    is refused with :class:`~ijepa_scale.safe_load.UnsafeCheckpointError`, never unpickled fully.
+    is refused with :class:`~ijepa_scale.checkpoint.safe_load.UnsafeCheckpointError`, never unpickled fully.
     """
-    from .checkpoint import consolidate, is_dcp_checkpoint, run_folder_latest
+    from ..checkpoint.files import consolidate, is_dcp_checkpoint, run_folder_latest
     from .hf import is_hf_source, read_hf
 
     local = Path(os.fspath(source)).expanduser()

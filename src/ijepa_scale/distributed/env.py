@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError, one_line
-from .fileutil import atomic_write
+from ..errors import UserError, one_line
+from ..fileutil import atomic_write
 
 CACHE_ENV_VAR = "IJEPA_SCALE_CACHE"
 MIRROR_ENV_VAR = "IJEPA_SCALE_MIRROR"

@@ -31,8 +31,8 @@ from typing import Optional
 import torch
 
 from . import safe_load
-from .errors import UserError
-from .fileutil import atomic_write, fsync_dir
+from ..errors import UserError
+from ..fileutil import atomic_write, fsync_dir
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class UnsafeCheckpointError(UserError):

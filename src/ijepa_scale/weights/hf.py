@@ -22,9 +22,9 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .errors import UserError
-from .fileutil import atomic_write
-from .models.vision_transformer import LAYER_NORM_EPS
+from ..errors import UserError
+from ..fileutil import atomic_write
+from ..models.vision_transformer import LAYER_NORM_EPS
 
 HF_WEIGHTS = "model.safetensors"
 HF_CONFIG = "config.json"
@@ -186,7 +186,7 @@ OFFICIAL_KEYS = ("encoder", "predictor", "target_encoder", "opt", "scaler", "epo
 def to_official(checkpoint: Mapping[str, Any]) -> dict:
     """The official single-file layout (section 5 of the format): the three networks with `module.`
     prefixes plus the official bookkeeping keys that exist; ijepa-scale's extra keys are dropped."""
-    from .pretrained import strip_prefixes
+    from .load import strip_prefixes
 
     out: dict[str, Any] = {}
     for key in ("encoder", "predictor", "target_encoder"):
@@ -203,8 +203,8 @@ def export_main(argv=None) -> int:
     import argparse
     import sys
 
-    from .errors import one_line
-    from .pretrained import load_checkpoint
+    from ..errors import one_line
+    from .load import load_checkpoint
 
     parser = argparse.ArgumentParser(
         prog="ijepa-scale export",
@@ -223,7 +223,7 @@ def export_main(argv=None) -> int:
         # Also reads Hugging Face folders, sharded (.dcp) folders and run folders of either kind.
         checkpoint = load_checkpoint(args.source)
         if args.format == "hf":
-            from .pretrained import _select_state_dict, infer_encoder_config, refuse_energy_weights, strip_prefixes
+            from .load import _select_state_dict, infer_encoder_config, refuse_energy_weights, strip_prefixes
 
             state = _select_state_dict(checkpoint, args.key, "patch_embed.proj.weight")
             refuse_energy_weights(strip_prefixes(state))
@@ -234,7 +234,7 @@ def export_main(argv=None) -> int:
         else:
             if isinstance(checkpoint, HFStateDict):
                 checkpoint = {"encoder": checkpoint}
-            from .pretrained import refuse_energy_weights, strip_prefixes
+            from .load import refuse_energy_weights, strip_prefixes
 
             for key in ("encoder", "target_encoder"):
                 if isinstance(checkpoint.get(key), Mapping):
@@ -258,7 +258,7 @@ def num_heads_of(checkpoint: Mapping[str, Any]) -> Optional[int]:
     if isinstance(meta, Mapping):
         if meta.get("num_heads"):
             return int(meta["num_heads"])
-        from .models.vision_transformer import VIT_SIZES
+        from ..models.vision_transformer import VIT_SIZES
 
         return VIT_SIZES.get(meta.get("model_name"), {}).get("num_heads")
     return None

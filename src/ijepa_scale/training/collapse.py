@@ -42,7 +42,7 @@ class CollapseMonitor:
 
 
 def benchmark(argv=None) -> None:
-    """Cost of the collapse metrics per step: `python -m ijepa_scale.evaluation.collapse`."""
+    """Cost of the collapse metrics per step: `python -m ijepa_scale.training.collapse`."""
     import argparse
     import time
 
@@ -51,7 +51,7 @@ def benchmark(argv=None) -> None:
 
     from ..objectives.ijepa import collapse_metrics
 
-    parser = argparse.ArgumentParser(prog="python -m ijepa_scale.evaluation.collapse",
+    parser = argparse.ArgumentParser(prog="python -m ijepa_scale.training.collapse",
                                      description="milliseconds per step of the collapse metrics")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=64, help="tokens per image (the demo: 8x8)")
