@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from ijepa_scale.distributed.env import env as dist_utils
+from ijepa_scale.distributed import env as dist_utils
 from ijepa_scale.masks import MultiBlockMaskCollator
 from ijepa_scale.models import build_encoder, build_predictor
 from ijepa_scale.models.energy_transformer import EnergyConfig

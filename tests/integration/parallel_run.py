@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from ijepa_scale.distributed.env import env as dist_utils
+from ijepa_scale.distributed import env as dist_utils
 from ijepa_scale.config import apply_overrides, config_from_dict
 from ijepa_scale.distributed.parallel import full, unwrap
 from ijepa_scale.training.trainer import Trainer

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ijepa_scale.checkpoint.files import safe_load
+from ijepa_scale.checkpoint import safe_load
 from ijepa_scale.errors import UserError
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "ijepa_scale"
