@@ -23,7 +23,7 @@ def energy_config(shards, log_dir):
 
 def test_ddp_and_fsdp_gradients_equal_one_process_on_the_whole_batch(tmp_path):
     out = tmp_path / "grads.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}")
     proc = subprocess.run([sys.executable, str(ROOT / "tests/integration/energy_parallel_run.py"), str(out)],
                           capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

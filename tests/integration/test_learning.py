@@ -62,7 +62,7 @@ def pretrain_and_evaluate(fmnist, folder: Path, *overrides: str) -> dict:
     config["logging"]["folder"] = str(folder / "run")
     proc = run_main(write_config(folder / "c.yaml", config), *overrides, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}")
     proc = subprocess.run(
         [sys.executable, "-m", "ijepa_scale.cli", "eval", METHOD, "--checkpoint", str(folder / "run"),
          "--train-shards", train, "--val-shards", test, "--random-init", "--devices", "cpu", "cpu"],

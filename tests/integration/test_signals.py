@@ -12,7 +12,7 @@ import torch
 from tests.integration.common import ROOT, read_csv, run_main, tiny_config, write_config
 
 pytestmark = pytest.mark.integration
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}")
 
 
 def long_config(shards, tmp_path, **overrides):
