@@ -117,7 +117,6 @@ def test_resume_from_a_two_rank_fsdp_checkpoint_on_one_rank(shards, uninterrupte
 
 def test_fsdp_skips_a_step_that_is_nan_on_one_rank_and_goes_on(shards, tmp_path):
     import os
-    import os
     import subprocess
     import sys
 
