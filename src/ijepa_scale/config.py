@@ -1,10 +1,12 @@
 """Typed configuration tree for a pretraining run.
 
-The YAML schema is the official I-JEPA one (sections data, logging, mask, meta,
-optimization); every key added by ijepa-scale is optional and its default keeps
-the official behaviour.  A config is validated when it is loaded: an unknown key,
-a wrong type or an out-of-range value raises :class:`ConfigError` with one line
-naming the file, the key and (for unknown keys) the closest valid key.
+The YAML schema is the official I-JEPA one (sections data, logging, mask, meta, optimization), whose
+files load unchanged.  ijepa-scale adds the sections distributed, checkpoint, evaluation and collapse,
+the objective and backbone sections pkt, gated, saccade and energy, and optional keys; every default
+keeps the official behaviour.  A config is validated when it is loaded: an unknown key, a wrong type or
+an out-of-range value raises :class:`ConfigError` with one line naming the file (or the override), the
+key and (for unknown keys) the closest valid key.  A key that moved to another section (``RENAMED``)
+still loads, with a one-line deprecation warning naming its new place.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .objectives.gated import GatedConfig
 from .objectives.pkt import LOSS_ALIASES, PKTConfig
 from .objectives.saccade import SaccadeConfig
 from .models.energy_transformer import MODEL_NAME as ENERGY_MODEL_NAME, EnergyConfig
+from .objectives import build_objective
 
 PLACEHOLDER_PREFIX = "$replace_this"
 OBJECTIVES = ("ijepa", "pkt", "gated", "saccade")
@@ -63,10 +66,6 @@ class DataConfig:
     """Tries per shard on transient errors (reset connection, 5xx, timeout) before it is skipped (or fails)."""
     retry_backoff_s: float = 1.0
     """Wait before the first retry; doubled after each further failure (capped at 60 s)."""
-    eval_train_shards: Optional[str] = None
-    """Labelled tar shards whose features form the k-NN bank of the periodic evaluation."""
-    eval_val_shards: Optional[str] = None
-    """Labelled tar shards scored by the periodic k-NN evaluation."""
 
     def validate(self) -> None:
         _positive(self, "batch_size", "crop_size", "shuffle_buffer", "read_timeout_s", "read_attempts")
@@ -86,36 +85,11 @@ class LoggingConfig:
     """Rank 0 prints a progress line every log_freq steps."""
     checkpoint_freq: int = 50
     """Keep a `{tag}-ep{N}.pth.tar` every checkpoint_freq epochs (latest is written every epoch)."""
-    checkpoint_every_steps: int = 0
-    """Also checkpoint every N global steps (0 = at epoch end only)."""
-    keep_last: int = 0
-    """Keep only the newest N `-ep`/`-step` checkpoints (0 = keep all); `latest` is always kept."""
-    eval_every_epochs: int = 0
-    """k-NN accuracy of the target encoder every N epochs (needs data.eval_train_shards/eval_val_shards; 0 = off)."""
-    eval_every_steps: int = 0
-    """Also evaluate every N global steps (0 = off)."""
-    collapse_pred_norm: float = 0.1
-    """Warn when the predictions' mean L2 norm stays below this (0 = never)."""
-    collapse_target_std: float = 0.01
-    """Warn when the std across the batch of the layer-normed target features stays below this (0 = never)."""
-    collapse_eff_rank: float = 2.0
-    """Warn when the effective rank of the pooled target features stays below this (0 = never)."""
-    collapse_open_frac: float = 0.02
-    """meta.objective=gated: warn when the mean open fraction of the gates stays below this (the predictor
-    then sees almost only mask tokens; 0 = never)."""
-    collapse_patience: int = 5
-    """Consecutive progress lines below a threshold before the collapse warning."""
     tensorboard: bool = False
     """Rank 0 also writes TensorBoard event files to {folder}/tensorboard (needs `pip install tensorboard`)."""
-    async_checkpoint: bool = False
-    """meta.parallel=fsdp only: write checkpoint shards in the background (the next save waits for it)."""
 
     def validate(self) -> None:
         _positive(self, "log_freq", "checkpoint_freq")
-        _non_negative(self, "checkpoint_every_steps", "keep_last")
-        _non_negative(self, "eval_every_epochs", "eval_every_steps", "collapse_pred_norm", "collapse_target_std",
-                      "collapse_eff_rank", "collapse_open_frac")
-        _positive(self, "collapse_patience")
         if not self.write_tag or "/" in self.write_tag:
             raise ConfigError(f"logging.write_tag={self.write_tag!r} must be a non-empty file-name prefix")
         if self.tensorboard:
@@ -161,9 +135,8 @@ class MetaConfig:
     pred_emb_dim: int = 384
     read_checkpoint: Optional[str] = None
     use_bfloat16: bool = False
+    """Autocast in bfloat16 (the default of distributed.dtype)."""
     seed: int = 0
-    dtype: Optional[str] = None
-    """Autocast dtype: bfloat16, float16 or float32 (default: bfloat16 if use_bfloat16 else float32)."""
     embed_dim: Optional[int] = None
     depth: Optional[int] = None
     num_heads: Optional[int] = None
@@ -172,12 +145,6 @@ class MetaConfig:
     encoder and predictor where present; schedules and data position start from zero."""
     init_optimizer: bool = False
     """With init_from: also take the optimizer state (AdamW moments) from it."""
-    parallel: str = "ddp"
-    """ddp (replicate) or fsdp (FSDP2: shard every transformer block and the optimizer state over all ranks)."""
-    activation_checkpointing: bool = False
-    """Recompute each transformer block's activations in backward (less memory, about 1/3 more compute)."""
-    compile: bool = False
-    """torch.compile each transformer block (dynamic sequence lengths; the first steps pay the compile)."""
     objective: str = "ijepa"
     """What is trained: ijepa, pkt (Probabilistic I-JEPA), gated (Gated I-JEPA) or saccade (Saccade JEPA);
     each objective's settings are in the section of its name."""
@@ -197,24 +164,12 @@ class MetaConfig:
         for name in ("embed_dim", "depth", "num_heads"):
             if getattr(self, name) is not None:
                 _positive(self, name)
-        if self.dtype is not None:
-            _choice(self, "dtype", ("bfloat16", "float16", "float32"))
-        _choice(self, "parallel", ("ddp", "fsdp"))
         _choice(self, "objective", OBJECTIVES)
-        if self.parallel == "fsdp" and self.resolved_dtype == "float16":
-            raise ConfigError("meta.parallel=fsdp does not support meta.dtype=float16 (its GradScaler needs "
-                              "unsharded gradients); use meta.dtype=bfloat16")
         if self.copy_data:
             raise ConfigError(
                 "meta.copy_data=true copies a tarball to the official cluster's scratch disk and is not "
                 "supported; stream tar shards with data.shards instead"
             )
-
-    @property
-    def resolved_dtype(self) -> str:
-        if self.dtype is not None:
-            return self.dtype
-        return "bfloat16" if self.use_bfloat16 else "float32"
 
 
 @dataclass
@@ -248,12 +203,9 @@ class OptimizationConfig:
     """Stop the run after this many consecutive steps skipped for a non-finite loss or gradient."""
     stop_at_step: int = 0
     """Save and stop once the global step reaches this value (0 = train all epochs); schedules are unchanged."""
-    accum_steps: int = 1
-    """Gradient accumulation: micro-batches of data.batch_size per optimizer step (steps, schedules, EMA and
-    logs count optimizer steps; an epoch's micro-batches beyond a multiple of accum_steps are not used)."""
 
     def validate(self) -> None:
-        _positive(self, "epochs", "ipe_scale", "max_consecutive_nonfinite", "accum_steps")
+        _positive(self, "epochs", "ipe_scale", "max_consecutive_nonfinite")
         _non_negative(self, "stop_at_step")
         _non_negative(self, "final_lr", "lr", "start_lr", "warmup", "weight_decay", "final_weight_decay")
         _non_negative(self, "variance_weight", "covariance_weight")
@@ -267,27 +219,132 @@ class OptimizationConfig:
 
 
 @dataclass
+class DistributedConfig:
+    SECTION = "distributed"
+
+    parallel: str = "ddp"
+    """ddp (replicate) or fsdp (FSDP2: shard every transformer block and the optimizer state over all ranks)."""
+    dtype: Optional[str] = None
+    """Autocast dtype: bfloat16, float16 or float32; unset, it is set at load from meta.use_bfloat16
+    (bfloat16 if true, else float32)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward (less memory, about 1/3 more compute)."""
+    compile: bool = False
+    """torch.compile each transformer block (dynamic sequence lengths; the first steps pay the compile)."""
+    accum_steps: int = 1
+    """Gradient accumulation: micro-batches of data.batch_size per optimizer step (steps, schedules, EMA and
+    logs count optimizer steps; an epoch's micro-batches beyond a multiple of accum_steps are not used)."""
+
+    def validate(self) -> None:
+        _choice(self, "parallel", ("ddp", "fsdp"))
+        if self.dtype is not None:
+            _choice(self, "dtype", ("bfloat16", "float16", "float32"))
+        _positive(self, "accum_steps")
+        if self.parallel == "fsdp" and self.dtype == "float16":
+            raise ConfigError("distributed.parallel=fsdp does not support distributed.dtype=float16 (its GradScaler "
+                              "needs unsharded gradients); use distributed.dtype=bfloat16")
+
+
+@dataclass
+class CheckpointConfig:
+    SECTION = "checkpoint"
+
+    every_steps: int = 0
+    """Also checkpoint every N global steps (0 = at epoch end only); logging.checkpoint_freq keeps `-ep` files."""
+    keep_last: int = 0
+    """Keep only the newest N `-ep`/`-step` checkpoints (0 = keep all); `latest` is always kept."""
+    async_save: bool = False
+    """distributed.parallel=fsdp only: write checkpoint shards in the background (the next save waits for it)."""
+
+    def validate(self) -> None:
+        _non_negative(self, "every_steps", "keep_last")
+
+
+@dataclass
+class EvaluationConfig:
+    SECTION = "evaluation"
+
+    every_epochs: int = 0
+    """k-NN accuracy of the target encoder every N epochs (needs train_shards and val_shards; 0 = off)."""
+    every_steps: int = 0
+    """Also evaluate every N global steps (0 = off)."""
+    train_shards: Optional[str] = None
+    """Labelled tar shards whose features form the k-NN bank."""
+    val_shards: Optional[str] = None
+    """Labelled tar shards scored by the k-NN evaluation."""
+
+    def validate(self) -> None:
+        _non_negative(self, "every_epochs", "every_steps")
+        if self.every_epochs or self.every_steps:
+            for key in ("train_shards", "val_shards"):
+                if not getattr(self, key):
+                    raise ConfigError(
+                        f"evaluation.every_epochs/every_steps need evaluation.{key}: set it to labelled tar shards "
+                        f"(e.g. from `ijepa-scale fashion-mnist --split test`) or set both every_* to 0"
+                    )
+
+
+# Thresholds of the metrics every objective (and gated) logs; any other logged metric can be given one.
+COLLAPSE_DEFAULTS = {"pred_norm": 0.1, "target_std": 0.01, "eff_rank": 2.0, "open_frac": 0.02}
+
+
+@dataclass
+class CollapseConfig:
+    SECTION = "collapse"
+
+    patience: int = 5
+    """Consecutive progress lines below a threshold before the collapse warning."""
+    thresholds: dict[str, float] = field(default_factory=dict)
+    """Logged metric name -> warn when it stays below this (0 = never). Metrics not named take
+    COLLAPSE_DEFAULTS: pred_norm (predictions' mean L2 norm) 0.1, target_std (std across the batch of the
+    layer-normed targets) 0.01, eff_rank (effective rank of the pooled targets) 2.0 and, for meta.objective=gated,
+    open_frac (mean open fraction of the gates) 0.02. At load it becomes the thresholds of this objective's metrics."""
+
+    def validate(self) -> None:
+        _positive(self, "patience")
+        for name, value in self.thresholds.items():
+            if value < 0:
+                raise ConfigError(f"collapse.thresholds.{name}={value} must be >= 0")
+
+    def resolve(self, metric_names: tuple[str, ...], objective: str) -> None:
+        """Keep the thresholds of the metrics `objective` logs, defaults filled in; another name is an error."""
+        for name in self.thresholds:
+            if name not in metric_names:
+                raise ConfigError(f"collapse.thresholds.{name}: meta.objective={objective} logs no metric '{name}' "
+                                  f"(did you mean '{_closest(name, metric_names)}'?); it logs "
+                                  f"{', '.join(metric_names)}")
+        self.thresholds = {name: self.thresholds.get(name, COLLAPSE_DEFAULTS.get(name)) for name in metric_names
+                           if name in self.thresholds or name in COLLAPSE_DEFAULTS}
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
     pkt: PKTConfig = field(default_factory=PKTConfig)
     gated: GatedConfig = field(default_factory=GatedConfig)
     saccade: SaccadeConfig = field(default_factory=SaccadeConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
 
     def validate(self) -> None:
+        if self.distributed.dtype is None:
+            self.distributed.dtype = "bfloat16" if self.meta.use_bfloat16 else "float32"
         for section in SECTIONS:
             getattr(self, section).validate()
         self._apply_loss_function_alias()
         if self.meta.model_name == ENERGY_MODEL_NAME:
-            self.energy.validate_with(self.meta)
+            self.energy.validate_with(self.meta, self.distributed)
             if self.meta.objective not in ("ijepa", "pkt"):
                 raise ConfigError(f"meta.model_name={ENERGY_MODEL_NAME} is a backbone of the I-JEPA objectives "
-                                  f"(ijepa, pkt); meta.objective={self.meta.objective} needs a ViT: set meta.model_name "
-                                  f"to a ViT size")
+                                  f"(ijepa, pkt); meta.objective={self.meta.objective} needs a ViT: set "
+                                  f"meta.model_name to a ViT size")
         if self.data.crop_size % self.mask.patch_size != 0:
             raise ConfigError(
                 f"data.crop_size={self.data.crop_size} is not a multiple of mask.patch_size={self.mask.patch_size}"
@@ -298,15 +355,9 @@ class Config:
                     f"{key} is still the official placeholder {value!r}: set it in the YAML or override it "
                     f"on the command line ({key}=/your/path)"
                 )
-        if self.logging.eval_every_epochs or self.logging.eval_every_steps:
-            for key in ("eval_train_shards", "eval_val_shards"):
-                if not getattr(self.data, key):
-                    raise ConfigError(
-                        f"logging.eval_every_epochs/eval_every_steps need data.{key}: set it to labelled tar shards "
-                        f"(e.g. from `ijepa-scale fashion-mnist --split test`) or set both eval_every_* to 0"
-                    )
         if not self.data.shards and not self.data.root_path:
             raise ConfigError("no training data: set data.shards (tar shards) or data.root_path (ImageFolder root)")
+        self.collapse.resolve(tuple(build_objective(self).metric_names), self.meta.objective)
 
     def _apply_loss_function_alias(self) -> None:
         name = self.optimization.loss_function
@@ -396,6 +447,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of name: {_type_name(args[1])}, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key} must be a list of {len(args)} numbers, got {value!r}")
@@ -428,13 +483,76 @@ def _section_types(section_cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
 
 
+SECTION_CLASSES = typing.get_type_hints(Config)
+
+# Keys of ours that moved out of the official sections: (old section, old key) -> new path. The old spelling
+# still loads (YAML, dicts, overrides) with a deprecation warning; setting both spellings is an error.
+RENAMED = {
+    ("meta", "parallel"): ("distributed", "parallel"),
+    ("meta", "dtype"): ("distributed", "dtype"),
+    ("meta", "activation_checkpointing"): ("distributed", "activation_checkpointing"),
+    ("meta", "compile"): ("distributed", "compile"),
+    ("optimization", "accum_steps"): ("distributed", "accum_steps"),
+    ("logging", "checkpoint_every_steps"): ("checkpoint", "every_steps"),
+    ("logging", "keep_last"): ("checkpoint", "keep_last"),
+    ("logging", "async_checkpoint"): ("checkpoint", "async_save"),
+    ("logging", "eval_every_epochs"): ("evaluation", "every_epochs"),
+    ("logging", "eval_every_steps"): ("evaluation", "every_steps"),
+    ("data", "eval_train_shards"): ("evaluation", "train_shards"),
+    ("data", "eval_val_shards"): ("evaluation", "val_shards"),
+    ("logging", "collapse_patience"): ("collapse", "patience"),
+    **{("logging", f"collapse_{name}"): ("collapse", "thresholds", name) for name in COLLAPSE_DEFAULTS},
+}
+
+logger = logging.getLogger("ijepa_scale")
+
+
+def _dotted(path) -> str:
+    return ".".join(path)
+
+
 def _closest(name: str, candidates) -> str:
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.0)
     return match[0] if match else ""
 
 
+def _suggest(section: str, name: str) -> str:
+    """The valid key closest to `name` in `section`: a key of the section, or the new place of a moved key."""
+    moved = {old: _dotted(new) for (where, old), new in RENAMED.items() if where == section}
+    best = _closest(name, list(_section_types(SECTION_CLASSES[section])) + list(moved))
+    return moved.get(best, f"{section}.{best}")
+
+
+def _holder(raw: dict, path: tuple, where: str) -> dict:
+    """The mapping of `raw` that holds `path[-1]`, copied (not the caller's) and created on the way."""
+    node = raw
+    for depth, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is not None and not isinstance(child, dict):
+            raise ConfigError(f"{where}: {_dotted(path[:depth + 1])} must be a mapping, got {type(child).__name__}")
+        node[part] = dict(child or {})
+        node = node[part]
+    return node
+
+
+def _move_renamed(raw: dict, where: str) -> dict:
+    """A copy of `raw` with every moved key at its new place, one deprecation warning per key."""
+    raw = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for old, new in RENAMED.items():
+        if not isinstance(raw.get(old[0]), dict) or old[1] not in raw[old[0]]:
+            continue
+        value = raw[old[0]].pop(old[1])
+        holder = _holder(raw, new, where)
+        if new[-1] in holder:
+            raise ConfigError(f"{where}: both {_dotted(old)} and {_dotted(new)} are set; {_dotted(old)} is the old "
+                              f"name of {_dotted(new)}: remove it")
+        holder[new[-1]] = value
+        logger.warning("%s: %s is deprecated, use %s", where, _dotted(old), _dotted(new))
+    return raw
+
+
 def _build_section(section: str, values: Any, where: str):
-    section_cls = type(getattr(Config(), section))
+    section_cls = SECTION_CLASSES[section]
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -443,9 +561,7 @@ def _build_section(section: str, values: Any, where: str):
     kwargs = {}
     for key, value in values.items():
         if key not in types_:
-            raise ConfigError(
-                f"{where}: unknown key '{section}.{key}' (did you mean '{section}.{_closest(str(key), types_)}'?)"
-            )
+            raise ConfigError(f"{where}: unknown key '{section}.{key}' (did you mean '{_suggest(section, str(key))}'?)")
         kwargs[key] = _coerce(value, types_[key], f"{where}: {section}.{key}")
     try:
         return section_cls(**kwargs)
@@ -453,7 +569,7 @@ def _build_section(section: str, values: Any, where: str):
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def config_from_dict(raw: Any, where: str = "<config>") -> Config:
+def _check_sections(raw: Any, where: str) -> None:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: top level must be a mapping of sections ({', '.join(SECTIONS)})")
     for section in raw:
@@ -461,6 +577,11 @@ def config_from_dict(raw: Any, where: str = "<config>") -> Config:
             raise ConfigError(
                 f"{where}: unknown section '{section}' (did you mean '{_closest(str(section), SECTIONS)}'?)"
             )
+
+
+def config_from_dict(raw: Any, where: str = "<config>") -> Config:
+    _check_sections(raw, where)
+    raw = _move_renamed(raw, where)
     cfg = Config(**{s: _build_section(s, raw.get(s), where) for s in SECTIONS})
     try:
         cfg.validate()
@@ -468,30 +589,59 @@ def config_from_dict(raw: Any, where: str = "<config>") -> Config:
         raise ConfigError(f"{where}: {exc}") from None
     unused = cfg.unused_sections(raw)
     if unused:
-        logging.getLogger("ijepa_scale").warning(
-            "%s: section(s) %s are not read by meta.objective=%s, meta.model_name=%s", where, ", ".join(unused),
-            cfg.meta.objective, cfg.meta.model_name)
+        logger.warning("%s: section(s) %s are not read by meta.objective=%s, meta.model_name=%s", where,
+                       ", ".join(unused), cfg.meta.objective, cfg.meta.model_name)
     return cfg
 
 
+def _override_path(item: str, parts: list[str]) -> tuple[tuple, Any, bool]:
+    """(the key's path, its type, whether it is a moved key's old name) for the override `item`."""
+    section, name = parts[0], parts[1]
+    if section not in SECTIONS:
+        raise ConfigError(f"override {item}: unknown section '{section}'; did you mean "
+                          f"'{_closest(section, SECTIONS)}'?")
+    if (section, name) in RENAMED and len(parts) == 2:
+        path = RENAMED[section, name]
+        logger.warning("override %s: %s is deprecated, use %s", item, _dotted(parts), _dotted(path))
+        renamed = True
+    else:
+        path, renamed = tuple(parts), False
+    tp = _section_types(SECTION_CLASSES[path[0]]).get(path[1])
+    if tp is None:
+        raise ConfigError(f"override {item}: unknown key '{name}' in {section}; did you mean "
+                          f"'{_suggest(section, name).removeprefix(section + '.')}'?")
+    if typing.get_origin(tp) is dict:
+        if len(path) == 2:
+            return path, tp, renamed
+        return path, typing.get_args(tp)[1], renamed
+    if len(path) == 3:
+        raise ConfigError(f"override {item}: {_dotted(path[:2])} is not a mapping; use {_dotted(path[:2])}=value")
+    return path, tp, renamed
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` strings (values parsed as YAML) to a raw config dict."""
-    raw = {k: dict(v or {}) for k, v in raw.items()}
+    """Apply `section.key=value` strings (values parsed as YAML; `section.key.name=value` sets one entry of a
+    mapping such as collapse.thresholds) to a copy of a raw config dict. A moved key's old name sets its new
+    place, with a deprecation warning."""
+    raw = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    set_by = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.split(".")
-        if not sep or len(parts) != 2 or not all(parts):
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optimization.epochs=2)")
-        section, name = parts
-        if section not in SECTIONS:
-            raise ConfigError(
-                f"override {item!r}: unknown section '{section}' (did you mean '{_closest(section, SECTIONS)}'?)"
-            )
+        if not sep or len(parts) not in (2, 3) or not all(parts):
+            raise ConfigError(f"override {item} must look like section.key=value (e.g. optimization.epochs=2)")
+        path, tp, renamed = _override_path(item, parts)
+        earlier = set_by.get(path)
+        if earlier is not None and earlier[1] != renamed:
+            raise ConfigError(f"overrides {earlier[0]} and {item} both set {_dotted(path)} (one by its old name); "
+                              f"keep one")
+        set_by[path] = (item, renamed)
         try:
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc.__class__.__name__})") from None
-        raw.setdefault(section, {})[name] = value
+            raise ConfigError(f"override {item}: value is not valid YAML ({exc.__class__.__name__})") from None
+        _coerce(value, tp, f"override {item}: {_dotted(path)}")
+        _holder(raw, path, f"override {item}")[path[-1]] = value
     return raw
 
 
@@ -510,10 +660,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             f"{path} is empty: a config names at least its data (data.shards or data.root_path) and its model "
             f"(meta.model_name); on defaults alone it would train vit_base at 224 px for 100 epochs"
         )
-    if overrides:
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        raw = apply_overrides(raw, overrides)
+    _check_sections(raw, str(path))
+    # The file's old key names are moved (and warned about) before the overrides, which then replace them.
+    raw = apply_overrides(_move_renamed(raw, str(path)), overrides or [])
     return config_from_dict(raw, where=str(path))
 
 

@@ -26,8 +26,8 @@ def tiny_config(shards: str, log_dir: Path, **overrides) -> dict:
     config = {
         "data": {"batch_size": 4, "crop_size": 32, "num_workers": 2, "pin_mem": False, "shards": shards,
                  "shuffle_buffer": 8},
-        "logging": {"folder": str(log_dir), "write_tag": "jepa", "log_freq": 1, "checkpoint_every_steps": 0,
-                    "checkpoint_freq": 1},
+        "logging": {"folder": str(log_dir), "write_tag": "jepa", "log_freq": 1, "checkpoint_freq": 1},
+        "checkpoint": {"every_steps": 0},
         "mask": {"patch_size": 8, "enc_mask_scale": [0.85, 1.0], "pred_mask_scale": [0.15, 0.3],
                  "aspect_ratio": [0.75, 1.5], "num_enc_masks": 1, "num_pred_masks": 2, "min_keep": 2},
         "meta": {"model_name": "vit_tiny", "embed_dim": 48, "depth": 2, "num_heads": 3, "pred_depth": 1,
@@ -37,7 +37,7 @@ def tiny_config(shards: str, log_dir: Path, **overrides) -> dict:
     }
     for key, value in overrides.items():
         section, name = key.split("__")
-        config[section][name] = value
+        config.setdefault(section, {})[name] = value
     return config
 
 

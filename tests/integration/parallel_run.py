@@ -1,7 +1,7 @@
 """Drive the Trainer on 2 gloo ranks through several parallel settings on the same synthetic batches.
 
 Usage: python parallel_run.py SHARDS OUT_DIR OUT_FILE VARIANT_JSON [VARIANT_JSON ...]
-A variant is {"name": ..., "batch": B, "accum": N, "overrides": {"meta.parallel": "fsdp", ...}}.
+A variant is {"name": ..., "batch": B, "accum": N, "overrides": {"distributed.parallel": "fsdp", ...}}.
 Every variant sees the same images and masks per step: a step's 2B... images on a rank are one
 batch of `batch * accum`, split into `accum` micro-batches with the same masks.  Rank 0 saves
 {name: {"losses": [...], "encoder": {...}, "target_encoder": {...}}} (full tensors) to OUT_FILE.
@@ -47,7 +47,7 @@ def worker(rank, shards, out_dir, out_file, variants):
             raw = tiny_config(shards, Path(out_dir) / variant["name"])
             raw["data"]["num_workers"] = 0
             raw["data"]["batch_size"] = variant["batch"]
-            overrides = [f"optimization.accum_steps={variant['accum']}"]
+            overrides = [f"distributed.accum_steps={variant['accum']}"]
             overrides += [f"{k}={v}" for k, v in variant.get("overrides", {}).items()]
             trainer = Trainer(config_from_dict(apply_overrides(raw, overrides)), env)
             total = variant["batch"] * variant["accum"]

@@ -35,8 +35,8 @@ def evaluated_run(data, tmp_path_factory):
     runs = {}
     for name, stops in (("full", ()), ("resumed", (4,))):
         folder = tmp_path_factory.mktemp(name)
-        config = tiny_config(train, folder / "run", logging__eval_every_steps=3, logging__eval_every_epochs=1)
-        config["data"].update(eval_train_shards=train, eval_val_shards=val)
+        config = tiny_config(train, folder / "run", evaluation__every_steps=3, evaluation__every_epochs=1)
+        config["evaluation"].update(train_shards=train, val_shards=val)
         path = write_config(folder / "c.yaml", config)
         procs = [run_main(path, f"optimization.stop_at_step={s}") for s in stops] + [run_main(path)]
         for proc in procs:

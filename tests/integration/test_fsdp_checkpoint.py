@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def uninterrupted(shards, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("fsdp_full")
-    config = write_config(log_dir / "c.yaml", tiny_config(shards, log_dir / "run", meta__parallel="fsdp"))
+    config = write_config(log_dir / "c.yaml", tiny_config(shards, log_dir / "run", distributed__parallel="fsdp"))
     proc = run_main(config)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return log_dir / "run"
@@ -55,8 +55,8 @@ def test_fsdp_writes_committed_sharded_checkpoints(uninterrupted):
 def test_fsdp_resume_mid_epoch_with_async_saves_equals_uninterrupted(shards, uninterrupted, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", tiny_config(
-        shards, run, meta__parallel="fsdp", logging__async_checkpoint=True, logging__checkpoint_every_steps=2,
-        logging__keep_last=1))
+        shards, run, distributed__parallel="fsdp", checkpoint__async_save=True, checkpoint__every_steps=2,
+        checkpoint__keep_last=1))
     proc = run_main(config, "optimization.stop_at_step=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "jepa-latest.dcp").resolve().name == "jepa-latest-step3.dcp"
@@ -123,7 +123,7 @@ def test_fsdp_skips_a_step_that_is_nan_on_one_rank_and_goes_on(shards, tmp_path)
     from tests.integration.common import ROOT
 
     run = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", tiny_config(shards, run, meta__parallel="fsdp"))
+    config = write_config(tmp_path / "c.yaml", tiny_config(shards, run, distributed__parallel="fsdp"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "integration" / "nan_run.py"), str(config), "1", "2",
                            "optimization.stop_at_step=3"], capture_output=True, text=True, timeout=240, env=env)

@@ -61,7 +61,7 @@ def test_two_rank_run_starts_from_downloaded_weights(tmp_path, monkeypatch):
 
 
 def test_fsdp_run_starts_from_a_local_checkpoint(tmp_path):
-    """meta.init_from under meta.parallel=fsdp: every rank keeps its shards of the full weights."""
+    """meta.init_from under distributed.parallel=fsdp: every rank keeps its shards of the full weights."""
     from ijepa_scale.checkpoint.files import consolidate
 
     torch.manual_seed(12)
@@ -75,7 +75,7 @@ def test_fsdp_run_starts_from_a_local_checkpoint(tmp_path):
                          optimization__lr=0.0, optimization__start_lr=0.0, optimization__final_lr=0.0)
     config["optimization"]["epochs"] = 1
     config["meta"]["init_from"] = str(tmp_path / "source.pth.tar")
-    config["meta"]["parallel"] = "fsdp"
+    config["distributed"] = {"parallel": "fsdp"}
     proc = run_main(write_config(tmp_path / "c.yaml", config))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "initialised encoder, predictor, target_encoder from" in proc.stdout

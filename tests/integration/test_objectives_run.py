@@ -47,7 +47,7 @@ def runs(request, shards, tmp_path_factory):
     full = write_config(tmp / "full.yaml", config_for(name, shards, tmp / "full"))
     proc = run_main(full)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    fsdp = write_config(tmp / "fsdp.yaml", config_for(name, shards, tmp / "fsdp", meta__parallel="fsdp"))
+    fsdp = write_config(tmp / "fsdp.yaml", config_for(name, shards, tmp / "fsdp", distributed__parallel="fsdp"))
     stopped = run_main(fsdp, "optimization.stop_at_step=3")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     resumed = run_main(fsdp)

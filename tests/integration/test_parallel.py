@@ -15,12 +15,13 @@ pytestmark = pytest.mark.integration
 
 VARIANTS = [
     {"name": "ddp", "batch": 8, "accum": 1},
-    {"name": "ddp_ac", "batch": 8, "accum": 1, "overrides": {"meta.activation_checkpointing": True}},
-    {"name": "fsdp", "batch": 8, "accum": 1, "overrides": {"meta.parallel": "fsdp"}},
-    {"name": "fsdp_accum2", "batch": 4, "accum": 2, "overrides": {"meta.parallel": "fsdp"}},
+    {"name": "ddp_ac", "batch": 8, "accum": 1, "overrides": {"distributed.activation_checkpointing": True}},
+    {"name": "fsdp", "batch": 8, "accum": 1, "overrides": {"distributed.parallel": "fsdp"}},
+    {"name": "fsdp_accum2", "batch": 4, "accum": 2, "overrides": {"distributed.parallel": "fsdp"}},
     {"name": "fsdp_accum2_ac", "batch": 4, "accum": 2,
-     "overrides": {"meta.parallel": "fsdp", "meta.activation_checkpointing": True}},
-    {"name": "fsdp_bf16", "batch": 8, "accum": 1, "overrides": {"meta.parallel": "fsdp", "meta.dtype": "bfloat16"}},
+     "overrides": {"distributed.parallel": "fsdp", "distributed.activation_checkpointing": True}},
+    {"name": "fsdp_bf16", "batch": 8, "accum": 1,
+     "overrides": {"distributed.parallel": "fsdp", "distributed.dtype": "bfloat16"}},
 ]
 
 

@@ -61,7 +61,7 @@ def test_monitor_warns_once_after_patience_consecutive_lows(caplog):
         warnings = monitor.update({"pred_norm": 0.3}, step=50)
         assert monitor.update({"pred_norm": 0.3}, step=60) == []  # once per episode
     assert len(warnings) == 1
-    assert "step 50" in warnings[0] and "pred_norm" in warnings[0] and "logging.collapse_pred_norm" in warnings[0]
+    assert "step 50" in warnings[0] and "pred_norm" in warnings[0] and "collapse.thresholds.pred_norm" in warnings[0]
     assert [r.getMessage() for r in caplog.records] == warnings
     restored = CollapseMonitor({"pred_norm": 0.5}, patience=3)
     restored.load_state_dict(monitor.state_dict())
@@ -70,22 +70,22 @@ def test_monitor_warns_once_after_patience_consecutive_lows(caplog):
 
 def test_collapse_and_eval_keys_are_validated():
     base = {"data": {"shards": "x.tar"}}
-    with pytest.raises(ConfigError, match="logging.collapse_eff_rank=-1.0 must be >= 0"):
-        config_from_dict({**base, "logging": {"collapse_eff_rank": -1}})
-    with pytest.raises(ConfigError, match="logging.collapse_patience=0 must be > 0"):
-        config_from_dict({**base, "logging": {"collapse_patience": 0}})
-    with pytest.raises(ConfigError, match="need data.eval_train_shards"):
-        config_from_dict({**base, "logging": {"eval_every_epochs": 1}})
-    cfg = config_from_dict({"data": {"shards": "x.tar", "eval_train_shards": "a.tar", "eval_val_shards": "b.tar"},
-                            "logging": {"eval_every_steps": 5}})
-    assert cfg.logging.eval_every_steps == 5 and cfg.logging.eval_every_epochs == 0
+    with pytest.raises(ConfigError, match="collapse.thresholds.eff_rank=-1.0 must be >= 0"):
+        config_from_dict({**base, "collapse": {"thresholds": {"eff_rank": -1}}})
+    with pytest.raises(ConfigError, match="collapse.patience=0 must be > 0"):
+        config_from_dict({**base, "collapse": {"patience": 0}})
+    with pytest.raises(ConfigError, match="need evaluation.train_shards"):
+        config_from_dict({**base, "evaluation": {"every_epochs": 1}})
+    cfg = config_from_dict({**base, "evaluation": {"train_shards": "a.tar", "val_shards": "b.tar", "every_steps": 5}})
+    assert cfg.evaluation.every_steps == 5 and cfg.evaluation.every_epochs == 0
 
 
-def make_trainer(shards, folder, **logging_cfg):
+def make_trainer(shards, folder, patience=5, thresholds=None, **evaluation):
     cfg = config_from_dict({
-        "data": {"batch_size": 4, "crop_size": 32, "num_workers": 0, "shards": shards, "pin_mem": False,
-                 "eval_train_shards": shards, "eval_val_shards": shards},
-        "logging": {"folder": str(folder), "log_freq": 1, **logging_cfg},
+        "data": {"batch_size": 4, "crop_size": 32, "num_workers": 0, "shards": shards, "pin_mem": False},
+        "evaluation": {"train_shards": shards, "val_shards": shards, **evaluation},
+        "collapse": {"patience": patience, "thresholds": thresholds or {}},
+        "logging": {"folder": str(folder), "log_freq": 1},
         "mask": {"patch_size": 8, "enc_mask_scale": [0.85, 1.0], "pred_mask_scale": [0.15, 0.3],
                  "aspect_ratio": [0.75, 1.5], "num_pred_masks": 2, "min_keep": 2},
         "meta": {"model_name": "vit_tiny", "embed_dim": 48, "depth": 1, "num_heads": 3, "pred_depth": 1,
@@ -97,8 +97,8 @@ def make_trainer(shards, folder, **logging_cfg):
 
 def test_trainer_logs_the_objective_metrics_and_periodic_knn(shards, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="ijepa_scale"):
-        trainer = make_trainer(shards, tmp_path / "eval", eval_every_epochs=1, eval_every_steps=4,
-                               collapse_eff_rank=100.0, collapse_patience=2)
+        trainer = make_trainer(shards, tmp_path / "eval", every_epochs=1, every_steps=4,
+                               thresholds={"eff_rank": 100.0}, patience=2)
         assert trainer.train()
         trainer.close()
     frame = pd.read_csv(tmp_path / "eval" / "jepa_r0.csv")
@@ -118,7 +118,7 @@ def test_trainer_logs_the_objective_metrics_and_periodic_knn(shards, tmp_path, c
 def test_periodic_evaluation_leaves_training_bit_identical(shards, tmp_path):
     runs = {}
     for name, every in (("plain", 0), ("eval", 1)):
-        trainer = make_trainer(shards, tmp_path / name, eval_every_steps=every)
+        trainer = make_trainer(shards, tmp_path / name, every_steps=every)
         trainer.train()
         runs[name] = (pd.read_csv(tmp_path / name / "jepa_r0.csv", dtype={"loss": str}),
                       trainer.state_dict(), torch.get_rng_state())

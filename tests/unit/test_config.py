@@ -1,3 +1,4 @@
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -5,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ijepa_scale.config import ConfigError, apply_overrides, config_from_dict, dump_config, load_config
+from ijepa_scale.config import RENAMED, ConfigError, apply_overrides, config_from_dict, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFICIAL = ["in1k_vith14_ep300", "in1k_vith16-448_ep300", "in22k_vith14_ep66", "in22k_vitg16_ep44"]
@@ -25,16 +26,18 @@ def minimal(**sections):
 
 
 @pytest.mark.parametrize("name", OFFICIAL)
-def test_official_configs_parse_with_official_values(name):
+def test_official_configs_parse_with_official_values(name, caplog):
     raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
     # The released files carry a placeholder root_path; a user sets it on the command line.
-    cfg = load_config(ROOT / "configs" / f"{name}.yaml", ["data.root_path=/datasets"])
+    with caplog.at_level(logging.WARNING, logger="ijepa_scale"):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml", ["data.root_path=/datasets"])
+    assert caplog.records == []  # official keys are read silently
     assert cfg.meta.model_name == raw["meta"]["model_name"]
     assert cfg.data.batch_size == raw["data"]["batch_size"]
     assert cfg.optimization.final_lr == pytest.approx(1e-6)
     assert cfg.optimization.ema == (0.996, 1.0)
     assert cfg.mask.pred_mask_scale == (0.15, 0.2)
-    assert cfg.meta.resolved_dtype == "bfloat16"
+    assert cfg.distributed.dtype == "bfloat16"
     assert cfg.data.shards is None and cfg.mask.legacy_sampler is False
 
 
@@ -43,9 +46,11 @@ def test_official_placeholder_root_path_is_rejected_with_fix(tmp_path):
         load_config(ROOT / "configs" / "in1k_vith14_ep300.yaml")
 
 
-def test_all_shipped_configs_parse():
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        load_config(path, ["data.root_path=/datasets"])
+def test_all_shipped_configs_parse_without_warnings(caplog):
+    with caplog.at_level(logging.WARNING, logger="ijepa_scale"):
+        for path in sorted((ROOT / "configs").glob("*.yaml")):
+            load_config(path, ["data.root_path=/datasets"])
+    assert caplog.records == []
 
 
 def test_unknown_key_names_file_key_and_closest(tmp_path):
@@ -70,10 +75,10 @@ def test_unknown_section(tmp_path):
         ("data", "crop_scale", [0.5], r"data.crop_scale must be a list of 2"),
         ("data", "crop_scale", [0.9, 0.3], r"data.crop_scale=\[0.9, 0.3\]"),
         ("meta", "use_bfloat16", "yes", r"meta.use_bfloat16 must be bool"),
-        ("meta", "dtype", "fp8", r"meta.dtype='fp8' must be one of"),
+        ("distributed", "dtype", "fp8", r"distributed.dtype='fp8' must be one of"),
         ("optimization", "loss", "l3", r"optimization.loss='l3'"),
         ("data", "on_error", "ignore", r"data.on_error='ignore'"),
-        ("logging", "keep_last", -1, r"logging.keep_last=-1"),
+        ("checkpoint", "keep_last", -1, r"checkpoint.keep_last=-1"),
         ("meta", "copy_data", True, r"meta.copy_data=true"),
     ],
 )
@@ -99,14 +104,107 @@ def test_overrides_are_typed_and_validated(tmp_path):
         load_config(path, ["data.batch_size=big"])
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         load_config(path, ["epochs=2"])
-    with pytest.raises(ConfigError, match="did you mean 'data.num_workers'"):
-        load_config(path, ["data.num_worker=2"])
+
+def test_an_override_error_names_the_override_not_the_file(tmp_path):
+    path = write(tmp_path, yaml.safe_dump(minimal()))
+    for override, message in (
+        ("optimization.lrr=1", "override optimization.lrr=1: unknown key 'lrr' in optimization; did you mean 'lr'?"),
+        ("data.num_worker=2", "override data.num_worker=2: unknown key 'num_worker' in data; did you mean "
+                              "'num_workers'?"),
+        ("optimisation.lr=1", "override optimisation.lr=1: unknown section 'optimisation'; did you mean "
+                              "'optimization'?"),
+        ("data.batch_size=big", "override data.batch_size=big: data.batch_size must be int, got 'big' (str)"),
+        ("meta.seed.x=1", "override meta.seed.x=1: meta.seed is not a mapping; use meta.seed=value"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_config(path, [override])
+        assert str(info.value) == message and str(path) not in str(info.value)
+
+
+def test_a_mapping_entry_can_be_overridden(tmp_path):
+    path = write(tmp_path, yaml.safe_dump(minimal(collapse={"thresholds": {"eff_rank": 3.0}})))
+    cfg = load_config(path, ["collapse.thresholds.pred_norm=0.5"])
+    assert cfg.collapse.thresholds == {"pred_norm": 0.5, "target_std": 0.01, "eff_rank": 3.0}
+
+
+# A value for each moved key (by its new path), and what the rest of the config needs for it.
+MOVED_VALUES = {"parallel": "fsdp", "dtype": "bfloat16", "activation_checkpointing": True, "compile": True,
+                "accum_steps": 2, "every_steps": 7, "keep_last": 3, "async_save": True, "every_epochs": 2,
+                "train_shards": "t.tar", "val_shards": "v.tar", "patience": 4, "pred_norm": 0.5, "target_std": 0.5,
+                "eff_rank": 0.5, "open_frac": 0.5}
+
+
+def moved_case(old, new):
+    """(a config with `old` set, the expected value at `new`) for one moved key."""
+    raw = minimal(meta={"objective": "gated"} if new[-1] == "open_frac" else {})
+    if new[0] == "evaluation" and not new[1].endswith("shards"):
+        raw["evaluation"] = {"train_shards": "t.tar", "val_shards": "v.tar"}
+    raw.setdefault(old[0], {})[old[1]] = MOVED_VALUES[new[-1]]
+    return raw, MOVED_VALUES[new[-1]]
+
+
+def value_at(cfg, path):
+    section = getattr(cfg, path[0])
+    return section.thresholds[path[2]] if len(path) == 3 else getattr(section, path[1])
+
+
+@pytest.mark.parametrize("old,new", list(RENAMED.items()), ids=[".".join(k) for k in RENAMED])
+def test_a_moved_key_still_loads_from_yaml_with_one_warning(old, new, tmp_path, caplog):
+    raw, expected = moved_case(old, new)
+    path = write(tmp_path, yaml.safe_dump(raw))
+    with caplog.at_level(logging.WARNING, logger="ijepa_scale"):
+        cfg = load_config(path)
+    assert value_at(cfg, new) == expected
+    old_key, new_key = ".".join(old), ".".join(new)
+    assert [r.getMessage() for r in caplog.records] == [f"{path}: {old_key} is deprecated, use {new_key}"]
+    # Both spellings: one line naming both.
+    both = yaml.safe_load(yaml.safe_dump(raw))
+    holder = both.setdefault(new[0], {})
+    if len(new) == 3:
+        holder = holder.setdefault(new[1], {})
+    holder[new[-1]] = expected
+    with pytest.raises(ConfigError, match=f"both {old_key} and {new_key} are set") as info:
+        config_from_dict(both)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("old,new", list(RENAMED.items()), ids=[".".join(k) for k in RENAMED])
+def test_a_moved_key_still_works_as_an_override(old, new, tmp_path, caplog):
+    raw, expected = moved_case(old, new)
+    raw[old[0]].pop(old[1])
+    path = write(tmp_path, yaml.safe_dump(raw))
+    override = f"{'.'.join(old)}={yaml.safe_dump(expected).splitlines()[0]}"
+    with caplog.at_level(logging.WARNING, logger="ijepa_scale"):
+        cfg = load_config(path, [override])
+    assert value_at(cfg, new) == expected
+    assert [r.getMessage() for r in caplog.records] == [
+        f"override {override}: {'.'.join(old)} is deprecated, use {'.'.join(new)}"]
+    new_override = f"{'.'.join(new)}={yaml.safe_dump(expected).splitlines()[0]}"
+    with pytest.raises(ConfigError, match="both set .* by its old name"):
+        load_config(path, [override, new_override])
+
+
+def test_an_override_replaces_a_moved_key_of_the_file(tmp_path):
+    old = next(k for k, v in RENAMED.items() if v == ("checkpoint", "keep_last"))
+    path = write(tmp_path, yaml.safe_dump(minimal(**{old[0]: {old[1]: 3}})))
+    assert load_config(path, ["checkpoint.keep_last=5"]).checkpoint.keep_last == 5
+
+
+def test_collapse_thresholds_are_the_objectives_metrics():
+    assert config_from_dict(minimal()).collapse.thresholds == {"pred_norm": 0.1, "target_std": 0.01, "eff_rank": 2.0}
+    gated = config_from_dict(minimal(meta={"objective": "gated"}, collapse={"thresholds": {"pred_loss": 0.01}}))
+    assert gated.collapse.thresholds == {"pred_norm": 0.1, "target_std": 0.01, "eff_rank": 2.0, "pred_loss": 0.01,
+                                         "open_frac": 0.02}
+    with pytest.raises(ConfigError, match=r"collapse.thresholds.open_frac: meta.objective=ijepa logs no metric "
+                                          r"'open_frac' .*; it logs pred_norm, target_std, eff_rank$"):
+        config_from_dict(minimal(collapse={"thresholds": {"open_frac": 0.1}}))
 
 
 def test_dtype_resolution():
-    assert config_from_dict(minimal()).meta.resolved_dtype == "float32"
-    assert config_from_dict(minimal(meta={"use_bfloat16": True})).meta.resolved_dtype == "bfloat16"
-    assert config_from_dict(minimal(meta={"use_bfloat16": True, "dtype": "float16"})).meta.resolved_dtype == "float16"
+    assert config_from_dict(minimal()).distributed.dtype == "float32"
+    assert config_from_dict(minimal(meta={"use_bfloat16": True})).distributed.dtype == "bfloat16"
+    cfg = config_from_dict(minimal(meta={"use_bfloat16": True}, distributed={"dtype": "float16"}))
+    assert cfg.distributed.dtype == "float16"
 
 
 def test_crop_must_be_multiple_of_patch():
@@ -115,7 +213,9 @@ def test_crop_must_be_multiple_of_patch():
 
 
 def test_dump_round_trips():
-    cfg = config_from_dict(minimal(data={"shards": "a-{0..3}.tar"}, optimization={"clip_grad": 1.0}))
+    cfg = config_from_dict(minimal(data={"shards": "a-{0..3}.tar"}, optimization={"clip_grad": 1.0},
+                                   meta={"objective": "gated"}, collapse={"thresholds": {"open_frac": 0.1}},
+                                   checkpoint={"keep_last": 2}, distributed={"parallel": "fsdp"}))
     again = config_from_dict(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
 

@@ -99,9 +99,10 @@ from ijepa_scale.distributed.parallel import ParallelPlan, parallelize, transfor
 TINY_ENERGY = EnergyConfig(steps=3, pred_steps=2, hidden_dim=40, pred_hidden_dim=24, hopfield="softmax")
 
 
-def _config(energy=None, **meta):
+def _config(energy=None, compile=False, **meta):
     raw = {"data": {"shards": "x.tar", "crop_size": 16}, "mask": {"patch_size": 4},
-           "meta": {"model_name": "energy_transformer", "embed_dim": 8, "num_heads": 2, "pred_emb_dim": 8, **meta}}
+           "meta": {"model_name": "energy_transformer", "embed_dim": 8, "num_heads": 2, "pred_emb_dim": 8, **meta},
+           "distributed": {"compile": compile}}
     if energy is not None:
         raw["energy"] = energy
     return config_from_dict(raw)
@@ -123,9 +124,9 @@ def test_energy_section_is_read_and_validated_with_one_line_errors():
         assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match=r"meta.depth=2 does not apply to energy_transformer: set energy.steps"):
         _config(depth=2)
-    with pytest.raises(ConfigError, match=r"meta.compile=true .* set energy.gradient=analytic"):
+    with pytest.raises(ConfigError, match=r"distributed.compile=true .* set energy.gradient=analytic"):
         _config(compile=True)
-    assert _config({"gradient": "analytic"}, compile=True).meta.compile
+    assert _config({"gradient": "analytic"}, compile=True).distributed.compile
     with pytest.raises(ConfigError, match=r"meta.embed_dim=9 is not divisible by meta.num_heads=2"):
         _config(embed_dim=9)
     with pytest.raises(ConfigError, match=r"meta.model_name='vit_mini' is not a model; .*energy_transformer"):
@@ -191,7 +192,8 @@ def test_frozen_input_with_trainable_block_still_gets_second_order_parameter_gra
 def test_parallel_wrapping_finds_the_shared_block_checkpoints_it_and_refuses_compile_of_autograd():
     enc, pred = _pair("autograd")
     assert transformer_blocks(enc) == [enc.block] and transformer_blocks(pred) == [pred.block]
-    with pytest.raises(UserError, match=r"meta.compile=true .*energy.gradient=analytic or meta.compile=false"):
+    with pytest.raises(UserError,
+                       match=r"distributed.compile=true .*energy.gradient=analytic or distributed.compile=false"):
         parallelize(enc, torch.device("cpu"), ParallelPlan(compile=True))
     images = torch.randn(2, 3, 16, 16)
     plain, _ = _pair("autograd")

@@ -12,12 +12,12 @@ def tiny_encoder():
 
 
 def test_parallel_settings_are_validated():
-    with pytest.raises(ConfigError, match="meta.parallel='zero'"):
-        config_from_dict({"meta": {"parallel": "zero"}, "data": {"shards": "x.tar"}})
-    with pytest.raises(ConfigError, match="meta.dtype=bfloat16"):
-        config_from_dict({"meta": {"parallel": "fsdp", "dtype": "float16"}, "data": {"shards": "x.tar"}})
+    with pytest.raises(ConfigError, match="distributed.parallel='zero'"):
+        config_from_dict({"distributed": {"parallel": "zero"}, "data": {"shards": "x.tar"}})
+    with pytest.raises(ConfigError, match="distributed.dtype=bfloat16"):
+        config_from_dict({"distributed": {"parallel": "fsdp", "dtype": "float16"}, "data": {"shards": "x.tar"}})
     with pytest.raises(ConfigError, match="accum_steps"):
-        config_from_dict({"optimization": {"accum_steps": 0}, "data": {"shards": "x.tar"}})
+        config_from_dict({"distributed": {"accum_steps": 0}, "data": {"shards": "x.tar"}})
 
 
 def test_activation_checkpointing_gives_the_same_gradients_and_keeps_parameter_names():

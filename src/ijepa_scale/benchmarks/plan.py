@@ -73,7 +73,7 @@ def estimate(cfg: Config, model_name: str, gpus: int, k_ctx: float, k_tgt: float
     width, depth = encoder.embed_dim, len(encoder.blocks)
     hidden = encoder.blocks[0].mlp.fc1.out_features
     p_width, p_depth = cfg.meta.pred_emb_dim, cfg.meta.pred_depth
-    dtype = cfg.meta.resolved_dtype
+    dtype = cfg.distributed.dtype
     compute_bytes = 2 if dtype != "float32" else 4
     batch, nenc, npred = cfg.data.batch_size, cfg.mask.num_enc_masks, cfg.mask.num_pred_masks
     ctx_tokens = batch * nenc * k_ctx
@@ -112,7 +112,7 @@ def table(cfg: Config, gpus: int, gpu_mem_gib: float, sizes=None, unit: str = "G
     # "config": the config's own encoder (meta.embed_dim/depth/num_heads applied), then the named sizes.
     names = ["config"] + list(sizes or VIT_SIZES)
     header = (f"plan: {cfg.data.crop_size} px / patch {cfg.mask.patch_size}, batch {cfg.data.batch_size} per GPU, "
-              f"{cfg.meta.resolved_dtype}, predictor {cfg.meta.pred_emb_dim} x {cfg.meta.pred_depth}, "
+              f"{cfg.distributed.dtype}, predictor {cfg.meta.pred_emb_dim} x {cfg.meta.pred_depth}, "
               f"{gpus} GPUs of {gpu_mem_gib:g} GiB; mean context {k_ctx:.0f} / target {k_tgt:.0f} tokens "
               f"(x {cfg.mask.num_pred_masks} targets)")
     cols = ["model", "params M", "weights", "grads", "optim", "act", "act+AC", "DDP", "DDP+AC", "FSDP", "FSDP+AC"]

@@ -144,7 +144,7 @@ def build_models(cfg: Config, device: torch.device, official: bool = False) -> M
         encoder, predictor, target = (m.to(device) for m in (encoder, predictor, target))
         optimizer = torch.optim.AdamW(official_param_groups(encoder, predictor))
     else:
-        plan = ParallelPlan.from_config(cfg.meta)
+        plan = ParallelPlan.from_config(cfg.distributed)
         encoder = parallelize(encoder, device, plan)
         predictor = parallelize(predictor, device, plan)
         target = parallelize(target, device, plan, trainable=False)
@@ -172,7 +172,7 @@ def _explicit_attention(attn):
 def our_step(models: Models, images, masks_enc, masks_pred, cfg: Config, device, momentum: float,
              times: dict) -> None:
     """The trainer's step (objective, clipping, optimizer, EMA), timed phase by phase."""
-    dtype = cfg.meta.resolved_dtype
+    dtype = cfg.distributed.dtype
     marks = [time.perf_counter()]
 
     def mark():
@@ -253,7 +253,7 @@ def _warm_libraries(device: torch.device, cfg: Config) -> None:
     """One small forward and backward of the same kinds of ops (conv, linear, SDPA, norm) in the run's dtype."""
     small = build_encoder("vit_tiny", img_size=cfg.mask.patch_size * 2, patch_size=cfg.mask.patch_size, embed_dim=48,
                           depth=1, num_heads=3).to(device)
-    with autocast_context(device, cfg.meta.resolved_dtype):
+    with autocast_context(device, cfg.distributed.dtype):
         small(torch.randn(2, 3, cfg.mask.patch_size * 2, cfg.mask.patch_size * 2, device=device)).sum().backward()
 
 
@@ -288,7 +288,7 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
     other = build_models(vs, device) if vs is not None else None
     other_times: dict[str, list[float]] = {}
     other_ms: list[float] = []
-    scaler = torch.amp.GradScaler(device.type) if cfg.meta.resolved_dtype == "bfloat16" else None
+    scaler = torch.amp.GradScaler(device.type) if cfg.distributed.dtype == "bfloat16" else None
     momentum = cfg.optimization.ema[0]
     times: dict[str, list[float]] = {}
     ours_ms, official_ms, first_ms = [], [], None
@@ -309,7 +309,7 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
                 times.setdefault(name, []).extend(values)
         if official is not None:
             start = time.perf_counter()
-            official_step(official, images, masks_enc, masks_pred, cfg.meta.resolved_dtype, device, momentum, scaler)
+            official_step(official, images, masks_enc, masks_pred, cfg.distributed.dtype, device, momentum, scaler)
             _sync(device)
             if i >= warmup:
                 official_ms.append((time.perf_counter() - start) * 1000.0)
@@ -323,7 +323,7 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
                     other_times.setdefault(name, []).extend(values)
     peak_mb = peak_memory_mb(device) - (before_mb if device.type != "cuda" else 0.0)
 
-    dtype = DTYPES[cfg.meta.resolved_dtype]
+    dtype = DTYPES[cfg.distributed.dtype]
     peak = matmul_peak_flops(device, dtype)
     flops = step_flops(cfg, k_ctx, k_tgt)
     step_ms = statistics.median(ours_ms)
@@ -358,15 +358,15 @@ def format_result(cfg: Config, device: torch.device, r: dict, steps: int) -> str
     memory = "peak allocated" if device.type == "cuda" else "peak RSS growth"
     lines = [
         f"bench-step: {cfg.meta.model_name} (width {cfg.meta.embed_dim or 'default'}, {_depth_text(cfg)}), {cfg.data.crop_size} px / patch {cfg.mask.patch_size}, batch "
-        f"{cfg.data.batch_size}, {cfg.meta.resolved_dtype}, {device}, {torch.get_num_threads()} threads, "
+        f"{cfg.data.batch_size}, {cfg.distributed.dtype}, {device}, {torch.get_num_threads()} threads, "
         f"median of {steps} steps; context {r['k_ctx']:.1f} / target {r['k_tgt']:.1f} tokens",
         f"  step {r['step_ms']:.1f} ms  {r['images_per_s']:.1f} img/s  {memory} {r['peak_memory_mb']:.0f} MB  "
-        f"(first step {r['first_step_ms']:.0f} ms{', compiling' if cfg.meta.compile else ''})",
+        f"(first step {r['first_step_ms']:.0f} ms{', compiling' if cfg.distributed.compile else ''})",
         "  " + "  ".join(f"{name} {ms:.1f}" for name, ms in r["phases_ms"].items()) + " (ms)",
         f"  model {r['model_tflop_per_step'] * 1e3:.2f} GFLOP/step, matmul peak {r['matmul_peak_tflops']:.3f} "
         f"TFLOP/s, MFU {100 * r['mfu']:.1f} %",
     ]
-    if cfg.meta.compile:
+    if cfg.distributed.compile:
         compiled = r["compiled_at"]
         lines.append(f"  compile: {sum(n for _, n, _ in compiled)} graph(s), compiled in step(s) "
                      + (", ".join(f"{step} ({n} graph(s), {ms / 1000:.1f} s)" for step, n, ms in compiled) or "none")

@@ -3,14 +3,14 @@
 Files in `logging.folder`:
 - `{tag}-latest.pth.tar`: the newest checkpoint (always kept);
 - `{tag}-ep{N}.pth.tar`: state after N completed epochs (the official files hold N-1);
-- `{tag}-step{S}.pth.tar`: state after S global steps (logging.checkpoint_every_steps).
+- `{tag}-step{S}.pth.tar`: state after S global steps (checkpoint.every_steps).
 
 A file is written under a temporary name, fsynced, then renamed, so a crash
 mid-write never leaves a truncated file under a final name.  The periodic file
 and `latest` are the same bytes: latest is a hard link when the filesystem
 allows it.
 
-Under meta.parallel=fsdp a checkpoint is a torch.distributed.checkpoint (DCP) folder with the
+Under distributed.parallel=fsdp a checkpoint is a torch.distributed.checkpoint (DCP) folder with the
 same stem, `{tag}-ep{N}.dcp/` or `{tag}-step{S}.dcp/` (`{tag}-latest-step{S}.dcp/` when only
 latest is kept): every rank writes its own shard file, rank 0 writes `.metadata` and
 `trainer.pt` (steps, schedules, per-rank data-stream and RNG state, config), and only after all

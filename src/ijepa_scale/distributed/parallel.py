@@ -33,9 +33,9 @@ class ParallelPlan:
     compile: bool = False
 
     @classmethod
-    def from_config(cls, meta) -> "ParallelPlan":
-        return cls(mode=meta.parallel, dtype=meta.resolved_dtype,
-                   activation_checkpointing=meta.activation_checkpointing, compile=meta.compile)
+    def from_config(cls, distributed) -> "ParallelPlan":
+        return cls(mode=distributed.parallel, dtype=distributed.dtype,
+                   activation_checkpointing=distributed.activation_checkpointing, compile=distributed.compile)
 
 
 def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -102,8 +102,8 @@ def parallelize(module: torch.nn.Module, device: torch.device, plan: ParallelPla
     if plan.compile and getattr(module, "gradient", None) == "autograd":
         from ..errors import UserError
 
-        raise UserError("meta.compile=true cannot compile the energy block's second-order gradient "
-                        "(energy.gradient=autograd); set energy.gradient=analytic or meta.compile=false")
+        raise UserError("distributed.compile=true cannot compile the energy block's second-order gradient "
+                        "(energy.gradient=autograd); set energy.gradient=analytic or distributed.compile=false")
     module.to(device)
     if plan.activation_checkpointing and trainable:
         apply_activation_checkpointing(module)

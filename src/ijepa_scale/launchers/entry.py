@@ -38,7 +38,7 @@ class RunResult:
       to stop, e.g. ("SIGUSR2",); empty unless stop_reason == "signal".
     - `step`: the global step the run ended at (the agreed stop step when stopped).
     - `checkpoint`: the file holding the state of exactly `step` (`{tag}-latest.pth.tar`, or a
-      `.dcp` folder under meta.parallel=fsdp), committed (written, fsynced, renamed) by rank 0
+      `.dcp` folder under distributed.parallel=fsdp), committed (written, fsynced, renamed) by rank 0
       before any rank returns; None when no checkpoint of `step` exists. A stop requested before
       the first step is honoured after that step (so `step` >= 1 for a fresh run).
     - `previous_handlers`: the signal handlers that were installed before run_rank (e.g.

@@ -70,14 +70,15 @@ class EnergyConfig:
             if getattr(self, name) not in choices:
                 raise ConfigError(f"energy.{name}={getattr(self, name)!r} must be one of {', '.join(choices)}")
 
-    def validate_with(self, meta) -> None:
+    def validate_with(self, meta, distributed) -> None:
         """Checks against the meta section when meta.model_name is energy_transformer."""
         if meta.depth is not None:
             raise ConfigError(f"meta.depth={meta.depth} does not apply to {MODEL_NAME}: set energy.steps "
                               f"(iterations of its one shared block) and leave meta.depth unset")
-        if meta.compile and self.gradient == "autograd":
-            raise ConfigError(f"meta.compile=true cannot compile the second-order gradient of energy.gradient="
-                              f"autograd; set energy.gradient=analytic (the same function) or meta.compile=false")
+        if distributed.compile and self.gradient == "autograd":
+            raise ConfigError("distributed.compile=true cannot compile the second-order gradient of energy.gradient="
+                              "autograd; set energy.gradient=analytic (the same function) or "
+                              "distributed.compile=false")
         width = meta.embed_dim or DEFAULT_EMBED_DIM
         heads = meta.num_heads or DEFAULT_NUM_HEADS
         if self.head_dim is None:

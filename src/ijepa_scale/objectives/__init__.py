@@ -19,7 +19,7 @@ on this contract (``base.Objective``):
   so the objective's noise (gated's gate samples) is the same after a resume.
 * ``__call__(networks, batch) -> (loss, metrics)``: ``networks`` holds the trained and the EMA networks
   by name, ``batch`` the inputs above on the device; metrics are detached 0-dim tensors named by
-  ``metric_names`` (CSV columns, in order; ``collapse_<name>`` thresholds in ``logging`` apply to them).
+  ``metric_names`` (CSV columns, in order; ``collapse.thresholds.<name>`` apply to them).
 * Objectives hold no state of their own: a checkpoint is the networks by name, ``opt`` and the trainer's
   progress, so every objective resumes exactly.
 

@@ -26,7 +26,7 @@ class CollapseMonitor:
             if self.below[name] == self.patience:  # once per episode below the threshold
                 warnings.append(
                     f"possible collapse at step {step}: {name} = {value:.4g} has been below {threshold:g} for "
-                    f"{self.patience} consecutive progress lines (threshold logging.collapse_{name})"
+                    f"{self.patience} consecutive progress lines (threshold collapse.thresholds.{name})"
                 )
         for message in warnings:
             logger.warning(message)

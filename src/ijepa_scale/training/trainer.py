@@ -128,7 +128,7 @@ def describe_write_error(exc: OSError, target: Path, last_step: Optional[int]) -
     resume = (f"the previous checkpoint (step {last_step}) is intact" if last_step is not None
               else "no checkpoint of this run exists yet")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        cause, fix = "no space left on device", "free space (or set logging.keep_last) and run the same command"
+        cause, fix = "no space left on device", "free space (or set checkpoint.keep_last) and run the same command"
     else:
         cause, fix = exc.strerror or type(exc).__name__, "fix the folder and run the same command"
     return f"cannot write checkpoint {target}: {cause} ({free}); {resume}; {fix}"
@@ -311,7 +311,7 @@ class Trainer:
         self.cfg = cfg
         self.env = env
         self.device = env.device
-        self.dtype = cfg.meta.resolved_dtype
+        self.dtype = cfg.distributed.dtype
         self.folder = Path(cfg.logging.folder)
         if env.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -322,8 +322,8 @@ class Trainer:
         torch.manual_seed(cfg.meta.seed)
         online = self.objective.networks_from_config(cfg)
         frozen = self.objective.ema_networks(online)
-        self.plan = ParallelPlan.from_config(cfg.meta)
-        self.accum_steps = cfg.optimization.accum_steps
+        self.plan = ParallelPlan.from_config(cfg.distributed)
+        self.accum_steps = cfg.distributed.accum_steps
         self.networks = {name: parallelize(module, self.device, self.plan) for name, module in online.items()}
         self.ema_networks = {name: parallelize(module, self.device, self.plan, trainable=False)
                              for name, module in frozen.items()}
@@ -332,7 +332,7 @@ class Trainer:
         self._trainable = torch.nn.ModuleDict({name: unwrap(module) for name, module in self.networks.items()})
         self._pending_save = None  # (future, folder, periodic) of an asynchronous DCP save
         self._checkpoint_group = None
-        if self.sharded and cfg.logging.async_checkpoint:
+        if self.sharded and cfg.checkpoint.async_save:
             # Its own gloo group: the background writer's collectives must not interleave with training's.
             import torch.distributed as dist
 
@@ -341,9 +341,9 @@ class Trainer:
         self.scaler = make_grad_scaler(self.device, self.dtype)
         # Whatever extra metrics the objective returns are logged as CSV columns, in this order.
         self.metric_names = tuple(getattr(self.objective, "metric_names", ()))
-        thresholds = {n: getattr(cfg.logging, f"collapse_{n}") for n in self.metric_names
-                      if hasattr(cfg.logging, f"collapse_{n}")}
-        self.collapse = CollapseMonitor(thresholds, cfg.logging.collapse_patience)
+        thresholds = {n: cfg.collapse.thresholds[n] for n in self.metric_names
+                      if n in cfg.collapse.thresholds}
+        self.collapse = CollapseMonitor(thresholds, cfg.collapse.patience)
 
         self.collator = None
         if self.objective.batch_kind == "multiblock":
@@ -369,15 +369,16 @@ class Trainer:
         # Optimizer steps per epoch; an epoch's micro-batches beyond a multiple of accum_steps are not used.
         self.steps_per_epoch = self.stream.steps_per_epoch // self.accum_steps
         if self.steps_per_epoch == 0:
-            raise UserError(f"optimization.accum_steps={self.accum_steps} is more than the {self.stream.steps_per_epoch} "
-                            f"micro-batches per epoch; lower optimization.accum_steps or data.batch_size")
+            raise UserError(f"distributed.accum_steps={self.accum_steps} is more than the "
+                            f"{self.stream.steps_per_epoch} micro-batches per epoch; lower distributed.accum_steps or "
+                            f"data.batch_size")
         self.lr_schedule, self.wd_schedule, self.momentum_schedule = build_schedules(
             cfg.optimization, self.steps_per_epoch
         )
-        self.checkpoints = CheckpointFiles(self.folder, cfg.logging.write_tag, cfg.logging.keep_last)
+        self.checkpoints = CheckpointFiles(self.folder, cfg.logging.write_tag, cfg.checkpoint.keep_last)
         self.eval_sources = None
-        if cfg.logging.eval_every_epochs or cfg.logging.eval_every_steps:
-            self.eval_sources = self._open_eval_sources_once(cfg.data)
+        if cfg.evaluation.every_epochs or cfg.evaluation.every_steps:
+            self.eval_sources = self._open_eval_sources_once(cfg.evaluation)
 
         self.step = 0
         # Damaged unindexed shards found while counting are logged once, by rank 0.
@@ -467,13 +468,13 @@ class Trainer:
 
         return self._on_main_then_broadcast(build)
 
-    def _open_eval_sources_once(self, data_cfg):
+    def _open_eval_sources_once(self, eval_cfg):
         """The periodic evaluation's (train, val) shard sources, listed on rank 0 like the training data."""
         from ..evaluation.evaluate import open_eval_shards
 
         return self._on_main_then_broadcast(
-            lambda: (open_eval_shards(data_cfg.eval_train_shards, "data.eval_train_shards"),
-                     open_eval_shards(data_cfg.eval_val_shards, "data.eval_val_shards")))
+            lambda: (open_eval_shards(eval_cfg.train_shards, "evaluation.train_shards"),
+                     open_eval_shards(eval_cfg.val_shards, "evaluation.val_shards")))
 
     # ---------------------------------------------------------------- step
     def _set_optimizer_hyperparameters(self, lr: float, wd: float) -> None:
@@ -668,7 +669,7 @@ class Trainer:
         return " | " + " ".join(parts) if parts else ""
 
     def _eval_due(self, epoch: int, last_in_epoch: bool) -> bool:
-        every_epochs, every_steps = self.cfg.logging.eval_every_epochs, self.cfg.logging.eval_every_steps
+        every_epochs, every_steps = self.cfg.evaluation.every_epochs, self.cfg.evaluation.every_steps
         if self.eval_sources is None:
             return False
         return bool((every_steps and self.step % every_steps == 0)
@@ -705,7 +706,7 @@ class Trainer:
                             "further, raise optimization.epochs (e.g. optimization.epochs=%d)", epochs, self.step,
                             self.folder, 2 * epochs)
             return True
-        every_steps = self.cfg.logging.checkpoint_every_steps
+        every_steps = self.cfg.checkpoint.every_steps
         global_batch = self.env.world_size * self.cfg.data.batch_size
         self._session = {"began": time.perf_counter(), "first_step": self.step, "timed_from": None}
         first_batch = slow_notice("waiting for the first batch (decoding, workers starting)",

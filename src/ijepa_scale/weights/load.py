@@ -62,7 +62,7 @@ def load_checkpoint(
     sha256: str | None = None,
 ) -> dict:
     """Read a checkpoint from a local path or URL (see :func:`fetch` for caching); a sharded
-    checkpoint folder (`*.dcp`, from meta.parallel=fsdp) is consolidated into the single-file layout.
+    checkpoint folder (`*.dcp`, from distributed.parallel=fsdp) is consolidated into the single-file layout.
 
     Files are read as tensors and plain Python values only (:mod:`ijepa_scale.checkpoint.safe_load`), which
     is everything official and ijepa-scale checkpoints hold; a file whose pickle asks to run code
@@ -73,7 +73,7 @@ def load_checkpoint(
 
     local = Path(os.fspath(source)).expanduser()
     if not _is_url(os.fspath(source)) and is_dcp_checkpoint(local):
-        return consolidate(local)  # a sharded (meta.parallel=fsdp) checkpoint folder
+        return consolidate(local)  # a sharded (distributed.parallel=fsdp) checkpoint folder
     path = fetch(source, cache_dir=cache_dir, sha256=sha256)
     if is_hf_source(path):
         return read_hf(path)
