@@ -9,9 +9,10 @@ import os
 import pytest
 import torch
 
-from ijepa_scale.weights import download
-from ijepa_scale.weights.download import DownloadError, cache_path, fetch, find_release
-from ijepa_scale.weights.load import load_checkpoint
+from ijepa_scale.commands import download as download_command
+from ijepa_scale.weights import load_checkpoint, registry
+from ijepa_scale.weights.download import CACHE_ENV_VAR, DownloadError, cache_path, fetch
+from ijepa_scale.weights.registry import find_release
 from tests.helpers.http_server import FileServer
 
 PAYLOAD = os.urandom(3 * (1 << 20) + 12345)  # > 3 chunks, so a cut lands mid-file
@@ -99,21 +100,21 @@ def test_registry_names_resolve_through_a_mirror(server, tmp_path, monkeypatch, 
     release = find_release("facebook/ijepa_vith14_1k")
     assert release is find_release("vit_huge_14_224_in1k") and release.evaluated == "target_encoder"
     server.files[f"/ijepa/{release.file}"] = PAYLOAD
-    monkeypatch.setenv(download.MIRROR_ENV_VAR, server.url("/ijepa"))
-    monkeypatch.setenv(download.CACHE_ENV_VAR, str(tmp_path))
-    assert download.main(["ijepa_vith14_1k"]) == 0
+    monkeypatch.setenv(registry.MIRROR_ENV_VAR, server.url("/ijepa"))
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path))
+    assert download_command.main(["ijepa_vith14_1k"]) == 0
     out, err = capsys.readouterr()
     assert open(out.strip(), "rb").read() == PAYLOAD
     assert "MB/s" in err and "100%" in err  # the progress line
-    assert download.main(["--list"]) == 0
+    assert download_command.main(["--list"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:2] == ["name", "arch"] and len(table) == 5
-    assert download.main(["not-a-model"]) == 2
+    assert download_command.main(["not-a-model"]) == 2
     assert "download --list" in capsys.readouterr().err
 
 
 def test_offline_url_is_one_line_about_the_network(tmp_path, capsys):
-    assert download.main(["https://nonexistent.invalid/x.pth.tar", "--cache-dir", str(tmp_path)]) == 2
+    assert download_command.main(["https://nonexistent.invalid/x.pth.tar", "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no network or DNS" in err
     with pytest.raises(DownloadError, match="no network or DNS"):
@@ -150,7 +151,7 @@ def test_eval_checkpoint_accepts_a_registry_name(server, tmp_path, monkeypatch):
 
     release = find_release("ijepa_vitg16_22k")
     server.files[f"/ijepa/{release.file}"] = PAYLOAD
-    monkeypatch.setenv(download.MIRROR_ENV_VAR, server.url("/ijepa"))
-    monkeypatch.setenv(download.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.setenv(registry.MIRROR_ENV_VAR, server.url("/ijepa"))
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path))
     path = resolve_checkpoint("ijepa_vitg16_22k")
     assert path.parent == tmp_path and path.read_bytes() == PAYLOAD

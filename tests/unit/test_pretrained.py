@@ -1,4 +1,4 @@
-"""Tests for ijepa_scale.weights.load using tiny checkpoints in the official format."""
+"""Tests for ijepa_scale.weights (loading, official format) using tiny checkpoints in the official format."""
 
 from __future__ import annotations
 
@@ -11,14 +11,8 @@ import pytest
 import torch
 
 from ijepa_scale.models import build_encoder, build_predictor
-from ijepa_scale.weights.load import (
-    infer_encoder_config,
-    infer_predictor_config,
-    load_checkpoint,
-    load_encoder,
-    load_predictor,
-    strip_prefixes,
-)
+from ijepa_scale.weights import load_checkpoint, load_encoder, load_predictor
+from ijepa_scale.weights.official import infer_encoder_config, infer_predictor_config, strip_prefixes
 
 
 def with_prefix(state_dict, prefix):
