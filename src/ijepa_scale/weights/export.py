@@ -57,8 +57,8 @@ def check_target(source: Path, out: Path, *, folder: bool, overwrite: bool) -> N
     src, dst = source.resolve(), out.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
         where = "is" if dst == src else "lies inside" if src in dst.parents else "holds"
-        raise UserError(f"{out} {where} the source {source}; export never writes over its source: choose an output "
-                        f"outside it")
+        raise UserError(f"{out} {where} the source {source}; export never writes into or over its source: choose an "
+                        f"output outside it")
     if not (out.exists() or out.is_symlink()):
         return
     if _file_ids(out) & _file_ids(source):
