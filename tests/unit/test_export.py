@@ -163,3 +163,21 @@ def test_a_failed_write_leaves_the_old_output_and_no_partial_one(run, tmp_path, 
     refused(capsys, [run, out, "--format", fmt, "--overwrite"], "cannot write", "No space left on device")
     assert {p.name: p.read_bytes() for p in (out.iterdir() if out.is_dir() else [out])} == before
     assert leftovers(tmp_path) == []
+
+
+def test_a_url_source_is_checked_before_it_is_downloaded(run, tmp_path, capsys, monkeypatch):
+    from ijepa_scale.weights.download import CACHE_ENV_VAR, cache_path
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_ENV_VAR, str(cache))
+    url = (run / "jepa-latest.pth.tar").resolve().as_uri()
+    out = tmp_path / "taken.pth.tar"
+    out.write_bytes(b"keep")
+    refused(capsys, [url, out, "--format", "official"], "exists")
+    assert not cache.exists() and out.read_bytes() == b"keep"  # refused without downloading
+    assert export_main([url, str(tmp_path / "new.pth.tar"), "--format", "official"]) == 0
+    capsys.readouterr()
+    cached = cache_path(url, cache)
+    before = cached.read_bytes()
+    refused(capsys, [url, cached, "--format", "official", "--overwrite"], "source")  # its cached copy is the source
+    assert cached.read_bytes() == before

@@ -20,10 +20,11 @@ import torch
 
 from ..errors import UserError
 from ..fileutil import atomic_write, fsync_dir
-from .download import fetch
+from .download import cache_path, default_cache_dir, fetch
 from .hf import HF_CONFIG, HF_WEIGHTS, HFStateDict, write_hf
 from .load import load_checkpoint, num_heads_of
 from .official import infer_encoder_config, refuse_energy_weights, select_state_dict, to_official
+from .registry import is_url, resolve_source
 
 FORMATS = ("hf", "official")
 KEYS = ("target_encoder", "encoder")
@@ -39,10 +40,12 @@ def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str, *, key: 
     if key not in KEYS:
         raise UserError(f"key {key!r}: use one of {', '.join(KEYS)}")
     out = Path(out).expanduser()
-    local = fetch(source)  # a registry name or URL becomes its cached file: that is the source to protect
+    source = resolve_source(os.fspath(source))
+    # The file to protect; a URL's (or registry name's) is its place in the cache, known before downloading.
+    local = cache_path(source, default_cache_dir()) if is_url(source) else fetch(source)
     check_target(local, out, folder=fmt == "hf", overwrite=overwrite)
-    _probe_writable(out)  # before reading a checkpoint that may take minutes
-    checkpoint = load_checkpoint(local)
+    _probe_writable(out)  # before downloading or reading a checkpoint, which may take minutes
+    checkpoint = load_checkpoint(source)
     try:
         if fmt == "hf":
             return _export_hf(checkpoint, out, key, num_heads)
@@ -56,9 +59,9 @@ def check_target(source: Path, out: Path, *, folder: bool, overwrite: bool) -> N
     replaces nothing without `overwrite`."""
     src, dst = source.resolve(), out.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
-        where = "is" if dst == src else "lies inside" if src in dst.parents else "holds"
-        raise UserError(f"{out} {where} the source {source}; export never writes into or over its source: choose an "
-                        f"output outside it")
+        where = ("is the source" if dst == src
+                 else f"{'lies inside' if src in dst.parents else 'holds'} the source {source}")
+        raise UserError(f"{out} {where}; export never writes into or over its source: choose an output outside it")
     if not (out.exists() or out.is_symlink()):
         return
     if _file_ids(out) & _file_ids(source):

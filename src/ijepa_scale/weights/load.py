@@ -74,8 +74,7 @@ def num_heads_of(checkpoint: Mapping[str, Any]) -> Optional[int]:
 
 
 def encoder_for(state_dict: Mapping[str, Any], num_heads: int | None = None) -> VisionTransformer:
-    """A ViT encoder shaped like the prefix-free encoder weights ``state_dict``, randomly initialised
-    (under ``torch.device("meta")``: unallocated)."""
+    """A randomly initialised ViT encoder shaped like the prefix-free encoder weights ``state_dict``."""
     cfg = infer_encoder_config(state_dict, num_heads=num_heads)
     return VisionTransformer(
         img_size=cfg["img_size"],
