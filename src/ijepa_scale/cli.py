@@ -17,10 +17,10 @@ COMMANDS = {
     "plan": ("ijepa_scale.benchmarks.plan", "main", "memory per GPU under DDP/FSDP, with/without checkpointing"),
     "eval": ("ijepa_scale.evaluation.cli", "main", "eval linear|knn: frozen-feature accuracy of a checkpoint"),
     "analyze": ("ijepa_scale.evaluation.analyze", "main", "analyze attention|corrdim|umap|gates: PNGs of a checkpoint"),
-    "download": ("ijepa_scale.weights.download", "main", "fetch a released checkpoint into the verified cache (--list)"),
+    "download": ("ijepa_scale.commands.download", "main", "fetch a released checkpoint into the verified cache (--list)"),
     "report": ("ijepa_scale.run_report", "main", "summary and PNG of a run's per-rank CSVs (also while it runs)"),
     "show-masks": ("ijepa_scale.masks.show", "main", "draw the configured context/target blocks over real images"),
-    "export": ("ijepa_scale.weights.hf", "export_main", "write weights as a Hugging Face directory or official .pth.tar"),
+    "export": ("ijepa_scale.commands.export", "main", "write weights as a Hugging Face directory or official .pth.tar"),
 }
 
 

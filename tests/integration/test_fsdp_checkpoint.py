@@ -88,7 +88,7 @@ def test_sharded_checkpoint_loads_through_the_generic_loader(uninterrupted):
 
 
 def test_export_reads_a_sharded_checkpoint_and_its_run_folder(uninterrupted, tmp_path):
-    from ijepa_scale.weights.hf import export_main
+    from ijepa_scale.commands.export import main as export_main
 
     expected = consolidate(uninterrupted / "jepa-latest.dcp")
     for i, source in enumerate((uninterrupted / "jepa-latest.dcp", uninterrupted)):

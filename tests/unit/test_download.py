@@ -9,9 +9,10 @@ import os
 import pytest
 import torch
 
-from ijepa_scale.weights import download
-from ijepa_scale.weights.download import DownloadError, cache_path, fetch, find_release
-from ijepa_scale.weights.load import load_checkpoint
+from ijepa_scale.commands import download as download_command
+from ijepa_scale.weights import load_checkpoint, registry
+from ijepa_scale.weights.download import CACHE_ENV_VAR, DownloadError, cache_path, fetch
+from ijepa_scale.weights.registry import find_release
 from tests.helpers.http_server import FileServer
 
 PAYLOAD = os.urandom(3 * (1 << 20) + 12345)  # > 3 chunks, so a cut lands mid-file
@@ -31,7 +32,7 @@ def test_download_pins_sha256_and_reuses_the_cache_offline(server, tmp_path):
     assert path.read_bytes() == PAYLOAD and path == cache_path(url, tmp_path)
     meta = json.loads(path.with_name(path.name + ".json").read_text())
     assert meta["sha256"] == SHA and meta["size"] == len(PAYLOAD)
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted([path.name, path.name + ".json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.name + ".json"])  # no lock left
     # Filled cache: no request reaches the server (it is shut down: any call would fail).
     server.__exit__(None, None, None)
     n = len(server.requests)
@@ -47,6 +48,7 @@ def test_interrupted_download_resumes_with_a_range_request(server, tmp_path):
     dest = cache_path(url, tmp_path)
     part = dest.with_name(dest.name + ".part")
     assert not dest.exists() and 0 < part.stat().st_size < len(PAYLOAD)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [part.name]  # the failed download left no lock
     have = part.stat().st_size
     assert fetch(url, cache_dir=tmp_path, quiet=True).read_bytes() == PAYLOAD
     assert server.requests[-1] == ("/ijepa/w.pth.tar", f"bytes={have}-")
@@ -67,7 +69,7 @@ def test_corrupt_copy_from_the_server_never_gets_the_final_name(server, tmp_path
     server.corrupt["/ijepa/w.pth.tar"] = True
     with pytest.raises(DownloadError, match="sha256 mismatch"):
         fetch(url, cache_dir=tmp_path, sha256=SHA, quiet=True)
-    assert [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []  # no final name, no partial
+    assert list(tmp_path.iterdir()) == []  # no final name, no partial, no lock
     server.corrupt.clear()
     assert fetch(url, cache_dir=tmp_path, sha256=SHA, quiet=True).read_bytes() == PAYLOAD
 
@@ -95,27 +97,42 @@ def test_checksum_mismatch_against_the_pinned_sha_is_refused(server, tmp_path):
     assert fetch(url, cache_dir=tmp_path, sha256=str(sums), quiet=True).read_bytes() == changed
 
 
+def test_a_mistyped_sha256_keeps_a_good_cached_file(server, tmp_path, capsys):
+    url = server.url("/ijepa/w.pth.tar")
+    path = fetch(url, cache_dir=tmp_path, quiet=True)  # pins SHA
+    typo = SHA[:-1] + ("0" if SHA[-1] != "0" else "1")
+    assert download_command.main([url, "--cache-dir", str(tmp_path), "--sha256", typo, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: sha256 mismatch") and typo in err, err
+    assert "check the sha256 you gave" in err
+    assert path.read_bytes() == PAYLOAD and len(server.requests) == 1  # kept, and nothing downloaded
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.name + ".json"])
+    assert download_command.main([url, "--cache-dir", str(tmp_path), "--sha256", SHA, "--quiet"]) == 0
+    assert len(server.requests) == 1
+
+
 def test_registry_names_resolve_through_a_mirror(server, tmp_path, monkeypatch, capsys):
     release = find_release("facebook/ijepa_vith14_1k")
     assert release is find_release("vit_huge_14_224_in1k") and release.evaluated == "target_encoder"
     server.files[f"/ijepa/{release.file}"] = PAYLOAD
-    monkeypatch.setenv(download.MIRROR_ENV_VAR, server.url("/ijepa"))
-    monkeypatch.setenv(download.CACHE_ENV_VAR, str(tmp_path))
-    assert download.main(["ijepa_vith14_1k"]) == 0
+    monkeypatch.setenv(registry.MIRROR_ENV_VAR, server.url("/ijepa"))
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path))
+    assert download_command.main(["ijepa_vith14_1k"]) == 0
     out, err = capsys.readouterr()
     assert open(out.strip(), "rb").read() == PAYLOAD
     assert "MB/s" in err and "100%" in err  # the progress line
-    assert download.main(["--list"]) == 0
+    assert download_command.main(["--list"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:2] == ["name", "arch"] and len(table) == 5
-    assert download.main(["not-a-model"]) == 2
+    assert download_command.main(["not-a-model"]) == 2
     assert "download --list" in capsys.readouterr().err
 
 
 def test_offline_url_is_one_line_about_the_network(tmp_path, capsys):
-    assert download.main(["https://nonexistent.invalid/x.pth.tar", "--cache-dir", str(tmp_path)]) == 2
+    assert download_command.main(["https://nonexistent.invalid/x.pth.tar", "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no network or DNS" in err
+    assert list(tmp_path.iterdir()) == []  # no lock file left behind
     with pytest.raises(DownloadError, match="no network or DNS"):
         load_checkpoint("https://nonexistent.invalid/x.pth.tar", cache_dir=tmp_path)
 
@@ -150,7 +167,7 @@ def test_eval_checkpoint_accepts_a_registry_name(server, tmp_path, monkeypatch):
 
     release = find_release("ijepa_vitg16_22k")
     server.files[f"/ijepa/{release.file}"] = PAYLOAD
-    monkeypatch.setenv(download.MIRROR_ENV_VAR, server.url("/ijepa"))
-    monkeypatch.setenv(download.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.setenv(registry.MIRROR_ENV_VAR, server.url("/ijepa"))
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path))
     path = resolve_checkpoint("ijepa_vitg16_22k")
     assert path.parent == tmp_path and path.read_bytes() == PAYLOAD

@@ -226,7 +226,7 @@ def test_eval_builds_the_energy_encoder_from_the_saved_config_and_vit_formats_re
         pooled_features(loaded, images, pool="last4")
     with pytest.raises(UserError, match="energy-transformer weights .* `ijepa-scale eval"):
         load_encoder(str(path))
-    from ijepa_scale.weights.hf import export_main
+    from ijepa_scale.commands.export import main as export_main
 
     assert export_main([str(path), str(tmp_path / "hf"), "--format", "hf"]) == 2
     assert not (tmp_path / "hf").exists()

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from ijepa_scale.weights.hf import export_main, hf_to_official, official_to_hf, read_hf
+from ijepa_scale.commands.export import main as export_main
 from ijepa_scale.models import build_encoder, build_predictor
-from ijepa_scale.weights.load import load_checkpoint, load_encoder, load_pretrained
+from ijepa_scale.weights import load_checkpoint, load_encoder, load_pretrained
+from ijepa_scale.weights.hf import hf_to_official, official_to_hf, read_hf
 from tests.unit.test_pretrained import official_checkpoint, perturb_
 
 transformers = pytest.importorskip("transformers")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ijepa_scale.errors import UserError
-from ijepa_scale.weights.hf import export_main
+from ijepa_scale.commands.export import main as export_main
 from tests.unit.test_trainer import make_trainer
 
 

@@ -1,4 +1,4 @@
-"""Tests for ijepa_scale.weights.load using tiny checkpoints in the official format."""
+"""Tests for ijepa_scale.weights (loading, official format) using tiny checkpoints in the official format."""
 
 from __future__ import annotations
 
@@ -11,14 +11,8 @@ import pytest
 import torch
 
 from ijepa_scale.models import build_encoder, build_predictor
-from ijepa_scale.weights.load import (
-    infer_encoder_config,
-    infer_predictor_config,
-    load_checkpoint,
-    load_encoder,
-    load_predictor,
-    strip_prefixes,
-)
+from ijepa_scale.weights import load_checkpoint, load_encoder, load_predictor
+from ijepa_scale.weights.official import infer_encoder_config, infer_predictor_config, strip_prefixes
 
 
 def with_prefix(state_dict, prefix):
@@ -154,7 +148,7 @@ def test_file_url_goes_through_cache_and_checks_sha256(models, ckpt_path, tmp_pa
     good = hashlib.sha256(ckpt_path.read_bytes()).hexdigest()
 
     loaded = load_encoder(url, cache_dir=cache, sha256=good)
-    cached = [p for p in cache.iterdir() if p.suffix not in (".json", ".lock")]
+    cached = [p for p in cache.iterdir() if p.suffix != ".json"]
     assert len(cached) == 1 and cached[0].name.endswith("jepa-latest.pth.tar")
     assert cached[0].read_bytes() == ckpt_path.read_bytes()
     with torch.no_grad():
@@ -169,7 +163,7 @@ def test_file_url_goes_through_cache_and_checks_sha256(models, ckpt_path, tmp_pa
     other_cache = tmp_path / "cache2"
     with pytest.raises(ValueError, match=f"expected {bad}, got {good}"):
         load_checkpoint(url, cache_dir=other_cache, sha256=bad)
-    assert [p for p in other_cache.iterdir() if not p.name.endswith(".lock")] == []  # bad download deleted, no temp files left
+    assert list(other_cache.iterdir()) == []  # bad download deleted, no temp or lock files left
 
     # A corrupted cache entry is replaced when a checksum is given.
     cached[0].write_bytes(b"garbage")
@@ -180,7 +174,7 @@ def test_file_url_goes_through_cache_and_checks_sha256(models, ckpt_path, tmp_pa
 def test_default_cache_dir_from_env(ckpt_path, tmp_path, monkeypatch):
     monkeypatch.setenv("IJEPA_SCALE_CACHE", str(tmp_path / "envcache"))
     load_checkpoint(ckpt_path.resolve().as_uri())
-    assert len([p for p in (tmp_path / "envcache").iterdir() if p.suffix not in (".json", ".lock")]) == 1
+    assert len([p for p in (tmp_path / "envcache").iterdir() if p.suffix != ".json"]) == 1
 
 
 def test_local_sha256_mismatch_keeps_the_file(ckpt_path):
@@ -256,3 +250,16 @@ def test_non_table_width_needs_num_heads(tmp_path, inputs):
     assert load_predictor(path, num_heads=4).num_heads == 4
     with torch.no_grad():
         assert torch.equal(loaded(inputs[0]), enc(inputs[0]))
+
+
+def test_the_old_module_name_still_loads_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    import ijepa_scale.weights as weights
+
+    sys.modules.pop("ijepa_scale.pretrained", None)
+    with pytest.warns(DeprecationWarning, match="ijepa_scale.weights"):
+        pretrained = importlib.import_module("ijepa_scale.pretrained")
+    for name in ("load_encoder", "load_predictor", "load_pretrained", "load_checkpoint", "fetch"):
+        assert getattr(pretrained, name) is getattr(weights, name)

@@ -100,7 +100,7 @@ def test_weights_doors_refuse_a_file_that_runs_code(tmp_path, marker):
 
 
 def test_export_refuses_a_file_that_runs_code(tmp_path, marker, capsys):
-    from ijepa_scale.weights.hf import export_main
+    from ijepa_scale.commands.export import main as export_main
 
     path = evil_checkpoint(tmp_path / "x.pth.tar", marker)
     for fmt, out in (("hf", tmp_path / "hf"), ("official", tmp_path / "o.pth.tar")):

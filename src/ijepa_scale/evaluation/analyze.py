@@ -89,20 +89,20 @@ def convnext_backbone(config) -> str | None:
 
 
 def load_encoder(checkpoint: Path, key: str, device: torch.device, need_vit: bool = False):
-    """(frozen encoder, image size, describe_checkpoint's info) of ``key``, built by `eval`'s loader;
-    ``need_vit`` refuses a non-ViT (a saccade ConvNeXt, the energy transformer) with one line."""
+    """(frozen encoder, image size, describe_checkpoint's info) of ``key``, built by `eval`'s loader from one
+    read of the file; ``need_vit`` refuses a non-ViT (a saccade ConvNeXt, the energy transformer) with one line."""
     from ..models.vision_transformer import VisionTransformer
-    from .evaluate import build_eval_encoder, describe_checkpoint
+    from .evaluate import build_eval_encoder, describe_checkpoint, read_checkpoint
 
-    info = describe_checkpoint(checkpoint, key)
-    backbone = convnext_backbone(info["config"])
-    if need_vit and backbone is not None:
-        raise UserError(f"--checkpoint {checkpoint}: its {key} is a ConvNeXt (saccade.backbone={backbone}), which has "
-                        f"no attention maps; `analyze attention` needs a ViT encoder (corrdim and umap work here)")
-    encoder, size = build_eval_encoder(checkpoint, key)
+    state = read_checkpoint(checkpoint)
+    info = describe_checkpoint(checkpoint, key, state)
+    encoder, size = build_eval_encoder(checkpoint, key, state=state)
     if need_vit and not isinstance(encoder, VisionTransformer):
-        raise UserError(f"--checkpoint {checkpoint}: its {key} is a {type(encoder).__name__}, not a ViT; "
-                        f"`analyze attention` needs a ViT encoder (corrdim and umap work here)")
+        backbone = convnext_backbone(info["config"])
+        what = (f"a ConvNeXt (saccade.backbone={backbone}), which has no attention maps" if backbone
+                else f"a {type(encoder).__name__}, not a ViT")
+        raise UserError(f"--checkpoint {checkpoint}: its {key} is {what}; `analyze attention` needs a ViT encoder "
+                        f"(corrdim and umap work here)")
     return encoder.to(device), size, info
 
 
@@ -334,9 +334,9 @@ def run_umap(args) -> tuple[list[Path], str]:
 # ------------------------------------------------------------------------------------------- gates
 def load_gated(checkpoint: Path, device: torch.device):
     """(student GatedViT, predictor, teacher, image size) of a Gated I-JEPA checkpoint, all in eval mode."""
-    from .evaluate import _read, build_eval_encoder, gated_networks
+    from .evaluate import build_eval_encoder, gated_networks, read_checkpoint
 
-    state = _read(checkpoint, mmap=False)
+    state = read_checkpoint(checkpoint)
     config = state.get("config") if isinstance(state, dict) else None
     objective = saved_objective(config) if isinstance(config, dict) else None
     if objective != "gated":
@@ -348,7 +348,7 @@ def load_gated(checkpoint: Path, device: torch.device):
         raise UserError(f"--checkpoint {checkpoint}: a gated checkpoint without {', '.join(missing)} weights; "
                         f"pass a training checkpoint (jepa-latest.pth.tar or a run folder)")
     networks, _ = gated_networks(state)
-    teacher, size = build_eval_encoder(checkpoint, "target_encoder")
+    teacher, size = build_eval_encoder(checkpoint, "target_encoder", state=state)
     modules = [networks["student"], networks["predictor"], teacher]
     for module in modules:
         module.eval().requires_grad_(False).to(device)

@@ -90,11 +90,11 @@ def evaluate(encoder: torch.nn.Module, train_source, val_source, methods=("knn",
 def resolve_checkpoint(source: str) -> Path:
     """A local checkpoint file: the file itself, a run folder's `*-latest.pth.tar`, or a downloaded URL
     (a registry name such as `ijepa_vith14_1k` is its URL)."""
-    from ..weights.download import resolve_source
-    from ..weights.load import _is_url, fetch
+    from ..weights import fetch
+    from ..weights.registry import is_url, resolve_source
 
     source = resolve_source(source)
-    if _is_url(source):
+    if is_url(source):
         return Path(fetch(source))
     from ..checkpoint.files import is_dcp_checkpoint, run_folder_latest
 
@@ -113,8 +113,10 @@ def resolve_checkpoint(source: str) -> Path:
     return path
 
 
-def _read(path: Path, mmap: bool) -> dict:
-    from ..weights.load import load_checkpoint
+def read_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """The checkpoint dict at `path` (a file or a `.dcp` folder), read as data only; a file that cannot be
+    read is one line (UserError)."""
+    from ..weights import load_checkpoint
 
     try:
         if path.is_dir():
@@ -131,9 +133,11 @@ def _read(path: Path, mmap: bool) -> dict:
         raise UserError(f"--checkpoint {path}: cannot load it ({type(exc).__name__}: {first})") from None
 
 
-def describe_checkpoint(path: Path, key: str) -> dict:
-    """Cheap look (memory-mapped) at a checkpoint: checks `key` exists; returns step and crop size if known."""
-    state = _read(path, mmap=True)
+def describe_checkpoint(path: Path, key: str, state: Optional[dict] = None) -> dict:
+    """Checks that the checkpoint at `path` has `key`; returns its step and config (None if it has none).
+    A cheap (memory-mapped) look, unless the caller has read it already (`state`)."""
+    if state is None:
+        state = read_checkpoint(path, mmap=True)
     if not isinstance(state, dict):
         raise UserError(f"--checkpoint {path}: not a checkpoint dict")
     if key in GATED_KEYS:
@@ -152,16 +156,21 @@ def describe_checkpoint(path: Path, key: str) -> dict:
     return {"step": "" if step is None else step, "config": state.get("config")}
 
 
-def build_eval_encoder(path: Path, key: str, random_init: bool = False, seed: int = 0) -> tuple[torch.nn.Module, int]:
-    """The frozen encoder (eval mode) and the image size it expects.
+def build_eval_encoder(path: Path, key: str, random_init: bool = False, seed: int = 0,
+                       state: Optional[dict] = None) -> tuple[torch.nn.Module, int]:
+    """The frozen encoder (eval mode) of `key` and the image size it expects: the one way `eval` and `analyze`
+    build a network from a checkpoint.
 
-    Our checkpoints carry their config, which gives the architecture; an official checkpoint's
-    architecture is inferred from the weights. `random_init` keeps the architecture, not the weights.
+    Our checkpoints carry their config, which gives the architecture (ViT, energy transformer, ConvNeXt;
+    `gated`/`all_open` give a Gated I-JEPA run's student and predictor); an official or Hugging Face
+    checkpoint's ViT is inferred from the weights (:mod:`ijepa_scale.weights`). `random_init` keeps the
+    architecture, not the weights. `state`: the checkpoint at `path`, if the caller has read it already.
     """
-    from ..models.vision_transformer import VisionTransformer
-    from ..weights.load import infer_encoder_config, load_encoder, strip_prefixes
+    from ..weights.load import encoder_for, load_encoder
+    from ..weights.official import strip_prefixes
 
-    state = _read(path, mmap=False)
+    if state is None:
+        state = read_checkpoint(path)
     config = state.get("config")
     if key in GATED_KEYS:
         return _gated_features(state, key, random_init)
@@ -178,11 +187,7 @@ def build_eval_encoder(path: Path, key: str, random_init: bool = False, seed: in
         if not random_init:
             encoder.load_state_dict(weights)
     elif random_init:
-        arch = infer_encoder_config(weights)
-        encoder = VisionTransformer(img_size=arch["img_size"], patch_size=arch["patch_size"],
-                                    in_chans=weights["patch_embed.proj.weight"].shape[1],
-                                    embed_dim=arch["embed_dim"], depth=arch["depth"], num_heads=arch["num_heads"],
-                                    mlp_ratio=arch["mlp_ratio"], qkv_bias="blocks.0.attn.qkv.bias" in weights)
+        encoder = encoder_for(weights)
     else:
         encoder = load_encoder(state, key=key)
     for p in encoder.parameters():
@@ -195,7 +200,7 @@ def gated_networks(state: dict, load_weights: bool = True) -> tuple[dict, int]:
     gated settings this version does not know are ignored."""
     from ..objectives import evaluated_network
     from ..objectives.gated import GatedConfig, GatedObjective
-    from ..weights.load import strip_prefixes
+    from ..weights.official import strip_prefixes
 
     config = state["config"]
     encoder, size = evaluated_network(config)
@@ -223,8 +228,9 @@ def _gated_features(state: dict, mode: str, random_init: bool) -> tuple[torch.nn
 def run_evaluation(checkpoint: Path, key: str, methods, train_source, val_source, *, pool: str,
                    random_init: bool, crop_size: Optional[int], batch_size: int, num_workers: int,
                    device: torch.device, rank: int, world_size: int) -> list[dict]:
-    info = describe_checkpoint(checkpoint, key)
-    encoder, img_size = build_eval_encoder(checkpoint, key, random_init=random_init)
+    state = read_checkpoint(checkpoint)
+    info = describe_checkpoint(checkpoint, key, state)
+    encoder, img_size = build_eval_encoder(checkpoint, key, random_init=random_init, state=state)
     encoder.to(device)
     if rank == 0:
         logger.info("evaluating %s%s of %s (step %s), pool %s, %d train / %d val images",

@@ -992,7 +992,8 @@ class Trainer:
     def init_from(self, source: str, with_optimizer: bool = False) -> None:
         """Take weights (and optionally the optimizer state) from `source`; step, schedules and data
         position stay at zero. Rank 0 fetches first, so a URL is downloaded once into the cache."""
-        from ..weights.load import fetch, load_checkpoint, strip_prefixes
+        from ..weights.load import fetch, load_checkpoint
+        from ..weights.official import strip_prefixes
 
         where = f"meta.init_from={source}"
 

@@ -1,11 +1,9 @@
-"""Released-checkpoint registry and a verified, resumable download cache.
-
-`ijepa-scale download NAME|URL [--cache-dir DIR] [--sha256 HEX|FILE]`, `ijepa-scale download --list`.
+"""A verified, resumable download cache for checkpoints (registry names, URLs).
 
 Cache layout (``$IJEPA_SCALE_CACHE``, else ``~/.cache/ijepa_scale``), per URL:
 - ``{tag}-{name}``: the complete, verified file (``tag`` = a hash of the URL);
 - ``{tag}-{name}.part``: an unfinished download, continued with an HTTP Range request;
-- ``.{tag}-{name}.lock``: taken while one process fetches or verifies the file;
+- ``.{tag}-{name}.lock``: exists while one process fetches or verifies the file;
 - ``{tag}-{name}.json``: URL, size and sha256. No checksums are published upstream, so the first
   complete download pins them (unless the user pinned one); every later use re-hashes the file
   and a mismatch is fetched again, never used.
@@ -14,7 +12,6 @@ A file only gets its final name after it is complete and verified.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -26,78 +23,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError, one_line
 from ..fileutil import atomic_write
+from .registry import is_url, resolve_source
 
 CACHE_ENV_VAR = "IJEPA_SCALE_CACHE"
-MIRROR_ENV_VAR = "IJEPA_SCALE_MIRROR"
-OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/ijepa"
 _CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class Release:
-    name: str  # as the Hugging Face hub names the same weights (facebook/NAME)
-    file: str
-    arch: str
-    patch: int
-    resolution: int
-    data: str
-    epochs: int
-    aliases: tuple = ()
-    evaluated: str = "target_encoder"  # the paper evaluates the target encoder, average-pooled
-
-    @property
-    def url(self) -> str:
-        base = os.environ.get(MIRROR_ENV_VAR) or OFFICIAL_BASE_URL
-        return f"{base.rstrip('/')}/{self.file}"
-
-
-# The IN-22K file names say 900e/600e while their configs train 66/44 epochs; the epochs here are
-# the configs'. HF's ports of these files were converted from the context encoder ("encoder").
-RELEASES = (
-    Release("ijepa_vith14_1k", "IN1K-vit.h.14-300e.pth.tar", "vit_huge", 14, 224, "ImageNet-1K", 300,
-            aliases=("vit_huge_14_224_in1k",)),
-    Release("ijepa_vith16_1k", "IN1K-vit.h.16-448px-300e.pth.tar", "vit_huge", 16, 448, "ImageNet-1K", 300,
-            aliases=("vit_huge_16_448_in1k",)),
-    Release("ijepa_vith14_22k", "IN22K-vit.h.14-900e.pth.tar", "vit_huge", 14, 224, "ImageNet-22K", 66,
-            aliases=("vit_huge_14_224_in22k",)),
-    Release("ijepa_vitg16_22k", "IN22K-vit.g.16-600e.pth.tar", "vit_giant", 16, 224, "ImageNet-22K", 44,
-            aliases=("vit_giant_16_224_in22k",)),
-)
-
-
-def find_release(name: str) -> Optional[Release]:
-    key = name.strip().lower().removeprefix("facebook/")
-    return next((r for r in RELEASES if key == r.name or key in r.aliases), None)
-
-
-def registry_table() -> str:
-    header = ("name", "arch", "patch", "res", "data", "epochs", "paper evaluates", "url")
-    rows = [(r.name, r.arch, str(r.patch), str(r.resolution), r.data, str(r.epochs), r.evaluated, r.url)
-            for r in RELEASES]
-    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header] + rows]
-    return "\n".join(lines)
 
 
 def default_cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV_VAR)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ijepa_scale"
-
-
-def is_url(source: str) -> bool:
-    return "://" in source
-
-
-def resolve_source(source: str) -> str:
-    """A registry name becomes its URL; anything else is returned as given."""
-    release = find_release(source) if not is_url(source) and not os.path.exists(source) else None
-    return release.url if release else source
 
 
 def sha256_of(path: Path) -> str:
@@ -263,7 +202,7 @@ def _fsspec_download(url: str, part: Path, label: str, quiet: bool) -> None:
             progress.close()
 
 
-def _read_meta(path: Path) -> dict:
+def read_meta(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -275,8 +214,10 @@ def fetch(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
     """A local path for `source` (registry name, URL or path), downloading URLs into the cache.
 
     Local paths are used in place (a sha256 mismatch raises, nothing is deleted). A cached file is
-    re-hashed on every use against the pinned sha256 (given, or recorded by its first download);
-    a mismatch is fetched again. With a filled, verified cache no network call is made.
+    re-hashed on every use against the pinned sha256 (given, or recorded by its first download): a
+    copy that is damaged (matching neither) is fetched again, while a given sha256 that a copy matching
+    its recorded one does not match is an error and the copy is kept. With a filled, verified cache no
+    network call is made.
     """
     source_str = resolve_source(os.fspath(source))
     expected = expected_sha256(sha256, source_str)
@@ -296,25 +237,29 @@ def fetch(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
     dest = cache_path(source_str, cache)
     meta_path = dest.with_name(dest.name + ".json")
     part = dest.with_name(dest.name + ".part")
-    meta = _read_meta(meta_path)
-    pinned = expected or meta.get("sha256")
-    if expected and meta.get("sha256") and meta["sha256"] != expected:
-        print(f"note: the sha256 you gave differs from the one pinned for {dest.name}; using yours",
-              file=sys.stderr)
-
     # Two processes fetching the same URL (two jobs, or ranks of a node without init ordering)
     # take turns; the second finds the verified file and downloads nothing.
     with _locked(dest.with_name(f".{dest.name}.lock")):
-        pinned = expected or _read_meta(meta_path).get("sha256")  # another process may have pinned it meanwhile
+        recorded = read_meta(meta_path).get("sha256")  # read under the lock: another process may have pinned it
+        pinned = expected or recorded
         if dest.is_file():
             actual = sha256_of(dest)
             if pinned is None or actual == pinned:
                 if pinned is None:
                     _write_meta(meta_path, source_str, dest.stat().st_size, actual)
                 return dest
+            if actual == recorded:
+                # The cached file still matches its own pin, so the given sha256 is the odd one out: the
+                # cache is kept and nothing is downloaded.
+                raise DownloadError(f"sha256 mismatch for {source_str}: you gave {expected}, but the cached {dest} "
+                                    f"verifies against the sha256 pinned by its first download ({recorded}); check "
+                                    f"the sha256 you gave, or if the file changed upstream on purpose, delete {dest} "
+                                    f"and {meta_path.name}")
             print(f"warning: cached {dest} fails its sha256 check (pinned {pinned}, found {actual}); downloading "
                   f"it again", file=sys.stderr)
-            dest.unlink()
+        elif expected and recorded and recorded != expected:
+            print(f"note: the sha256 you gave differs from the one pinned for {dest.name}; using yours",
+                  file=sys.stderr)
 
         label = os.path.basename(dest.name.split("-", 1)[-1])
         if source_str.startswith(("http://", "https://")):
@@ -331,59 +276,40 @@ def fetch(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                        f"changed upstream on purpose, delete {meta_path}")
             raise DownloadError(f"sha256 mismatch for {source_str}: expected {pinned}, got {actual}; the download was "
                                 f"deleted; {fix}")
-        os.replace(part, dest)
+        os.replace(part, dest)  # also replaces a cached copy that failed its check, only now that this one passed
         _write_meta(meta_path, source_str, dest.stat().st_size, actual)
         return dest
 
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    try:
-        handle = open(path, "a")
-    except OSError:  # a read-only shared cache: nothing can be written there anyway
-        yield
-        return
-    with handle:
+    """Hold an exclusive lock on `path`, created for the purpose and removed on the way out.
+
+    The holder removes the file while still locking it, so a waiter may end up locking a removed
+    file: it checks that the path still names what it locked, and otherwise tries again.
+    """
+    while True:
+        try:
+            handle = open(path, "a")
+        except OSError:  # a read-only shared cache: nothing can be written there anyway
+            yield
+            return
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if os.path.samestat(os.stat(path), os.fstat(handle.fileno())):
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        handle.close()  # closing releases the lock
 
 
 def _write_meta(path: Path, url: str, size: int, digest: str) -> None:
     text = json.dumps({"url": url, "size": size, "sha256": digest, "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
                       indent=1)
     atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ijepa-scale download",
-        description="Download a released checkpoint (or any URL) into the verified cache and print its path.")
-    parser.add_argument("source", nargs="?", help="registry name (see --list) or URL")
-    parser.add_argument("--list", action="store_true", help="print the registry of released checkpoints")
-    parser.add_argument("--cache-dir", default=None,
-                        help=f"cache folder (default ${CACHE_ENV_VAR}, else ~/.cache/ijepa_scale)")
-    parser.add_argument("--sha256", default=None, help="expected sha256: hex digest or a 'HEX  NAME' file")
-    parser.add_argument("--quiet", action="store_true", help="no progress line")
-    args = parser.parse_args(argv)
-    if args.list:
-        print(registry_table())
-        return 0
-    if not args.source:
-        parser.error("give a registry name or URL (or --list)")
-    if not is_url(args.source) and find_release(args.source) is None:
-        print(f"error: {args.source!r} is neither a URL nor a registry name; `ijepa-scale download --list` shows "
-              f"the names", file=sys.stderr)
-        return 2
-    try:
-        path = fetch(args.source, cache_dir=args.cache_dir, sha256=args.sha256, quiet=args.quiet)
-    except UserError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    meta = _read_meta(path.with_name(path.name + ".json"))
-    print(path)
-    if meta.get("sha256"):
-        print(f"sha256 {meta['sha256']}  size {meta.get('size')} bytes", file=sys.stderr)
-    return 0

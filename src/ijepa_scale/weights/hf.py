@@ -1,4 +1,4 @@
-"""Hugging Face I-JEPA interop: read `IJepaModel` weights, write them, and write official files.
+"""The Hugging Face I-JEPA format (transformers' `IJepaModel`): key mapping both ways, config.json, read and write.
 
 Hugging Face holds the encoder only (no predictor), with q/k/v as three Linears. Reading maps the
 names back to the official ones and fuses q/k/v into ``attn.qkv`` (q, k, v order, as the official
@@ -18,7 +18,7 @@ import os
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 
@@ -177,88 +177,3 @@ def write_hf(state_dict: Mapping[str, torch.Tensor], out_dir: str | os.PathLike,
     atomic_write(out / HF_WEIGHTS, lambda f: f.write(save(tensors, metadata={"format": "pt"})))
     atomic_write(out / HF_CONFIG, lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()))
     return out
-
-
-OFFICIAL_KEYS = ("encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss", "batch_size",
-                 "world_size", "lr")
-
-
-def to_official(checkpoint: Mapping[str, Any]) -> dict:
-    """The official single-file layout (section 5 of the format): the three networks with `module.`
-    prefixes plus the official bookkeeping keys that exist; ijepa-scale's extra keys are dropped."""
-    from .load import strip_prefixes
-
-    out: dict[str, Any] = {}
-    for key in ("encoder", "predictor", "target_encoder"):
-        if isinstance(checkpoint.get(key), Mapping):
-            out[key] = {f"module.{k}": v for k, v in strip_prefixes(checkpoint[key]).items()}
-    if not out:
-        raise UserError("the source holds no encoder/predictor/target_encoder weights")
-    for key in OFFICIAL_KEYS[3:]:
-        out[key] = checkpoint.get(key)
-    return out
-
-
-def export_main(argv=None) -> int:
-    import argparse
-    import sys
-
-    from ..errors import one_line
-    from .load import load_checkpoint
-
-    parser = argparse.ArgumentParser(
-        prog="ijepa-scale export",
-        description="Write a checkpoint (registry name, URL, official .pth.tar, our checkpoint or run folder, "
-                    "Hugging Face directory/.safetensors) as a Hugging Face IJepaModel directory or as the "
-                    "official single-file .pth.tar.")
-    parser.add_argument("source")
-    parser.add_argument("out", help="output folder (--format hf) or file (--format official)")
-    parser.add_argument("--format", choices=("hf", "official"), required=True)
-    parser.add_argument("--key", choices=("target_encoder", "encoder"), default="target_encoder",
-                        help="--format hf: which encoder (default target_encoder, what the paper evaluates; the "
-                             "published facebook/ijepa_* ports hold 'encoder')")
-    parser.add_argument("--num-heads", type=int, default=None, help="only for widths outside the official table")
-    args = parser.parse_args(argv)
-    try:
-        # Also reads Hugging Face folders, sharded (.dcp) folders and run folders of either kind.
-        checkpoint = load_checkpoint(args.source)
-        if args.format == "hf":
-            from .load import _select_state_dict, infer_encoder_config, refuse_energy_weights, strip_prefixes
-
-            state = _select_state_dict(checkpoint, args.key, "patch_embed.proj.weight")
-            refuse_energy_weights(strip_prefixes(state))
-            heads = args.num_heads or num_heads_of(checkpoint) or infer_encoder_config(state)["num_heads"]
-            out = write_hf(state, args.out, heads)
-            print(f"wrote {out} ({args.key if not isinstance(checkpoint, HFStateDict) else 'encoder'}, "
-                  f"{heads} heads); load it with transformers.IJepaModel.from_pretrained({str(out)!r})")
-        else:
-            if isinstance(checkpoint, HFStateDict):
-                checkpoint = {"encoder": checkpoint}
-            from .load import refuse_energy_weights, strip_prefixes
-
-            for key in ("encoder", "target_encoder"):
-                if isinstance(checkpoint.get(key), Mapping):
-                    refuse_energy_weights(strip_prefixes(checkpoint[key]))  # the official code reads ViTs only
-            official = to_official(checkpoint)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(args.out, lambda f: torch.save(official, f))
-            nets = [k for k in ("encoder", "predictor", "target_encoder") if k in official]
-            print(f"wrote {args.out} (official format: {', '.join(nets)} with module. prefixes)")
-    except (UserError, FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def num_heads_of(checkpoint: Mapping[str, Any]) -> Optional[int]:
-    """The head count a checkpoint records (HF config or our config), if any."""
-    if isinstance(checkpoint, HFStateDict):
-        return checkpoint.config.get("num_attention_heads")
-    meta = (checkpoint.get("config") or {}).get("meta") if isinstance(checkpoint.get("config"), Mapping) else None
-    if isinstance(meta, Mapping):
-        if meta.get("num_heads"):
-            return int(meta["num_heads"])
-        from ..models.vision_transformer import VIT_SIZES
-
-        return VIT_SIZES.get(meta.get("model_name"), {}).get("num_heads")
-    return None

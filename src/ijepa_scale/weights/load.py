@@ -1,58 +1,29 @@
-"""Load official (and ijepa-scale) I-JEPA checkpoints into :mod:`ijepa_scale.models`.
+"""Load checkpoints (official, ijepa-scale, Hugging Face; local, URL or registry name) into
+:mod:`ijepa_scale.models`, with the architecture inferred from the weights, so no config file is needed::
 
-The released files (``https://dl.fbaipublicfiles.com/ijepa/*.pth.tar``) are full training
-checkpoints: a dict with ``encoder``, ``predictor`` and ``target_encoder`` state dicts (keys
-prefixed with DDP's ``module.``) plus optimizer state. The architecture is inferred from the
-weights, so no config file is needed::
+    from ijepa_scale.weights import load_encoder
+    enc = load_encoder("ijepa_vith14_1k")
 
-    from ijepa_scale.weights.load import load_encoder
-    enc = load_encoder("https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar")
-
-``target_encoder`` (the EMA encoder, what the paper evaluates) is the default; pass
-``key="encoder"`` for the context encoder. To take both encoders and the predictor from one
-large file without reading it several times, call :func:`load_checkpoint` once and pass the
-resulting dict as ``source``.
+``target_encoder`` (the EMA encoder, what the paper evaluates) is the default; pass ``key="encoder"``
+for the context encoder. To take both encoders and the predictor from one large file without reading
+it several times, call :func:`load_checkpoint` once and pass the resulting dict as ``source``.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import os
-from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from .download import CACHE_ENV_VAR, RELEASES, default_cache_dir, is_url  # noqa: F401 (re-exported)
-from .download import fetch as _download_fetch
 from ..checkpoint import safe_load
-from ..errors import UserError
-from .hf import HFStateDict, num_heads_of
-from ..models.vision_transformer import (
-    VIT_SIZES,
-    VisionTransformer,
-    VisionTransformerPredictor,
-)
-
-logger = logging.getLogger(__name__)
-
-_STRIPPABLE_PREFIXES = ("module.", "backbone.", "_orig_mod.")
-
-# Kept for existing callers: name -> URL of each released checkpoint (see ijepa_scale.weights.download).
-OFFICIAL_CHECKPOINT_URLS = {alias: r.url for r in RELEASES for alias in (r.name,) + r.aliases}
-
-
-def _is_url(source: str) -> bool:
-    return is_url(source)
-
-
-def fetch(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-          sha256: str | None = None) -> Path:
-    """A local path for a registry name, URL or path (see :func:`ijepa_scale.weights.download.fetch`)."""
-    return _download_fetch(source, cache_dir=cache_dir, sha256=sha256)
+from ..models.vision_transformer import VIT_SIZES, VisionTransformer, VisionTransformerPredictor
+from .download import fetch
+from .hf import HFStateDict, is_hf_source, read_hf
+from .official import infer_encoder_config, infer_predictor_config, select_state_dict
+from .registry import is_url
 
 
 def load_checkpoint(
@@ -61,18 +32,19 @@ def load_checkpoint(
     cache_dir: str | os.PathLike | None = None,
     sha256: str | None = None,
 ) -> dict:
-    """Read a checkpoint from a local path or URL (see :func:`fetch` for caching); a sharded
-    checkpoint folder (`*.dcp`, from distributed.parallel=fsdp) is consolidated into the single-file layout.
+    """Read a checkpoint from a local path, URL or registry name (see :func:`~ijepa_scale.weights.download.fetch`
+    for caching); a sharded checkpoint folder (`*.dcp`, from distributed.parallel=fsdp) is consolidated into the
+    single-file layout, a run folder gives its latest checkpoint, a Hugging Face folder or .safetensors file
+    its encoder (an :class:`~ijepa_scale.weights.hf.HFStateDict`).
 
     Files are read as tensors and plain Python values only (:mod:`ijepa_scale.checkpoint.safe_load`), which
     is everything official and ijepa-scale checkpoints hold; a file whose pickle asks to run code
     is refused with :class:`~ijepa_scale.checkpoint.safe_load.UnsafeCheckpointError`, never unpickled fully.
     """
     from ..checkpoint.files import consolidate, is_dcp_checkpoint, run_folder_latest
-    from .hf import is_hf_source, read_hf
 
     local = Path(os.fspath(source)).expanduser()
-    if not _is_url(os.fspath(source)) and is_dcp_checkpoint(local):
+    if not is_url(os.fspath(source)) and is_dcp_checkpoint(local):
         return consolidate(local)  # a sharded (distributed.parallel=fsdp) checkpoint folder
     path = fetch(source, cache_dir=cache_dir, sha256=sha256)
     if is_hf_source(path):
@@ -89,166 +61,31 @@ def load_checkpoint(
     return safe_load.load(path, map_location=map_location)
 
 
-# --------------------------------------------------------------------------------------------
-# State-dict helpers
-# --------------------------------------------------------------------------------------------
-def strip_prefixes(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
-    """Drop leading ``module.`` / ``backbone.`` (and ``_orig_mod.`` from torch.compile).
-
-    Prefixes are removed repeatedly in any order, e.g. ``module.backbone.blocks.0...`` ->
-    ``blocks.0...``. Raises ValueError if two keys collapse to the same name.
-    """
-    out: OrderedDict[str, Any] = OrderedDict()
-    for key, value in state_dict.items():
-        name = key
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _STRIPPABLE_PREFIXES:
-                if name.startswith(prefix):
-                    name = name[len(prefix):]
-                    stripped = True
-        if name in out:
-            raise ValueError(f"keys collide after stripping prefixes: {key!r} -> {name!r}")
-        out[name] = value
-    return out
+def num_heads_of(checkpoint: Mapping[str, Any]) -> Optional[int]:
+    """The head count a checkpoint records (Hugging Face config or our config), if any."""
+    if isinstance(checkpoint, HFStateDict):
+        return checkpoint.config.get("num_attention_heads")
+    meta = (checkpoint.get("config") or {}).get("meta") if isinstance(checkpoint.get("config"), Mapping) else None
+    if isinstance(meta, Mapping):
+        if meta.get("num_heads"):
+            return int(meta["num_heads"])
+        return VIT_SIZES.get(meta.get("model_name"), {}).get("num_heads")
+    return None
 
 
-def _block_indices(state_dict: Mapping[str, Any], prefix: str) -> int:
-    indices = {int(k[len(prefix):].split(".", 1)[0]) for k in state_dict if k.startswith(prefix)}
-    if indices != set(range(len(indices))):
-        raise ValueError(f"non-contiguous block indices under {prefix!r}: {sorted(indices)}")
-    return len(indices)
-
-
-def _require(state_dict: Mapping[str, Any], key: str, what: str) -> torch.Tensor:
-    if key not in state_dict:
-        sample = ", ".join(list(state_dict)[:8])
-        raise ValueError(f"not a {what} state dict: missing {key!r} (keys start with: {sample})")
-    return state_dict[key]
-
-
-def _heads_for(embed_dim: int, depth: int | None, num_heads: int | None, what: str) -> int:
-    if num_heads is not None:
-        return num_heads
-    for cfg in VIT_SIZES.values():
-        if cfg["embed_dim"] == embed_dim and (depth is None or cfg["depth"] == depth):
-            return cfg["num_heads"]
-    for cfg in VIT_SIZES.values():
-        if cfg["embed_dim"] == embed_dim:
-            return cfg["num_heads"]
-    raise ValueError(
-        f"cannot infer num_heads for a {what} with embed_dim={embed_dim}: it is not in the "
-        f"official size table; pass num_heads= (--num-heads on the command line)"
+def encoder_for(state_dict: Mapping[str, Any], num_heads: int | None = None) -> VisionTransformer:
+    """A randomly initialised ViT encoder shaped like the prefix-free encoder weights ``state_dict``."""
+    cfg = infer_encoder_config(state_dict, num_heads=num_heads)
+    return VisionTransformer(
+        img_size=cfg["img_size"],
+        patch_size=cfg["patch_size"],
+        in_chans=state_dict["patch_embed.proj.weight"].shape[1],
+        embed_dim=cfg["embed_dim"],
+        depth=cfg["depth"],
+        num_heads=cfg["num_heads"],
+        mlp_ratio=cfg["mlp_ratio"],
+        qkv_bias="blocks.0.attn.qkv.bias" in state_dict or cfg["depth"] == 0,
     )
-
-
-def _mlp_ratio(hidden: int, dim: int) -> float:
-    # Blocks use int(dim * ratio); make sure that lands exactly on ``hidden``.
-    ratio = hidden / dim
-    if int(dim * ratio) != hidden:
-        ratio = (hidden + 0.5) / dim
-    return ratio
-
-
-def refuse_energy_weights(state_dict: Mapping[str, Any]) -> None:
-    """UserError for energy-transformer weights where only a ViT (official format, Hugging Face) can go."""
-    if any(k.startswith("block.") for k in state_dict):
-        raise UserError("these are energy-transformer weights (meta.model_name=energy_transformer), which the "
-                        "official and Hugging Face ViT formats cannot hold; evaluate the run's checkpoint itself "
-                        "with `ijepa-scale eval ... --checkpoint RUN`, which builds it from the saved config")
-
-
-def infer_encoder_config(state_dict: Mapping[str, Any], num_heads: int | None = None) -> dict:
-    """Infer the encoder architecture from its (possibly prefixed) state dict.
-
-    Returns ``dict(embed_dim, depth, num_heads, patch_size, img_size, mlp_ratio, model_name)``;
-    ``model_name`` is the official size name when width, depth and MLP size match one, else
-    None. The weights do not determine ``num_heads``: it comes from the argument if given,
-    else from the official table (by width and depth, then width alone).
-    """
-    sd = strip_prefixes(state_dict)
-    refuse_energy_weights(sd)
-    patch_w = _require(sd, "patch_embed.proj.weight", "ViT encoder")
-    embed_dim, _, patch_size, patch_w2 = patch_w.shape
-    if patch_size != patch_w2:
-        raise ValueError(f"non-square patches are not supported: {tuple(patch_w.shape)}")
-    depth = _block_indices(sd, "blocks.")
-    num_patches = _require(sd, "pos_embed", "ViT encoder").shape[1]
-    grid = math.isqrt(num_patches)
-    if grid * grid != num_patches:
-        raise ValueError(f"pos_embed has {num_patches} tokens, not a square grid")
-    hidden = _require(sd, "blocks.0.mlp.fc1.weight", "ViT encoder").shape[0] if depth else 0
-    model_name = next(
-        (
-            name
-            for name, cfg in VIT_SIZES.items()
-            if cfg["embed_dim"] == embed_dim
-            and cfg["depth"] == depth
-            and int(embed_dim * cfg["mlp_ratio"]) == hidden
-        ),
-        None,
-    )
-    mlp_ratio = VIT_SIZES[model_name]["mlp_ratio"] if model_name else _mlp_ratio(hidden, embed_dim)
-    heads = _heads_for(embed_dim, depth, num_heads, "ViT encoder")
-    if embed_dim % heads != 0:
-        raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {heads}")
-    return dict(
-        embed_dim=int(embed_dim),
-        depth=depth,
-        num_heads=int(heads),
-        patch_size=int(patch_size),
-        img_size=int(grid * patch_size),
-        mlp_ratio=mlp_ratio,
-        model_name=model_name,
-    )
-
-
-def infer_predictor_config(state_dict: Mapping[str, Any], num_heads: int | None = None) -> dict:
-    """Infer the predictor architecture from its (possibly prefixed) state dict.
-
-    Returns ``dict(num_patches, embed_dim, predictor_embed_dim, depth, num_heads, mlp_ratio)``.
-    Heads follow the encoder as upstream: looked up in the official table by the encoder width
-    (``predictor_embed.weight.shape[1]``) unless ``num_heads`` is given.
-    """
-    sd = strip_prefixes(state_dict)
-    pred_dim, embed_dim = _require(sd, "predictor_embed.weight", "predictor").shape
-    num_patches = _require(sd, "predictor_pos_embed", "predictor").shape[1]
-    depth = _block_indices(sd, "predictor_blocks.")
-    hidden = (
-        _require(sd, "predictor_blocks.0.mlp.fc1.weight", "predictor").shape[0] if depth else 0
-    )
-    heads = _heads_for(embed_dim, None, num_heads, "predictor (encoder width)")
-    if pred_dim % heads != 0:
-        raise ValueError(f"predictor width {pred_dim} is not divisible by num_heads {heads}")
-    return dict(
-        num_patches=int(num_patches),
-        embed_dim=int(embed_dim),
-        predictor_embed_dim=int(pred_dim),
-        depth=depth,
-        num_heads=int(heads),
-        mlp_ratio=_mlp_ratio(hidden, pred_dim) if depth else 4.0,
-    )
-
-
-def _select_state_dict(checkpoint: Mapping[str, Any], key: str, marker: str) -> dict:
-    """Pick ``checkpoint[key]``, or the checkpoint itself if it already is a bare state dict."""
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"expected a checkpoint dict, got {type(checkpoint).__name__}")
-    is_bare = any(
-        isinstance(v, torch.Tensor) and (k == marker or k.endswith("." + marker))
-        for k, v in checkpoint.items()
-    )
-    if is_bare:
-        return strip_prefixes(checkpoint)
-    if key not in checkpoint:
-        raise KeyError(
-            f"checkpoint has no {key!r} entry; available keys: {sorted(map(str, checkpoint))}"
-        )
-    chosen = checkpoint[key]
-    if not isinstance(chosen, Mapping):
-        raise ValueError(f"checkpoint[{key!r}] is a {type(chosen).__name__}, not a state dict")
-    return strip_prefixes(chosen)
 
 
 def _checkpoint_from(source, cache_dir, sha256) -> Mapping[str, Any]:
@@ -293,24 +130,9 @@ def load_encoder(
     Weights stored in any float dtype are cast to ``dtype``; loading is strict.
     """
     checkpoint = _checkpoint_from(source, cache_dir, sha256)
-    state_dict = _select_state_dict(checkpoint, key, "patch_embed.proj.weight")
-    cfg = infer_encoder_config(state_dict, num_heads=num_heads or num_heads_of(checkpoint))
-    in_chans = state_dict["patch_embed.proj.weight"].shape[1]
-    qkv_bias = "blocks.0.attn.qkv.bias" in state_dict or cfg["depth"] == 0
-
-    def make():
-        return VisionTransformer(
-            img_size=cfg["img_size"],
-            patch_size=cfg["patch_size"],
-            in_chans=in_chans,
-            embed_dim=cfg["embed_dim"],
-            depth=cfg["depth"],
-            num_heads=cfg["num_heads"],
-            mlp_ratio=cfg["mlp_ratio"],
-            qkv_bias=qkv_bias,
-        )
-
-    return _materialise(make, state_dict, dtype, device)
+    state_dict = select_state_dict(checkpoint, key, "patch_embed.proj.weight")
+    heads = num_heads or num_heads_of(checkpoint)
+    return _materialise(lambda: encoder_for(state_dict, heads), state_dict, dtype, device)
 
 
 def load_predictor(
@@ -325,7 +147,7 @@ def load_predictor(
 ) -> VisionTransformerPredictor:
     """Load the predictor (eval mode) with its architecture inferred from the weights."""
     checkpoint = _checkpoint_from(source, cache_dir, sha256)
-    state_dict = _select_state_dict(checkpoint, key, "predictor_embed.weight")
+    state_dict = select_state_dict(checkpoint, key, "predictor_embed.weight")
     cfg = infer_predictor_config(state_dict, num_heads=num_heads or num_heads_of(checkpoint))
     qkv_bias = "predictor_blocks.0.attn.qkv.bias" in state_dict or cfg["depth"] == 0
     return _materialise(
