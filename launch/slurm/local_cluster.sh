@@ -4,11 +4,13 @@
 #   bash launch/slurm/local_cluster.sh start    # install the Debian packages if missing, start the daemons
 #   bash launch/slurm/local_cluster.sh status   # what runs, sinfo, sacctmgr
 #   bash launch/slurm/local_cluster.sh stop     # cancel jobs, stop the daemons this script started
+#   eval "$(bash launch/slurm/local_cluster.sh env)"   # export SLURM_CONF for sbatch/sacct/submitit
 #
-# Needs root (packages, daemons as root) and no systemd. Everything the daemons write goes under
-# $IJEPA_SLURM_DIR (default /var/tmp/ijepa-slurm): MariaDB's own datadir, state, logs and pid files.
-# The config goes to /etc/slurm/{slurm,slurmdbd}.conf so that sbatch/sacct/submitit need no
-# environment; files there that this script did not write are never replaced.
+# Needs root (packages, daemons as root) and no systemd. Everything goes under $IJEPA_SLURM_DIR
+# (default /var/tmp/ijepa-slurm): the config ($IJEPA_SLURM_DIR/etc/{slurm,slurmdbd}.conf), MariaDB's
+# own datadir, state, logs and pid files. /etc/slurm is never read or written: the daemons and every
+# client find the config through SLURM_CONF (`env` prints it), so a system slurm.conf does not matter.
+# The preconditions (root, free ports) are checked before anything is installed.
 # Daemons: munged, mariadbd (127.0.0.1:$IJEPA_SLURM_DB_PORT and a socket in the state dir),
 # slurmdbd (127.0.0.1:6819), slurmctld (6817), slurmd (6818). Requeue delays are short for tests:
 # AuthInfo=cred_expire=10 and a 1-2 s scheduler. Safe to run twice: running daemons are kept.
@@ -23,6 +25,9 @@ NODE=$(hostname -s)
 # jobs can run at once on a 2-core machine; IJEPA_SLURM_CPUS sets another number.
 CPUS=${IJEPA_SLURM_CPUS:-$(( $(nproc) > 4 ? $(nproc) : 4 ))}
 MARK="# written by ijepa-scale launch/slurm/local_cluster.sh"
+CONF_DIR=$STATE/etc
+# The daemons, this script's own clients and slurmdbd (which reads slurmdbd.conf beside it) use it.
+export SLURM_CONF=$CONF_DIR/slurm.conf
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
 
@@ -57,13 +62,35 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
   done
 }
 
+# TCP ports that something listens on in this network namespace (IPv4 and IPv6), one per line.
+listening_ports() {
+  local file state addr rest
+  for file in /proc/net/tcp /proc/net/tcp6; do
+    [ -r "$file" ] || continue
+    while read -r _ addr _ state rest; do
+      if [ "$state" = 0A ]; then echo $((16#${addr##*:})); fi
+    done < <(tail -n +2 "$file")
+  done | sort -un
+}
+
+# Everything that can refuse is checked here, before any package is installed.
+preflight() {
+  [ "$(id -u)" -eq 0 ] || die "run as root: it installs packages and starts the daemons as root"
+  local busy=() port name listening
+  listening=$(listening_ports)
+  for port in 6817:slurmctld 6818:slurmd 6819:slurmdbd "$DB_PORT:mariadbd"; do
+    name=${port#*:}; port=${port%%:*}
+    if grep -qx "$port" <<<"$listening" && ! running_pid "$name" >/dev/null; then busy+=("$port ($name)"); fi
+  done
+  [ ${#busy[@]} -eq 0 ] || die "TCP port(s) ${busy[*]} already in use by another program; stop it (or set IJEPA_SLURM_DB_PORT for MariaDB)"
+}
+
 install_packages() {
   local missing=() p
   for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return
-  [ "$(id -u)" -eq 0 ] || die "run as root: installs ${missing[*]} and starts daemons"
   say "installing ${missing[*]}"
   # Without systemd the packages' postinst scripts would try to start their services (MariaDB
   # on /var/lib/mysql); a policy-rc.d denies that, and is removed again if it was not there.
@@ -77,11 +104,8 @@ install_packages() {
 }
 
 CHANGED=()
-write_if_ours() {  # write_if_ours PATH MODE  (content on stdin); appends PATH to CHANGED if it changed
+write_conf() {  # write_conf PATH MODE  (content on stdin); appends PATH to CHANGED if it changed
   local path=$1 mode=$2 tmp
-  if [ -e "$path" ] && ! grep -qF "$MARK" "$path"; then
-    die "$path exists and was not written by this script; move it away to use the local cluster"
-  fi
   tmp=$(mktemp "$path.XXXXXX")
   cat > "$tmp"
   chmod "$mode" "$tmp"
@@ -91,9 +115,9 @@ write_if_ours() {  # write_if_ours PATH MODE  (content on stdin); appends PATH t
 write_configs() {
   local mem
   mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
-  mkdir -p /etc/slurm "$STATE"/{run,log,ctld,slurmd,mysql-tmp}
+  mkdir -p "$STATE"/{etc,run,log,ctld,slurmd,mysql-tmp}
   [ -s "$STATE/db_password" ] || (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' > "$STATE/db_password")
-  write_if_ours /etc/slurm/slurm.conf 644 <<EOF
+  write_conf "$SLURM_CONF" 644 <<EOF
 $MARK
 ClusterName=$CLUSTER
 SlurmctldHost=$NODE(127.0.0.1)
@@ -129,7 +153,7 @@ JobCompType=jobcomp/none
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$mem State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
-  write_if_ours /etc/slurm/slurmdbd.conf 600 <<EOF
+  write_conf "$CONF_DIR/slurmdbd.conf" 600 <<EOF
 $MARK
 AuthType=auth/munge
 DbdHost=localhost
@@ -198,6 +222,7 @@ start_slurm() {
 }
 
 cmd_start() {
+  preflight
   install_packages
   write_configs
   if [ ${#CHANGED[@]} -gt 0 ] && running_pid slurmctld >/dev/null; then
@@ -208,15 +233,18 @@ cmd_start() {
   start_mariadb
   start_slurm
   say "up: partition $PARTITION, node $NODE ($CPUS CPUs), cluster $CLUSTER with accounting; state in $STATE"
+  say "clients need the config: export SLURM_CONF=$SLURM_CONF  (or: eval \"\$(bash $0 env)\")"
 }
 
 stop_daemon() {
-  local name=$1 pid i
+  local name=$1 pid comm i
   if [ "$name" = munged ] && [ ! -e "$STATE/run/munged.ours" ]; then return 0; fi
   pid=$(running_pid "$name") || return 0
+  comm=$(cat "/proc/$pid/comm")
   kill -TERM "$pid"
+  # Wait for the process itself: a daemon may remove its pid file long before it has exited.
   for i in $(seq 1 100); do
-    if ! running_pid "$name" >/dev/null; then
+    if ! alive "$pid" "$comm"; then
       say "stopped $name ($pid)"
       rm -f "$(pidfile "$name")" "$STATE/run/$name.ours"
       return 0
@@ -224,7 +252,13 @@ stop_daemon() {
     sleep 0.2
   done
   kill -KILL "$pid" 2>/dev/null || true
+  rm -f "$(pidfile "$name")" "$STATE/run/$name.ours"
   say "killed $name ($pid) after 20 s"
+}
+
+alive() {  # alive PID COMM: the process exists, is not a zombie and still runs COMM
+  [ -r "/proc/$1/stat" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ] &&
+    [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ]
 }
 
 cmd_stop() {
@@ -235,7 +269,9 @@ cmd_stop() {
       say "cancelling jobs $jobs"
       # shellcheck disable=SC2086
       scancel $jobs || true
-      sleep 2
+      # A task that blocks SIGTERM is killed after KillWait (30 s); stop slurmd only after that.
+      local end=$((SECONDS + 45))
+      while [ -n "$(squeue -h -o %A 2>/dev/null)" ] && [ $SECONDS -lt $end ]; do sleep 0.5; done
     fi
   fi
   local i
@@ -256,9 +292,15 @@ cmd_status() {
   return $rc
 }
 
+cmd_env() {
+  [ -e "$SLURM_CONF" ] || echo "local_cluster: note: $SLURM_CONF does not exist yet (run: $0 start)" >&2
+  echo "export SLURM_CONF=$SLURM_CONF"
+}
+
 case "${1:-}" in
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  env) cmd_env ;;
+  *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
 esac
