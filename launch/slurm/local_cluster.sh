@@ -115,15 +115,18 @@ preflight() {
     [ "$name" = slurmd ] && [ "$NODES" -gt 1 ] && continue
     if grep -qx "$port" <<<"$listening" && ! running_pid "$name" >/dev/null; then busy+=("$port ($name)"); fi
   done
-  [ ${#busy[@]} -eq 0 ] || die "TCP port(s) ${busy[*]} already in use by another program; stop it (or set IJEPA_SLURM_DB_PORT for MariaDB)"
+  [ ${#busy[@]} -eq 0 ] ||
+    die "TCP port(s) ${busy[*]} already in use by another program; stop it (or set IJEPA_SLURM_DB_PORT for MariaDB)"
   [ "$NODES" -gt 1 ] || return 0
-  local why
+  local why probe="ip link add probe0 type veth peer name probe1 && ip link add probe2 type bridge"
   if ! why=$(unshare --net --uts true 2>&1); then
-    die "--nodes $NODES needs network and UTS namespaces, which this machine refuses (unshare --net --uts: ${why:-failed}); --nodes 1 works without them"
+    die "--nodes $NODES needs network and UTS namespaces, which this machine refuses" \
+        "(unshare --net --uts: ${why//$'\n'/ }); --nodes 1 works without them"
   fi
   if command -v ip >/dev/null; then
-    if ! why=$(unshare --net --uts sh -c "ip link add probe0 type veth peer name probe1 && ip link add probe2 type bridge" 2>&1); then
-      die "--nodes $NODES needs veth pairs and a bridge, which this machine refuses (${why:-failed}); --nodes 1 works without them"
+    if ! why=$(unshare --net --uts sh -c "$probe" 2>&1); then
+      die "--nodes $NODES needs veth pairs and a bridge, which this machine refuses (${why//$'\n'/ });" \
+          "--nodes 1 works without them"
     fi
     if ip link show "$BRIDGE" >/dev/null 2>&1 && ! recorded bridge "$BRIDGE"; then
       die "a link $BRIDGE exists that this script did not make; remove it (ip link del $BRIDGE) to use --nodes"
@@ -135,7 +138,8 @@ preflight() {
       fi
     done
     local taken
-    taken=$(ip -4 -o addr show | awk -v net="$SUBNET." -v br="$BRIDGE" 'index($4, net) == 1 && $2 != br {print $2 " " $4}')
+    taken=$(ip -4 -o addr show |
+            awk -v net="$SUBNET." -v br="$BRIDGE" 'index($4, net) == 1 && $2 != br {print $2 " " $4}')
     [ -z "$taken" ] || die "subnet $SUBNET.0/24 is in use here ($taken): set IJEPA_SLURM_SUBNET to a free one"
   fi
 }
@@ -178,7 +182,8 @@ node_lines() {  # the NodeName and PartitionName lines of the layout
       names+=("$(node_name "$i")")
     done
   fi
-  echo "PartitionName=$PARTITION Nodes=$(IFS=,; echo "${names[*]}") Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO"
+  echo "PartitionName=$PARTITION Nodes=$(IFS=,; echo "${names[*]}") Default=YES MaxTime=INFINITE State=UP" \
+       "OverSubscribe=NO"
 }
 
 write_configs() {
@@ -382,7 +387,8 @@ start_slurm() {
   fi
   local daemon
   while read -r daemon; do start_slurmd "$daemon"; done < "$SLURMDS"
-  wait_for 30 "$NODES node(s)" bash -c "[ \$(sinfo -h -N -p $PARTITION -o '%N %T' | grep -Ec ' (idle|mixed|allocated)\$') -eq $NODES ]"
+  local usable="sinfo -h -N -p $PARTITION -o '%N %T' | grep -Ec ' (idle|mixed|allocated)\$'"
+  wait_for 30 "$NODES node(s)" bash -c "[ \$($usable) -eq $NODES ]"
 }
 
 slurmd_names() {
