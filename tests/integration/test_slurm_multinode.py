@@ -60,7 +60,8 @@ def main_locally(config: Path, ranks: int) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def runs(nodes, tmp_path_factory):
     """At once: 2 nodes x 1 task left alone, the same preempted with USR2 a few steps in, 2 nodes x 2 tasks;
-    then main.py with 2 and 4 local ranks on the same configs. Every job is cancelled on the way out."""
+    the references (main.py with 2 and 4 local ranks, same configs) run while the preempted job waits for
+    its requeue. Whatever still runs on the way out is cancelled or killed."""
     base = tmp_path_factory.mktemp("multinode")
     shards = make_shards(base / "shards")
     two = dict(data__batch_size=1, data__num_workers=0, optimization__epochs=EPOCHS)
@@ -69,6 +70,7 @@ def runs(nodes, tmp_path_factory):
     config4 = write_config(base / "four.yaml", tiny_config(shards, base / "four", **four))
     folder = base / "submitit"
     jobs: list[str] = []
+    procs: dict[str, subprocess.Popen] = {}
     try:
         full_proc, ids = submit("--fname", config, "--folder", folder, "--nodes", "2", "--tasks-per-node", "1")
         jobs += ids
@@ -84,7 +86,7 @@ def runs(nodes, tmp_path_factory):
         subprocess.run(["scancel", "--signal=USR2", pre_id], check=True, timeout=30)
         # The references start now, while the preempted job waits to be requeued.
         started = time.time()
-        local, procs = {}, {}
+        local = {}
         for name, cfg, ranks in (("local2", tiny_config(shards, base / "local2", **two), 2),
                                  ("local4", tiny_config(shards, base / "local4", **four), 4)):
             procs[name] = main_locally(write_config(base / f"{name}.yaml", cfg), ranks)
@@ -98,6 +100,10 @@ def runs(nodes, tmp_path_factory):
         yield dict(base=base, folder=folder, full=(full_id, full_proc), pre=pre_id, four=(four_id, four_proc),
                    states=states, logs=logs, signalled=signalled, local=local)
     finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
         left = [job for job in jobs if sacct_states(job) and not sacct_states(job)[-1].startswith(
             ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))]
         if left:
