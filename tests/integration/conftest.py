@@ -1,6 +1,10 @@
 import pytest
 
+from tests.helpers.slurm import use_local_cluster_conf
 from tests.integration.common import make_shards
+
+# After `bash launch/slurm/local_cluster.sh start`, the SLURM tests find its config without extra environment.
+use_local_cluster_conf()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.slurm import state_dir
 from tests.integration.common import ROOT, SHARD_SIZES, make_shards, read_csv, tiny_config, write_config
 
 pytestmark = pytest.mark.integration
@@ -201,6 +202,19 @@ def test_batch_launch_submits_two_configs_at_once(shards, tmp_path):
     gated = read_csv(tmp_path / "run_b", 0)
     assert gated["open_frac"].between(0, 1).all() and gated["loss"].astype(float).notna().all()
     assert weights(tmp_path / "run_b")["config"]["meta"]["objective"] == "gated"
+
+
+def test_local_cluster_config_lives_in_its_state_folder(cluster):
+    # local_cluster.sh never uses /etc/slurm: clients find its config through SLURM_CONF (`env` prints it),
+    # which tests/integration/conftest.py sets from the state folder when it is unset.
+    conf = state_dir() / "etc" / "slurm.conf"
+    if os.environ.get("SLURM_CONF") != str(conf):
+        pytest.skip(f"SLURM_CONF={os.environ.get('SLURM_CONF')}: not the local cluster of local_cluster.sh")
+    env = subprocess.run(["bash", str(ROOT / "launch/slurm/local_cluster.sh"), "env"], capture_output=True,
+                         text=True, timeout=30)
+    assert env.returncode == 0 and env.stdout == f"export SLURM_CONF={conf}\n", env.stdout + env.stderr
+    shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    assert re.search(rf"^SLURM_CONF\s*=\s*{re.escape(str(conf))}$", shown, flags=re.M), shown[:2000]
 
 
 def test_unknown_partition_is_refused_by_sinfo(cluster, tmp_path):
