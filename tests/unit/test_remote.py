@@ -143,7 +143,9 @@ def test_a_stalled_read_ends_within_the_timeout(faulty):
     elapsed = time.monotonic() - start
     # 3 attempts x 1 s timeout + 0.05 + 0.1 s backoff; never a hang.
     assert elapsed < 10, elapsed
-    assert_unavailable(str(info.value), f"{faulty.url}/stall/train-000000.tar", 3, "ReadTimeout: no data from")
+    # fsspec's own read timeout or the watchdog's ReadTimeout, whichever fires first
+    assert_unavailable(str(info.value), f"{faulty.url}/stall/train-000000.tar", 3, "")
+    assert "TimeoutError" in str(info.value) or "ReadTimeout" in str(info.value)
 
 
 def test_failing_shard_in_fail_mode_names_the_url(faulty):

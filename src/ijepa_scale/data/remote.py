@@ -135,7 +135,7 @@ def error_text(exc: BaseException) -> str:
         return f"HTTP {status} {exc.message}"
     if isinstance(exc, FileNotFoundError):
         return "not found"
-    text = " ".join(str(exc).split())[:300]
+    text = " ".join(str(exc).split())[:300] or ("timed out" if isinstance(exc, TimeoutError) else "")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

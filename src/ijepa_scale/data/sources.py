@@ -105,13 +105,13 @@ class ShardSource:
             count = self.counts[shard]
             lo, hi = max(start, base), min(stop, base + count)
             if lo < hi:
-                yield from self._read_shard(self.urls[shard], lo - base, hi - base)
+                yield from self._read_shard(self.urls[shard], lo - base, hi - base, count)
             base += count
             if base >= stop:
                 break
 
-    def _read_shard(self, url: str, first: int, stop: int) -> Iterator[RawSample | ReadError]:
-        """Samples first..stop-1 of one shard.
+    def _read_shard(self, url: str, first: int, stop: int, count: int) -> Iterator[RawSample | ReadError]:
+        """Samples first..stop-1 of one shard of `count` samples.
 
         A failure to reach the shard (a refused or dropped connection, a timeout, a 5xx answer, or a
         404: the shard was there at start-up, so the server is restarting) reopens it and skips what
@@ -152,7 +152,7 @@ class ShardSource:
                 time.sleep(delay)
         # A shard shorter than its index says: the missing samples are counted as errors.
         for _ in range(stop - max(index, first)):
-            yield ReadError(url, f"shard has {index} samples, the index says at least {stop}")
+            yield ReadError(url, f"shard has {index} samples, its index says {count}")
 
     @staticmethod
     def _missing(url: str, index: int, first: int, stop: int, message: str) -> Iterator[ReadError]:
