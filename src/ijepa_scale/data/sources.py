@@ -473,8 +473,8 @@ def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "
 def _check_missing(pattern: str, urls: list[str], missing: list[str]) -> None:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise FileNotFoundError(f"shard not found: {missing[0]}{more}; data.shards={pattern!r} expands to "
-                                f"{len(urls)} shard(s), {len(missing)} of them missing: check the path and range")
+        raise FileNotFoundError(f"shard not found: {missing[0]}{more}; check data.shards={pattern!r}, which expands "
+                                f"to {len(urls)} shard(s)")
 
 
 def check_local_data(data_cfg) -> None:
