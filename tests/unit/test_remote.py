@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import time
 
-import fsspec
 import pytest
 
 from ijepa_scale.data.remote import DataUnavailable, ReadPolicy, filesystem, is_transient

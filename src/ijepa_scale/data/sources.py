@@ -23,8 +23,8 @@ import torch
 from webdataset.tariterators import group_by_keys
 
 from ..errors import UserError
-from .remote import (LOCAL_PROTOCOLS, DataUnavailable, ReadPolicy, error_text, filesystem, is_transient, open_stream, protocol_of,
-                     unavailable, with_retries)
+from .remote import (LOCAL_PROTOCOLS, DataUnavailable, ReadPolicy, error_text, filesystem, is_transient, open_stream,
+                     protocol_of, unavailable, with_retries)
 
 logger = logging.getLogger(__name__)
 
