@@ -7,7 +7,10 @@ import http.server
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -47,11 +50,82 @@ def http_server(folder: Path):
         server.server_close()
 
 
+_SERVE_UNTIL = """
+import functools, http.server, os, sys, threading
+folder, port, down_after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+lock, served = threading.Lock(), [0]
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        super().do_GET()
+        if self.path.endswith(".tar"):
+            with lock:
+                served[0] += 1
+                if served[0] == down_after:
+                    self.wfile.flush()
+                    os._exit(0)
+server = http.server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Handler, directory=folder))
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+
+class OutageServer:
+    """Serves `folder` over HTTP at `url` from a separate process, like `python -m http.server`, and can
+    go away: with `down_after=n` the process exits right after answering its n-th GET of a .tar file
+    (connections to the port are then refused), and a new one opens the same port `down_s` seconds later
+    (never for None). `outages` lists [went down, came back or None] in time.monotonic() seconds.
+
+    A separate process, because a server in the test process would live on in forked data-loader
+    workers, which inherit its listening socket: the port would never close."""
+
+    def __init__(self, folder: Path, down_after: int = 0, down_s: float | None = None):
+        self.folder = str(folder)
+        self.port = closed_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.outages: list[list] = []
+        self.closed = False
+        self.process = self._start(down_after)
+        with _signals_blocked():
+            threading.Thread(target=self._watch, args=(down_s,), daemon=True).start()
+
+    def _start(self, down_after: int) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", _SERVE_UNTIL, self.folder, str(self.port), str(down_after)],
+                                   stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "ready"
+        return process
+
+    def _watch(self, down_s: float | None) -> None:
+        self.process.wait()
+        if self.closed:
+            return
+        self.outages.append([time.monotonic(), None])
+        if down_s is not None:
+            time.sleep(down_s)
+            if not self.closed:
+                self.process = self._start(0)
+                self.outages[-1][1] = time.monotonic()
+
+    def close(self) -> None:
+        self.closed = True
+        self.process.kill()
+        self.process.wait()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connections to it are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class FaultyServer:
     """Serves `folder` under /<mode>/<file>, misbehaving per mode:
 
     - `drop-once`: the first request for a file sends half the body, then cuts the connection;
     - `500-once`: the first request for a file answers 500;
+    - `404-once`: the first GET of a file answers 404 (a server restarting), its HEAD 200;
     - `drop-always`, `500-always`: every request;
     - `stall`: sends half the body, then stops sending (until the server is closed);
     - `ok`: serves normally.
@@ -91,6 +165,9 @@ class FaultyServer:
                 first = count <= 1
                 if not head and (mode == "500-always" or (mode == "500-once" and first)):
                     self.send_error(500, "injected failure")
+                    return
+                if not head and mode == "404-once" and first:
+                    self.send_error(404)
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-tar")

@@ -46,8 +46,13 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
+def child_env() -> dict:
+    """The environment of a launched run: this checkout's src first (an editable install may point elsewhere)."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+
+
 def run_main(config_path: Path, *extra: str, devices=("cpu", "cpu"), timeout=240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}")
+    env = child_env()
     cmd = [sys.executable, str(ROOT / "main.py"), "--fname", str(config_path), "--devices", *devices, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 

@@ -51,3 +51,75 @@ def test_training_on_s3_shards_logs_the_same_steps_and_losses_as_local(tmp_path)
         assert len(a) == 5 and a["step"].tolist() == b["step"].tolist()
         assert a["loss"].tolist() == b["loss"].tolist()  # the same samples in the same order, bit for bit
         assert b["skipped"].iloc[-1] == 0
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error")]
+
+
+def test_a_short_http_outage_costs_nothing(tmp_path):
+    from tests.helpers.servers import OutageServer
+
+    folder = tmp_path / "shards"
+    shards = make_shards(folder)
+    local = tmp_path / "local"
+    proc = run_main(write_config(tmp_path / "local.yaml", tiny_config(shards, local)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The server goes away after its 3rd shard (mid epoch 1) and is back 4 s later; the retries wait
+    # 0.5 + 1 + 2 + 4 s at most before the 5th attempt.
+    server = OutageServer(folder, down_after=3, down_s=4)
+    try:
+        remote = tmp_path / "http"
+        config = tiny_config(f"{server.url}/train-{{000000..000004}}.tar", remote)
+        config["data"].update(read_attempts=8, retry_backoff_s=0.5)
+        proc = run_main(write_config(tmp_path / "http.yaml", config))
+    finally:
+        server.close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(server.outages) == 1 and server.outages[0][1] is not None
+    assert "connection refused by 127.0.0.1" in proc.stderr and "retry 1/7" in proc.stderr
+    for rank in (0, 1):
+        a, b = read_csv(local, rank), read_csv(remote, rank)
+        assert len(a) == 10 and a["step"].tolist() == b["step"].tolist()
+        assert a["loss"].tolist() == b["loss"].tolist()  # the same samples in the same order, bit for bit
+        assert b["skipped"].iloc[-1] == 0 and b["skipped_steps"].iloc[-1] == 0
+
+
+def test_an_http_outage_past_the_retries_stops_with_one_line_naming_the_source(tmp_path):
+    from tests.helpers.servers import OutageServer
+
+    folder = tmp_path / "shards"
+    shards_pattern = "train-{000000..000004}.tar"
+    make_shards(folder)
+    server = OutageServer(folder, down_after=3)  # gone for good after its 3rd shard
+    try:
+        run = tmp_path / "run"
+        config = tiny_config(f"{server.url}/{shards_pattern}", run)
+        config["data"].update(read_attempts=3, retry_backoff_s=0.2)
+        proc = run_main(write_config(tmp_path / "c.yaml", config))
+    finally:
+        server.close()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1, proc.stderr[-3000:]
+    host = server.url[len("http://"):]
+    assert errors[0].startswith("error: rank ") and f": data unavailable: {server.url}/train-" in errors[0]
+    assert (f"(host {host}): connection refused by {host}, 3 attempt(s) over" in errors[0]
+            and "data.read_attempts=3, data.retry_backoff_s=0.2, data.read_timeout_s=" in errors[0]), errors[0]
+    assert "consecutive skipped steps" not in proc.stderr and "Traceback" not in proc.stderr
+    for rank in (0, 1):
+        frame = read_csv(run, rank)
+        assert frame["loss"].astype(float).notna().all() and (frame["skipped_steps"] == 0).all()
+
+
+def test_a_closed_port_at_start_up_says_connection_refused(tmp_path):
+    from tests.helpers.servers import closed_port
+
+    port = closed_port()
+    config = tiny_config(f"http://127.0.0.1:{port}/train-{{000000..000004}}.tar", tmp_path / "run")
+    config["data"].update(read_attempts=2, retry_backoff_s=0.1)
+    proc = run_main(write_config(tmp_path / "c.yaml", config))
+    errors = error_lines(proc.stderr)
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+    assert f"connection refused by 127.0.0.1:{port}" in errors[0] and "shard not found" not in errors[0]
+    assert "check data.shards" in errors[0]

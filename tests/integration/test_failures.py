@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from tests.helpers.shards import NOT_A_JPEG, replace_member, truncate
-from tests.integration.common import ROOT, make_shards, read_csv, run_main, tiny_config, write_config
+from tests.integration.common import ROOT, child_env, make_shards, read_csv, run_main, tiny_config, write_config
 
 pytestmark = pytest.mark.integration
 NAN_RUN = ROOT / "tests" / "integration" / "nan_run.py"
 
 
 def run_nan(config, bad_rank, steps, *overrides, timeout=180):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}")
+    env = child_env()
     return subprocess.run([sys.executable, str(NAN_RUN), str(config), str(bad_rank), steps, *overrides],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -62,7 +62,7 @@ def test_consecutive_nan_steps_stop_the_run_naming_step_and_rank(shards, tmp_pat
 def test_a_dying_rank_stops_the_others_and_main_exits_nonzero(shards, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", tiny_config(shards, run, optimization__epochs=50))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}")
+    env = child_env()
     main = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--fname", str(config), "--devices", "cpu", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -104,6 +104,11 @@ def test_corrupt_data_is_skipped_counted_and_logged(tmp_path):
     assert 1 <= total_skipped <= 4
     assert "train-000003.tar" in proc.stdout + proc.stderr or "train-000000.tar" in proc.stdout + proc.stderr
     assert "skipped" in proc.stdout + proc.stderr
+    for rank in (0, 1):  # each cause once, however many steps lost samples to it
+        causes = [line for line in proc.stderr.splitlines() if line.startswith(f"[rank {rank}]") and "skipped" in line
+                  and "train-000003.tar" in line]
+        assert len(causes) <= 1, causes
+    assert "non-finite loss or undecodable batch" not in proc.stderr
 
     proc = run_main(config, "data.on_error=fail", f"logging.folder={tmp_path / 'strict'}")
     assert proc.returncode == 1

@@ -1,18 +1,17 @@
-"""Shards over HTTP and S3 servers on loopback, and a faulty server for the retry, skip and timeout paths."""
+"""Shards over HTTP and S3 servers on loopback, and faulty servers for the retry, outage and timeout paths."""
 
 from __future__ import annotations
 
 import sys
 import time
 
-import fsspec
 import pytest
 
-from ijepa_scale.data.remote import ReadPolicy, filesystem, is_transient
-from ijepa_scale.data.sources import ReadError, ShardSource, open_shards, scan_shard
-from ijepa_scale.errors import UserError
+from ijepa_scale.data.remote import DataUnavailable, ReadPolicy, filesystem, is_transient
+from ijepa_scale.data.sources import ShardSource, open_shards, scan_shard
+from ijepa_scale.errors import RunFailure, UserError, one_line
 from tests.helpers.photos import make_photo_shards
-from tests.helpers.servers import FaultyServer, http_server, s3_server, upload
+from tests.helpers.servers import FaultyServer, OutageServer, closed_port, http_server, s3_server, upload
 from tests.unit.test_stream import make_stream
 
 SIZES = [13, 7, 11, 3, 9]
@@ -66,13 +65,15 @@ def test_remote_shards_stream_the_same_samples_as_local(photo_shards, http_base,
     assert epoch_samples(remote) == epoch_samples(local)
 
 
-def test_unindexed_s3_shards_are_counted(photo_shards, s3_base, tmp_path):
+def test_unindexed_s3_shards_are_counted(photo_shards, s3_base, tmp_path, caplog):
     for name in ("train-000000.tar", "train-000003.tar"):
         (tmp_path / name).write_bytes((photo_shards / name).read_bytes())
     upload(tmp_path, "s3://shards/noindex")
-    with pytest.warns(UserWarning, match="2 of 2 shards are not in a shard index"):
+    with caplog.at_level("WARNING"):
         source = open_shards("s3://shards/noindex/train-{000000,000003}.tar")
     assert source.counts == [13, 3] and source.damaged == []
+    assert [r.getMessage() for r in caplog.records if "shard index" in r.getMessage()][0].startswith(
+        "2 of 2 shards are not in a shard index: their samples were counted by reading them")
 
 
 def test_resume_over_s3_continues_exactly(s3_base):
@@ -111,33 +112,39 @@ def keys_of(items):
     return [item.key for item in items]
 
 
-@pytest.mark.parametrize("mode", ["drop-once", "500-once"])
+@pytest.mark.parametrize("mode", ["drop-once", "500-once", "404-once"])
 def test_transient_failures_are_retried_and_lose_nothing(faulty, photo_shards, mode):
     expected = keys_of(ShardSource([str(photo_shards / "train-000001.tar")], [7]).read_range(0, 0, 0, 7))
     url, items = read_shard(faulty, mode)
-    assert keys_of(items) == expected and not any(isinstance(i, ReadError) for i in items)
+    assert keys_of(items) == expected
     assert faulty.requests[(mode, "train-000001.tar")] == 2
 
 
-@pytest.mark.parametrize("mode", ["drop-always", "500-always"])
-def test_a_shard_that_keeps_failing_is_skipped_and_counted_naming_the_url(faulty, mode):
-    url, items = read_shard(faulty, mode, shard=3)
-    assert len(items) == 3 and all(isinstance(i, ReadError) and i.source == url for i in items)
-    assert "gave up after 3 failed reads" in items[0].message
-    assert faulty.requests[(mode, "train-000003.tar")] == 3
+def assert_unavailable(message, url, attempts, cause):
+    host = url.split("/")[2]
+    assert message.startswith(f"data unavailable: {url} (host {host}): {cause}"), message
+    assert f"{attempts} attempt(s) over" in message and "\n" not in message
+    assert "data.read_attempts=3, data.retry_backoff_s=0.05, data.read_timeout_s=1" in message
+
+
+@pytest.mark.parametrize("mode,cause", [("drop-always", "ClientPayloadError"), ("500-always", "HTTP 500")])
+def test_a_shard_that_keeps_failing_stops_the_run_naming_url_host_and_settings(faulty, mode, cause):
+    with pytest.raises(DataUnavailable) as info:
+        read_shard(faulty, mode, shard=3)
+    assert_unavailable(str(info.value), f"{faulty.url}/{mode}/train-000003.tar", 3, cause)
+    assert isinstance(info.value, RunFailure) and faulty.requests[(mode, "train-000003.tar")] == 3
 
 
 def test_a_stalled_read_ends_within_the_timeout(faulty):
     start = time.monotonic()
-    url, items = read_shard(faulty, "stall", shard=0)
+    with pytest.raises(DataUnavailable) as info:
+        read_shard(faulty, "stall", shard=0)
     elapsed = time.monotonic() - start
     # 3 attempts x 1 s timeout + 0.05 + 0.1 s backoff; never a hang.
     assert elapsed < 10, elapsed
-    # The server sent half the shard before stalling: the samples in it are delivered, the rest counted.
-    errors = [i for i in items if isinstance(i, ReadError)]
-    assert len(items) == 13 and 0 < len(errors) < 13 and all(isinstance(i, ReadError) for i in items[-len(errors):])
-    assert "Timeout" in errors[0].message and "gave up after 3 failed reads" in errors[0].message
-    assert errors[0].source == url
+    # fsspec's own read timeout or the watchdog's ReadTimeout, whichever fires first
+    assert_unavailable(str(info.value), f"{faulty.url}/stall/train-000000.tar", 3, "")
+    assert "TimeoutError" in str(info.value) or "ReadTimeout" in str(info.value)
 
 
 def test_failing_shard_in_fail_mode_names_the_url(faulty):
@@ -150,8 +157,53 @@ def test_failing_shard_in_fail_mode_names_the_url(faulty):
 
 def test_counting_an_unindexed_shard_retries_transient_failures(faulty):
     assert scan_shard(f"{faulty.url}/drop-once/train-000002.tar", FAST) == (11, None)
-    count, error = scan_shard(f"{faulty.url}/drop-always/train-000002.tar", FAST)
-    assert count == 0 and "gave up after 3 attempts" in error
+    with pytest.raises(DataUnavailable, match="drop-always/train-000002.tar .*3 attempt"):
+        scan_shard(f"{faulty.url}/drop-always/train-000002.tar", FAST)
+
+
+@pytest.fixture
+def outage(photo_shards):
+    """An HTTP server that goes away right after serving its first shard and comes back 1.5 s later."""
+    server = OutageServer(photo_shards, down_after=1, down_s=1.5)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_short_outage_costs_nothing(photo_shards, outage, workers):
+    local = epoch_samples(open_shards(str(photo_shards / PATTERN)), workers)
+    source = open_shards(f"{outage.url}/{PATTERN}", policy=ReadPolicy(timeout_s=2, attempts=6, backoff_s=0.25))
+    start = time.monotonic()
+    assert epoch_samples(source, workers) == local
+    assert len(outage.outages) == 1 and outage.outages[0][1] is not None  # it was down, then up again
+    assert time.monotonic() - start < 15
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_outage_past_the_retries_stops_with_one_line(photo_shards, workers):
+    server = OutageServer(photo_shards, down_after=1)
+    try:
+        source = open_shards(f"{server.url}/{PATTERN}", policy=FAST)
+        start = time.monotonic()
+        with pytest.raises(DataUnavailable) as info:
+            epoch_samples(source, workers)
+        assert time.monotonic() - start < 10
+    finally:
+        server.close()
+    message = one_line(info.value)  # a loader worker's failure arrives wrapped in its traceback
+    url = message.split()[2]
+    assert url.startswith(server.url) and url.endswith(".tar")
+    assert_unavailable(message, url, 3, f"connection refused by {server.url[len('http://'):]}")
+
+
+def test_a_closed_port_at_start_up_says_connection_refused():
+    port = closed_port()
+    with pytest.raises(DataUnavailable) as info:
+        open_shards(f"http://127.0.0.1:{port}/{PATTERN}", policy=FAST)
+    assert "shard not found" not in str(info.value)
+    assert_unavailable(str(info.value), f"http://127.0.0.1:{port}/train-000000.tar", 3,
+                       f"connection refused by 127.0.0.1:{port}")
+    assert "check data.shards" in str(info.value)
 
 
 def test_transient_error_classification():
@@ -163,3 +215,6 @@ def test_transient_error_classification():
     assert is_transient(aiohttp.ClientResponseError(info, (), status=503))
     assert not is_transient(aiohttp.ClientResponseError(info, (), status=403))
     assert not is_transient(ValueError("bad tar"))
+    refused = FileNotFoundError("http://x/a.tar")  # how fsspec's HTTP backend reports a refused connection
+    refused.__cause__ = ConnectionRefusedError()
+    assert is_transient(refused) and not is_transient(FileNotFoundError("http://x/a.tar"))

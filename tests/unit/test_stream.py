@@ -121,17 +121,39 @@ def test_state_at_epoch_end_points_to_next_epoch(uneven_shards):
     assert state["epoch"] == 1 and state["batch_in_epoch"] == 0
 
 
-def test_missing_shard_fails_before_training_with_url(uneven_shards):
-    with pytest.raises(FileNotFoundError, match=r"shard not found: .*train-000005.tar \(and 4 more\)"):
-        open_shards(str(uneven_shards / "train-{000000..000009}.tar"))
+def test_missing_shard_fails_before_training_with_url_and_the_pattern_as_set(uneven_shards):
+    pattern = str(uneven_shards / "train-{000000..000009}.tar")
+    with pytest.raises(FileNotFoundError) as info:
+        open_shards(pattern)
+    assert str(info.value) == (f"shard not found: {uneven_shards / 'train-000005.tar'} (and 4 more); check "
+                               f"data.shards={pattern!r}, which expands to 10 shard(s)")
 
 
-def test_shards_without_index_are_counted(tmp_path, uneven_shards):
+def test_missing_local_data_is_reported_before_the_ranks_start(tmp_path):
+    from types import SimpleNamespace
+
+    from ijepa_scale.data.sources import check_local_data
+
+    pattern = str(tmp_path / "x-{000..003}.tar")
+    shards = SimpleNamespace(shards=pattern, read_timeout_s=1, read_attempts=1, retry_backoff_s=1)
+    with pytest.raises(FileNotFoundError, match=r"x-000.tar \(and 3 more\); check data.shards='.*x-\{000..003\}.tar', "
+                                                r"which expands to 4 shard\(s\)$"):
+        check_local_data(shards)
+    folder = SimpleNamespace(shards="", root_path=str(tmp_path / "nope"), image_folder="in1k")
+    with pytest.raises(FileNotFoundError, match=r"ImageFolder root .*nope/in1k/train' does not exist"):
+        check_local_data(folder)
+    check_local_data(SimpleNamespace(shards="http://127.0.0.1:9/x-{0..3}.tar"))  # remote: left to the ranks
+
+
+def test_shards_without_index_are_counted_and_said_in_one_line(tmp_path, uneven_shards, caplog):
     for name in ("train-000000.tar", "train-000001.tar"):
         (tmp_path / name).write_bytes((uneven_shards / name).read_bytes())
-    with pytest.warns(UserWarning, match="not in a shard index"):
+    with caplog.at_level("WARNING"):
         source = open_shards(str(tmp_path / "train-{000000..000001}.tar"))
     assert source.counts == [13, 7]
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith("2 of 2 shards are not in a shard index: their samples were counted by reading")
+    assert "\n" not in message
 
 
 def corrupt_shards(folder):
@@ -212,15 +234,61 @@ def test_shards_through_fsspec_urls(uneven_shards, scheme):
     assert len(keys) == 40 and len(set(keys)) == 40
 
 
-def test_batch_with_no_decodable_sample_is_marked_unusable(tmp_path):
+@pytest.mark.parametrize("stop_after", [None, 1])
+def test_batch_with_no_decodable_sample_trains_on_the_next_good_ones(tmp_path, stop_after):
     make_photo_shards(tmp_path, sizes=[8, 8], num_classes=2, size=(40, 40))
-    truncate(tmp_path / "train-000000.tar", 100)  # nothing readable in shard 0
+    truncate(tmp_path / "train-000000.tar", 100)  # nothing readable in shard 0 (the index says 8)
     source = open_shards(str(tmp_path / "train-{000000..000001}.tar"))
     stream = make_stream(source, 0, 1, 0, batch_size=4, shuffle_buffer=1)
-    stream.epoch = next(e for e in range(20) if source.epoch_order(0, e)[0] == 0)  # shard 0 read first
+    epoch = next(e for e in range(20) if source.epoch_order(0, e)[0] == 0)  # shard 0 read first
+    stream.epoch = epoch
+    if stop_after is not None:  # a resume lands on the same stand-ins
+        for _ in itertools.islice(stream.epoch_batches(), stop_after):
+            pass
+        state = stream.state_dict()
+        stream = make_stream(source, 0, 1, 0, batch_size=4, shuffle_buffer=1)
+        stream.load_state_dict(state)
     batches = list(stream.epoch_batches())
-    assert [b["usable"] for b in batches] == [False, False, True, True]
-    assert [len(b["errors"]) for b in batches] == [4, 4, 0, 0]
+    assert "usable" not in batches[0]
+    assert [len(b["errors"]) for b in batches] == [4, 4, 0, 0][stop_after or 0:]
+    good = batches[-2]  # the first batch with images: it stands in for the empty ones
+    for empty in batches[:-2]:
+        assert torch.equal(empty["images"], good["images"]) and torch.equal(empty["labels"], good["labels"])
+
+
+def test_a_cause_of_skipped_samples_is_logged_once(tmp_path, caplog):
+    make_photo_shards(tmp_path, sizes=[8, 8], num_classes=2, size=(40, 40))
+    shard = tmp_path / "train-000000.tar"
+    truncate(shard, shard.stat().st_size // 3)
+    source = open_shards(str(tmp_path / "train-{000000..000001}.tar"))
+    stream = make_stream(source, 0, 1, 0, batch_size=2, shuffle_buffer=1)
+    with caplog.at_level("WARNING"):
+        errors = [len(b["errors"]) for _ in range(2) for b in stream.epoch_batches()]
+    assert sum(1 for n in errors if n) >= 4  # lost samples in several steps of both epochs
+    logged = [r.getMessage() for r in caplog.records if str(shard) in r.getMessage()]
+    assert len(logged) == 1 and "shard ended after" in logged[0] and "counted in the skipped column" in logged[0]
+
+
+def last_members(shard):
+    """(offset of its data, size) of each sample's last member."""
+    last = {}
+    with tarfile.open(shard) as tar:
+        for info in tar.getmembers():
+            last[info.name.split(".")[0]] = (info.offset_data, info.size)
+    return list(last.values())
+
+
+@pytest.mark.parametrize("cut", ["after-8", "in-9th"])
+def test_truncated_shard_without_index_keeps_every_complete_sample(tmp_path, uneven_shards, cut):
+    folder = unindexed_copy(uneven_shards, tmp_path / "shards", ["train-000000.tar"])
+    shard = folder / "train-000000.tar"
+    members = last_members(shard)
+    offset, size = members[7]
+    # Right after the 8th sample, or inside the 9th sample's last member (its image is whole, its label cut).
+    truncate(shard, offset + -(-size // 512) * 512 if cut == "after-8" else members[8][0])
+    source = open_shards(str(shard))
+    assert source.counts == [8]
+    assert source.damaged[0].describe().startswith(f"shard {shard} is damaged after 8 samples")
 
 
 def unindexed_copy(src, dst, names):
@@ -242,7 +310,7 @@ def test_damaged_shard_without_index_is_counted_warned_once_and_trains(tmp_path,
     else:
         bad.unlink()
         bad.mkdir()
-    with pytest.warns(UserWarning, match="not in a shard index"), caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING"):
         source = open_shards(str(folder / "train-{000000..000002}.tar"))
     readable = source.counts[1]
     assert source.counts[0] == 13 and source.counts[2] == 11
@@ -259,13 +327,14 @@ def test_damaged_shard_without_index_is_counted_warned_once_and_trains(tmp_path,
     assert len(keys) == expected and len(set(keys)) == expected
 
 
-def test_damaged_shard_without_index_in_fail_mode_is_one_line(tmp_path, uneven_shards):
+def test_damaged_shard_without_index_in_fail_mode_is_one_line(tmp_path, uneven_shards, caplog):
     from ijepa_scale.errors import UserError
 
     folder = unindexed_copy(uneven_shards, tmp_path / "shards", ["train-000000.tar", "train-000001.tar"])
     truncate(folder / "train-000001.tar", 3000)
-    with pytest.warns(UserWarning), pytest.raises(UserError) as info:
+    with caplog.at_level("WARNING"), pytest.raises(UserError) as info:
         open_shards(str(folder / "train-{000000..000001}.tar"), on_error="fail")
+    assert caplog.records == []  # no notice about the missing index before the error
     message = str(info.value)
     assert "\n" not in message and "train-000001.tar" in message and "data.on_error=skip" in message
 

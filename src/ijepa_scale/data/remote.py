@@ -14,10 +14,11 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
+from urllib.parse import urlsplit
 
 import fsspec
 
-from ..errors import UserError
+from ..errors import RunFailure, UserError
 from ..procutil import STOP_SIGNALS
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ class ReadPolicy:
 
 class ReadTimeout(TimeoutError):
     pass
+
+
+class DataUnavailable(RunFailure):
+    """The storage stayed unreachable through every retry the data settings allow."""
 
 
 def protocol_of(url: str) -> str:
@@ -98,9 +103,10 @@ def filesystem(url: str, policy: Optional[ReadPolicy] = None):
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: reset or dropped connections, timeouts, 5xx and 429 answers."""
+    """Worth retrying: refused, reset or dropped connections, timeouts, 5xx and 429 answers."""
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
-        return False
+        # fsspec's HTTP backend reports a refused connection as FileNotFoundError(url) from the real error.
+        return exc.__cause__ is not None and is_transient(exc.__cause__)
     status = getattr(exc, "status", None) or getattr(exc, "code", None)
     if isinstance(status, int) and 400 <= status < 600:
         return status >= 500 or status == 429
@@ -113,6 +119,35 @@ def is_transient(exc: BaseException) -> bool:
         return True
     cause = exc.__cause__ or exc.__context__
     return cause is not None and cause is not exc and is_transient(cause)
+
+
+def error_text(exc: BaseException) -> str:
+    """The cause of a failed access in a few words: the backend's error, not fsspec's wrapper."""
+    while isinstance(exc, FileNotFoundError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    refused = isinstance(exc, ConnectionRefusedError) or isinstance(getattr(exc, "os_error", None),
+                                                                     ConnectionRefusedError)
+    host, port = getattr(exc, "host", None), getattr(exc, "port", None)
+    if refused and host:
+        return f"connection refused by {host}:{port}"
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and getattr(exc, "message", None) is not None:
+        return f"HTTP {status} {exc.message}"
+    if isinstance(exc, FileNotFoundError):
+        return "not found"
+    text = " ".join(str(exc).split())[:300] or ("timed out" if isinstance(exc, TimeoutError) else "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def unavailable(url: str, policy: ReadPolicy, attempts: int, waited_s: float, exc: BaseException,
+                fix: str) -> DataUnavailable:
+    """The one-line failure for `url` once `attempts` tries over `waited_s` seconds all failed."""
+    host = urlsplit(url).netloc if "://" in url else ""
+    where = f"{url} (host {host})" if host else url
+    return DataUnavailable(
+        f"data unavailable: {where}: {error_text(exc)}, {attempts} attempt(s) over {waited_s:.0f} s "
+        f"(data.read_attempts={policy.attempts}, data.retry_backoff_s={policy.backoff_s:g}, "
+        f"data.read_timeout_s={policy.timeout_s:g}); {fix}")
 
 
 class _TimedRaw(io.RawIOBase):
@@ -190,16 +225,20 @@ def open_stream(url: str, policy: ReadPolicy):
     return io.BufferedReader(raw, READ_BUFFER)
 
 
-def with_retries(url: str, policy: ReadPolicy, what: str, attempt: Callable[[], object]):
-    """Run `attempt()` until it succeeds or fails for a reason other than a transient error,
-    at most `policy.attempts` times, waiting with exponential backoff in between."""
+def with_retries(url: str, policy: ReadPolicy, what: str, attempt: Callable[[], object], fix: str):
+    """Run `attempt()` until it succeeds or fails for a reason other than a transient error, at most
+    `policy.attempts` times, waiting with exponential backoff in between; DataUnavailable when every
+    attempt failed."""
+    started = time.monotonic()
     for failures in range(1, policy.attempts + 1):
         try:
             return attempt()
         except Exception as exc:
-            if not is_transient(exc) or failures == policy.attempts:
+            if not is_transient(exc):
                 raise
+            if failures == policy.attempts:
+                raise unavailable(url, policy, failures, time.monotonic() - started, exc, fix) from exc
             delay = policy.delay(failures)
-            logger.warning("%s %s failed (%s: %s); retry %d/%d in %.1f s", what, url, type(exc).__name__,
-                           " ".join(str(exc).split())[:200], failures, policy.attempts - 1, delay)
+            logger.warning("%s %s failed (%s); retry %d/%d in %.1f s", what, url, error_text(exc), failures,
+                           policy.attempts - 1, delay)
             time.sleep(delay)

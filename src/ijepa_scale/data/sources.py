@@ -15,7 +15,6 @@ import logging
 import posixpath
 import tarfile
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -24,11 +23,15 @@ import torch
 from webdataset.tariterators import group_by_keys
 
 from ..errors import UserError
-from .remote import ReadPolicy, filesystem, is_transient, open_stream, with_retries
+from .remote import (LOCAL_PROTOCOLS, DataUnavailable, ReadPolicy, error_text, filesystem, is_transient, open_stream,
+                     protocol_of, unavailable, with_retries)
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MID_RUN_FIX = ("restore access to the storage and resume from the last checkpoint, or raise data.read_attempts / "
+               "data.retry_backoff_s to wait longer")
+STARTUP_FIX = "check data.shards (host, port, path) and that the storage answers"
 FOLDER_IMAGE_SUFFIXES = tuple("." + e for e in IMAGE_EXTENSIONS)
 
 
@@ -102,17 +105,23 @@ class ShardSource:
             count = self.counts[shard]
             lo, hi = max(start, base), min(stop, base + count)
             if lo < hi:
-                yield from self._read_shard(self.urls[shard], lo - base, hi - base)
+                yield from self._read_shard(self.urls[shard], lo - base, hi - base, count)
             base += count
             if base >= stop:
                 break
 
-    def _read_shard(self, url: str, first: int, stop: int) -> Iterator[RawSample | ReadError]:
-        """Samples first..stop-1 of one shard; a transient failure reopens the shard and skips
-        what was delivered, with exponential backoff, until `policy.attempts` failures in a row."""
+    def _read_shard(self, url: str, first: int, stop: int, count: int) -> Iterator[RawSample | ReadError]:
+        """Samples first..stop-1 of one shard of `count` samples.
+
+        A failure to reach the shard (a refused or dropped connection, a timeout, a 5xx answer, or a
+        404: the shard was there at start-up, so the server is restarting) reopens it and skips what
+        was delivered, with exponential backoff; after `policy.attempts` failures in a row the run
+        stops with DataUnavailable. Damage ends the shard early: the samples after it are ReadErrors.
+        """
         policy = self.policy
         index = 0  # samples of the shard passed so far
         failures = 0
+        failing_since = 0.0
         while index < stop:
             progress = index
             try:
@@ -127,23 +136,23 @@ class ShardSource:
                             break  # without reading on: the rest may be damaged or not ours
                 break
             except Exception as exc:
-                failures = 1 if index > progress else failures + 1
-                error = _error_text(exc)
-                if is_transient(exc) and failures < policy.attempts:
-                    delay = policy.delay(failures)
-                    logger.warning("reading %s failed after %d samples (%s); retry %d/%d in %.1f s", url, index,
-                                   error, failures, policy.attempts - 1, delay)
-                    time.sleep(delay)
-                    continue
-                if is_transient(exc):
-                    message = f"gave up after {failures} failed reads, {index} samples in ({error})"
-                else:
-                    message = f"shard ended after {index} samples ({error})"
-                yield from self._missing(url, index, first, stop, message)
-                return
+                if not (is_transient(exc) or isinstance(exc, FileNotFoundError)):
+                    message = f"shard ended after {index} samples ({error_text(exc)})"
+                    yield from self._missing(url, index, first, stop, message)
+                    return
+                if failures == 0 or index > progress:
+                    failures, failing_since = 0, time.monotonic()
+                failures += 1
+                if failures >= policy.attempts:
+                    raise unavailable(url, policy, failures, time.monotonic() - failing_since, exc,
+                                      MID_RUN_FIX) from exc
+                delay = policy.delay(failures)
+                logger.warning("reading %s failed after %d samples (%s); retry %d/%d in %.1f s", url, index,
+                               error_text(exc), failures, policy.attempts - 1, delay)
+                time.sleep(delay)
         # A shard shorter than its index says: the missing samples are counted as errors.
         for _ in range(stop - max(index, first)):
-            yield ReadError(url, f"shard has {index} samples, the index says at least {stop}")
+            yield ReadError(url, f"shard has {index} samples, its index says {count}")
 
     @staticmethod
     def _missing(url: str, index: int, first: int, stop: int, message: str) -> Iterator[ReadError]:
@@ -168,9 +177,33 @@ def _tar_members(stream, url: str) -> Iterator[dict]:
                                 f"end-of-archive marker: truncated)")
 
 
+def _members(sample: dict) -> frozenset:
+    return frozenset(k for k in sample if not k.startswith("__"))
+
+
 def iter_tar_samples(stream, url: str) -> Iterator[dict]:
-    """Samples of one tar stream, members grouped by key (webdataset's grouping)."""
-    return group_by_keys(_tar_members(stream, url))
+    """Samples of one tar stream, members grouped by key (webdataset's grouping).
+
+    A stream that breaks off still yields the sample it was in when that sample is complete:
+    it has the members of the shard's first sample (an image, for the first one)."""
+    failure = []
+
+    def members():
+        try:
+            yield from _tar_members(stream, url)
+        except Exception as exc:  # raised below, after the last complete sample
+            failure.append(exc)
+
+    layout = None
+    for sample in group_by_keys(members()):
+        if failure:
+            complete = _members(sample) >= layout if layout else any(e in sample for e in IMAGE_EXTENSIONS)
+            if not complete:
+                break
+        layout = layout or _members(sample)
+        yield sample
+    if failure:
+        raise failure[0]
 
 
 def _decode_member(sample: dict, url: str) -> RawSample | ReadError:
@@ -191,6 +224,11 @@ def _decode_member(sample: dict, url: str) -> RawSample | ReadError:
     return RawSample(key=key, data=data, label=label, source=url)
 
 
+def _no_folder(root: str) -> str:
+    return (f"ImageFolder root {root!r} does not exist: set data.root_path and data.image_folder "
+            f"(expects <root_path>/<image_folder>/train/<class>/<image>) or use data.shards")
+
+
 class ImageFolderSource:
     """The official layout: root/<class>/<image>, classes sorted by name."""
 
@@ -199,10 +237,7 @@ class ImageFolderSource:
     def __init__(self, root: str):
         fs, path = filesystem(root)
         if not fs.isdir(path):
-            raise FileNotFoundError(
-                f"ImageFolder root {root!r} does not exist: set data.root_path and data.image_folder "
-                f"(expects <root_path>/<image_folder>/train/<class>/<image>) or use data.shards"
-            )
+            raise FileNotFoundError(_no_folder(root))
         self.fs = fs
         classes = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False) if fs.isdir(p))
         if not classes:
@@ -261,14 +296,14 @@ def _index_candidates(urls: list[str]) -> list[str]:
 def _read_json(url: str, policy: Optional[ReadPolicy] = None) -> Optional[dict]:
     policy = policy or ReadPolicy()
     fs, path = filesystem(url, policy)
-    if not fs.exists(path):
+    if not _exists(fs, path, url, policy):
         return None
 
     def read():
         with open_stream(url, policy) as f:
             return f.read()
 
-    text = with_retries(url, policy, "reading index", read)
+    text = with_retries(url, policy, "reading index", read, STARTUP_FIX)
     try:
         index = json.loads(text)
         if not isinstance(index, dict) or not all(
@@ -304,15 +339,10 @@ class ShardDamage:
         return f"{self.what()}; its first {self.readable} samples are used and the rest is skipped"
 
 
-def _error_text(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:300]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def scan_shard(url: str, policy: Optional[ReadPolicy] = None) -> tuple[int, Optional[str]]:
     """(whole samples readable from the start of the shard, the error that ended reading early or None).
 
-    Transient errors are retried; a shard that keeps failing counts as unreadable."""
+    Transient errors are retried; storage that keeps failing is DataUnavailable."""
     policy = policy or ReadPolicy()
 
     def attempt():
@@ -324,13 +354,25 @@ def scan_shard(url: str, policy: Optional[ReadPolicy] = None) -> tuple[int, Opti
         except Exception as exc:  # truncated, zero-byte, a directory, unreadable: whatever stops the read
             if is_transient(exc):
                 raise
-            return count, _error_text(exc)
+            return count, error_text(exc)
         return count, None
 
-    try:
-        return with_retries(url, policy, "counting", attempt)
-    except Exception as exc:
-        return 0, f"gave up after {policy.attempts} attempts ({_error_text(exc)})"
+    return with_retries(url, policy, "counting", attempt, STARTUP_FIX)
+
+
+def _exists(fs, path: str, url: str, policy: ReadPolicy) -> bool:
+    """Whether `url` exists; an unreachable storage is retried, then DataUnavailable naming the real
+    cause (fsspec's exists() answers False for a refused connection)."""
+    def attempt():
+        try:
+            fs.info(path)
+        except FileNotFoundError as exc:
+            if is_transient(exc):
+                raise
+            return False
+        return True
+
+    return with_retries(url, policy, "checking", attempt, STARTUP_FIX)
 
 
 def _list_shards(urls: list[str], policy: ReadPolicy) -> tuple[list[str], dict[str, Optional[int]]]:
@@ -352,10 +394,12 @@ def _list_shards(urls: list[str], policy: ReadPolicy) -> tuple[list[str], dict[s
             sizes[url] = entry.get("size") if entry.get("type", "file") == "file" else None
             continue
         try:
-            if not fs.exists(path):
+            if not _exists(fs, path, url, policy):
                 missing.append(url)
+        except (DataUnavailable, UserError):
+            raise
         except Exception as exc:
-            raise FileNotFoundError(f"cannot access shard {url}: {type(exc).__name__}: {exc}") from exc
+            raise FileNotFoundError(f"cannot access shard {url}: {error_text(exc)}") from exc
     return missing, sizes
 
 
@@ -373,9 +417,7 @@ def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "
         raise UserError(f"data.shards={pattern!r} expands to no URL")
     policy = policy or ReadPolicy()
     missing, sizes = _list_shards(urls, policy)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise FileNotFoundError(f"shard not found: {missing[0]}{more}; check data.shards={pattern!r}")
+    _check_missing(pattern, urls, missing)
 
     entries: dict[str, dict] = {}
     if index_url is not None:
@@ -406,12 +448,7 @@ def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "
         logger.warning("%s; what cannot be read is skipped and counted", message)
     counts = []
     unindexed = [u for u in urls if u not in known]
-    if unindexed:
-        warnings.warn(
-            f"{len(unindexed)} of {len(urls)} shards are not in a shard index; counting their samples by "
-            f"reading them (write an index with `ijepa-scale make-shards` to skip this)",
-            stacklevel=2,
-        )
+    started = time.monotonic()
     damaged = []
     for url in urls:
         if url in known:
@@ -426,7 +463,33 @@ def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "
                                 f"data.shards, or set data.on_error=skip to train without its damaged part")
             logger.warning("%s (counted as 1 skipped sample)", damage.describe())
             damaged.append(damage)
+    if unindexed:
+        logger.warning("%d of %d shards are not in a shard index: their samples were counted by reading them "
+                       "(%.1f s); write an index with `ijepa-scale make-shards` to skip this", len(unindexed),
+                       len(urls), time.monotonic() - started)
     return ShardSource(urls, counts, damaged, policy)
+
+
+def _check_missing(pattern: str, urls: list[str], missing: list[str]) -> None:
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"shard not found: {missing[0]}{more}; check data.shards={pattern!r}, which expands "
+                                f"to {len(urls)} shard(s)")
+
+
+def check_local_data(data_cfg) -> None:
+    """The checks of build_source that need local paths only, for the launcher to run before the
+    ranks start: a wrong path is reported at once instead of after the ranks' start-up."""
+    if data_cfg.shards:
+        urls = expand_urls(data_cfg.shards)
+        if urls and all(protocol_of(u) in LOCAL_PROTOCOLS for u in urls):
+            _check_missing(data_cfg.shards, urls, _list_shards(urls, ReadPolicy.from_config(data_cfg))[0])
+        return
+    root = posixpath.join(data_cfg.root_path, data_cfg.image_folder, "train")
+    if protocol_of(root) in LOCAL_PROTOCOLS:
+        fs, path = filesystem(root)
+        if not fs.isdir(path):
+            raise FileNotFoundError(_no_folder(root))
 
 
 def build_source(data_cfg) -> ShardSource | ImageFolderSource:

@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -84,7 +85,6 @@ class _EpochDataset(IterableDataset):
         self.rank = stream.rank
         self.shuffle_buffer = stream.shuffle_buffer
         self.on_error = stream.on_error
-        self.crop_size = stream.transform.crop_size
         self.position = position
         self.epoch = 0
         self.start_batch = 0
@@ -111,33 +111,23 @@ class _EpochDataset(IterableDataset):
             for _ in range(batch_size):
                 position, item = next(samples)
                 keys.append(getattr(item, "key", None))
-                image = None
-                if isinstance(item, RawSample):
-                    try:
-                        image = self._decode(item, position)
-                    except Exception as exc:
-                        item = ReadError(item.source, f"cannot decode sample {item.key!r}: {type(exc).__name__}: {exc}")
-                if image is None:
+                image, error = self._image(item, position)
+                if error is not None:
                     if self.on_error == "fail":
-                        raise BadBatchError(f"bad sample in {item.source}: {item.message} (data.on_error=fail)")
-                    errors.append((item.source, item.message))
-                    images.append(None)
-                    labels.append(-1)
-                else:
-                    images.append(image)
-                    labels.append(item.label)
-            good = [i for i, img in enumerate(images) if img is not None]
-            usable = bool(good)
-            if not usable:
-                # Nothing decodable: the trainer skips this step on every rank (and counts it).
-                images = [torch.zeros(3, self.crop_size, self.crop_size, dtype=torch.uint8)] * batch_size
-            elif errors:
-                # Keep the batch shape (every rank must run the same step): skipped samples are
-                # replaced by copies of good ones from the same batch, and counted.
-                bad = [i for i, img in enumerate(images) if img is None]
-                for j, i in enumerate(bad):
-                    source = good[j % len(good)]
-                    images[i], labels[i] = images[source], labels[source]
+                        raise BadBatchError(f"bad sample in {error[0]}: {error[1]} (data.on_error=fail)")
+                    errors.append(error)
+                images.append(image)
+                labels.append(-1 if image is None else item.label)
+            good = [(images[i], labels[i]) for i, img in enumerate(images) if img is not None]
+            if not good:
+                # Nothing decodable: the next good samples of this worker's run stand in, so that every
+                # batch trains (every rank must run the same steps) and the choice survives a resume.
+                after = (local_index + 1) * batch_size
+                good = self._stand_ins(run_start, run_length, after, batch_size)
+            # Keep the batch shape: skipped samples are replaced by copies of good ones, and counted.
+            bad = [i for i, img in enumerate(images) if img is None]
+            for j, i in enumerate(bad):
+                images[i], labels[i] = good[j % len(good)]
             batch_images = torch.stack(images)
             step = self.epoch * plan.steps_per_epoch + k
             masks_enc, masks_pred = [], []
@@ -152,8 +142,33 @@ class _EpochDataset(IterableDataset):
                 "epoch": self.epoch,
                 "batch": k,
                 "errors": errors,
-                "usable": usable,
             }
+
+    def _image(self, item, position: int):
+        """(image tensor, None), or (None, (source, why)) for a sample that cannot be used."""
+        if isinstance(item, ReadError):
+            return None, (item.source, item.message)
+        try:
+            return self._decode(item, position), None
+        except Exception as exc:
+            return None, (item.source, f"cannot decode sample {item.key!r}: {type(exc).__name__}: {exc}")
+
+    def _stand_ins(self, run_start: int, run_length: int, after: int, wanted: int) -> list:
+        """Up to `wanted` (image, label) decodable in the worker's run, the first after sample `after`,
+        wrapping around to the run's start (a rare path: the run is read again)."""
+        found = []
+        for skip, stop in ((after, run_length), (0, after)):
+            reader = self._shuffled_run(run_start, run_length, skip)
+            for position, item in itertools.islice(reader, stop - skip):
+                image, _ = self._image(item, position)
+                if image is not None:
+                    found.append((image, item.label))
+                    if len(found) == wanted:
+                        return found
+            if found:
+                return found
+        raise BadBatchError(f"no decodable sample in the {run_length} samples of rank {self.rank}'s data loader "
+                            f"worker in epoch {self.epoch + 1}: check the shards")
 
     def _decode(self, item: RawSample, position: int) -> torch.Tensor:
         from .transforms import open_image
@@ -229,6 +244,7 @@ class DataStream:
         self.batch_in_epoch = 0
         self._loader: DataLoader | None = None
         self._position = None
+        self._reported: set[tuple[str, str]] = set()
 
     @property
     def steps_per_epoch(self) -> int:
@@ -270,6 +286,7 @@ class DataStream:
                     f"expected {self.batch_in_epoch} of {self.epoch}"
                 )
                 self.batch_in_epoch += 1
+                self._report(batch["errors"])
                 yield batch
             finished = True
         finally:
@@ -279,6 +296,14 @@ class DataStream:
             del iterator
         self.epoch += 1
         self.batch_in_epoch = 0
+
+    def _report(self, errors: list) -> None:
+        """Log each cause of skipped samples once (per source and message); every one is counted by the trainer."""
+        for (source, message), n in Counter(map(tuple, errors)).items():
+            if (source, message) not in self._reported:
+                self._reported.add((source, message))
+                logger.warning("rank %d: skipped %d sample(s) from %s: %s (more lost the same way are counted in "
+                               "the skipped column, not logged)", self.rank, n, source, message)
 
     def close(self) -> None:
         """Stop the loader workers (they are kept between epochs otherwise)."""

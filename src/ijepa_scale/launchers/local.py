@@ -29,6 +29,7 @@ from typing import Optional
 
 from ..distributed import env as dist_utils
 from ..config import Config
+from ..data.sources import check_local_data
 from ..errors import RunFailure, UserError, one_line
 from ..procutil import STOP_SIGNALS, die_with_parent, stop_signals_blocked
 from .entry import check_logging_folder, cpu_threads_per_rank, run_rank
@@ -122,6 +123,7 @@ def launch(cfg: Config, devices: list[str] | None) -> int:
     if len(set(cuda)) != len(cuda):
         raise UserError(f"--devices lists a CUDA device twice: {' '.join(devices)}")
     check_logging_folder(cfg.logging.folder)
+    check_local_data(cfg.data)
     _warn_oversubscribed(devices)
     threads = cpu_threads_per_rank(len(devices))
     if len(devices) == 1:

@@ -11,7 +11,6 @@ import random
 import resource
 import shutil
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
@@ -622,15 +621,7 @@ class Trainer:
             self.epoch_loss_sum += global_loss
             self.epoch_loss_count += 1
 
-        errors = [e for mb in micro for e in mb["errors"]]
-        if errors:
-            self.skipped_samples += len(errors)
-            by_source = defaultdict(list)
-            for source, message in errors:
-                by_source[source].append(message)
-            for source, messages in by_source.items():
-                logger.warning("rank %d: skipped %d sample(s) from %s: %s", self.env.rank, len(messages), source,
-                               messages[0])
+        self.skipped_samples += sum(len(mb["errors"]) for mb in micro)  # the data stream logs their causes
         return {
             "epoch": batch["epoch"] + 1,
             "itr": batch["batch"] // n,

@@ -1,0 +1,83 @@
+"""Hang detection in one process: allowances, the line that names the stuck rank, the retry rule."""
+
+import threading
+
+from ijepa_scale.distributed.watchdog import (HANG_EXIT, Heartbeat, Watchdog, allowance_s, describe_hang,
+                                              read_hang_line, should_retry_after_hang)
+
+
+def test_start_up_first_step_and_first_checkpoint_get_the_longer_allowance():
+    assert allowance_s(60, 600, steps_done=0, phase="start-up", checkpoints_done=0) == 600
+    assert allowance_s(60, 600, steps_done=0, phase="compute", checkpoints_done=0) == 600
+    assert allowance_s(60, 600, steps_done=1, phase="compute", checkpoints_done=0) == 60
+    assert allowance_s(60, 600, steps_done=5, phase="checkpoint", checkpoints_done=0) == 600
+    assert allowance_s(60, 600, steps_done=5, phase="checkpoint", checkpoints_done=1) == 60
+    assert allowance_s(60, 10, steps_done=0, phase="start-up", checkpoints_done=0) == 60
+
+
+def test_heartbeat_counts_steps_and_checkpoints(tmp_path):
+    hb = Heartbeat(tmp_path, rank=0, world_size=1)
+    hb.beat("data wait", step=0)
+    hb.beat("compute", step=1)
+    assert hb.steps_done == 1 and hb.phase == "compute"
+    hb.beat("checkpoint")
+    hb.beat("data wait")
+    assert hb.checkpoints_done == 1
+    assert '"phase": "data wait"' in hb.path.read_text()
+
+
+def test_the_line_names_the_rank_without_a_report():
+    beats = {0: {"step": 42, "phase": "collective", "host": "a", "pid": 1},
+             1: {"step": 42, "phase": "data wait", "host": "b", "pid": 2}}
+    reports = {0: {"phase": "collective"}}
+    line = describe_hang(reports, beats, world_size=2, waited_s=61)
+    assert line == ("no step completed for 61 s: rank 1 (step 42, data wait, b pid 2) stopped making progress; "
+                    "the other ranks waited (collective)")
+    everyone = describe_hang({0: {"phase": "collective"}, 1: {"phase": "collective"}}, beats, 2, 61)
+    assert "every rank is stuck (collective) at step 42" in everyone
+    assert "rank 2 (never reported)" in describe_hang({}, beats, 3, 5)
+
+
+def test_a_rank_without_progress_reports_names_the_silent_peer_and_exits(tmp_path):
+    stuck = Heartbeat(tmp_path, rank=1, world_size=2)  # its process "stops": it never beats again
+    stuck.beat("compute", step=3)
+    live = Heartbeat(tmp_path, rank=0, world_size=2)
+    live.beat("compute", step=3)
+    live.beat("collective", step=3)
+    live.steps_done = live.checkpoints_done = 1
+    exited, log = [], open(tmp_path / "rank0.log", "w+")  # faulthandler writes to a real file
+    done = threading.Event()
+
+    def exit_fn(code):
+        exited.append(code)
+        done.set()
+
+    dog = Watchdog(live, timeout_s=0.3, startup_s=0.3, grace_s=0.3, log_stream=log, exit_fn=exit_fn).start()
+    assert done.wait(10)
+    dog.stop()
+    assert exited == [HANG_EXIT]
+    line = read_hang_line(tmp_path)
+    assert line.startswith("no step completed for") and "rank 1 (step 3, compute" in line
+    assert "the other ranks waited (collective)" in line
+    text = (tmp_path / "rank0.log").read_text()
+    assert "stacks of all threads" in text and "Thread" in text  # faulthandler's dump
+
+
+def test_progress_keeps_the_watchdog_quiet(tmp_path):
+    hb = Heartbeat(tmp_path, rank=0, world_size=1)
+    exited = []
+    dog = Watchdog(hb, timeout_s=0.5, startup_s=0.5, grace_s=0.1, exit_fn=exited.append).start()
+    for step in range(1, 15):
+        hb.beat("compute", step=step)
+        threading.Event().wait(0.05)
+    hb.beat("done")
+    threading.Event().wait(0.7)
+    dog.stop()
+    assert exited == []
+
+
+def test_a_second_hang_at_the_same_checkpoint_is_not_retried(tmp_path):
+    assert should_retry_after_hang(tmp_path, committed_step=40) is True
+    assert should_retry_after_hang(tmp_path, committed_step=80) is True  # progress in between
+    assert should_retry_after_hang(tmp_path, committed_step=80) is False  # none since the last hang
+    assert should_retry_after_hang(tmp_path, committed_step=None) is True
