@@ -33,7 +33,7 @@ def ranks(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(local.os, "kill", lambda pid, sig: sent.append((pid, sig)))
     monkeypatch.setattr(local.time, "monotonic", lambda: clock[0])
-    launcher = local._Ranks(cfg=None, devices=["cpu", "cpu"], threads=None)
+    launcher = local._Ranks(rank_main=None, devices=["cpu", "cpu"], threads=None)
     launcher.processes = [FakeProcess(11), FakeProcess(12)]
     return launcher, sent, clock
 

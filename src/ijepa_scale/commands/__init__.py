@@ -1,0 +1,1 @@
+"""Command-line front ends: one module per ijepa-scale command (argparse, exit codes); the work is done in the library."""
