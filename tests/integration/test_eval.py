@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 def run_eval(*args, timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}")
     cmd = [sys.executable, "-m", "ijepa_scale.cli", "eval", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 

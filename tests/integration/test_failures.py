@@ -18,7 +18,7 @@ NAN_RUN = ROOT / "tests" / "integration" / "nan_run.py"
 
 
 def run_nan(config, bad_rank, steps, *overrides, timeout=180):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}")
     return subprocess.run([sys.executable, str(NAN_RUN), str(config), str(bad_rank), steps, *overrides],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -62,7 +62,7 @@ def test_consecutive_nan_steps_stop_the_run_naming_step_and_rank(shards, tmp_pat
 def test_a_dying_rank_stops_the_others_and_main_exits_nonzero(shards, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", tiny_config(shards, run, optimization__epochs=50))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}")
     main = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--fname", str(config), "--devices", "cpu", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

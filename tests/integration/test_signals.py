@@ -12,7 +12,7 @@ import torch
 from tests.integration.common import ROOT, read_csv, run_main, tiny_config, write_config
 
 pytestmark = pytest.mark.integration
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}")
 
 
 def long_config(shards, tmp_path, **overrides):
@@ -124,6 +124,22 @@ def test_a_signal_to_any_process_saves_at_an_agreed_step(shards, tmp_path, targe
     assert proc.returncode == 0, stderr[-3000:]
     assert_saved_at_last_step(run, stdout, stderr)
     assert f"({signum.name})" in stdout
+
+
+@pytest.mark.parametrize("gap_s", [0.5, 0.75, 1.0])
+def test_two_quick_interrupts_are_one_request(shards, tmp_path, gap_s):
+    # Ctrl-C twice in a terminal: both reach the whole group within ABORT_AFTER_S, and the second may
+    # arrive while the ranks are saving or already exiting; it must not kill one of them.
+    config = long_config(shards, tmp_path)
+    run = tmp_path / "run"
+    proc = start(main_cmd(config), tmp_path)
+    wait_for_steps(proc, run)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(gap_s)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = finish(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert_saved_at_last_step(run, stdout, stderr)
 
 
 def test_timeout_wrapper_expiry_counts_as_one_request(shards, tmp_path):
