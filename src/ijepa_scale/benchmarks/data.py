@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from ijepa_scale.benchmarks.masks import OFFICIAL_IN1K_MASK
-from ijepa_scale.data.make_shards import ShardWriter, index_path, shard_name, write_index
+from ijepa_scale.data.shard_format import ShardWriter, index_path, shard_name, write_index
 from ijepa_scale.data.sources import RawSample, open_shards
 from ijepa_scale.data.stream import DataStream
 from ijepa_scale.data.transforms import ImageTransform, open_image, sample_crop_box, to_rgb

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..data.fashion_mnist import _SPLIT_FILES, DEFAULT_SOURCE_DIR, make_fashion_mnist_shards
-from ..data.make_shards import DatasetError, summary_line
+from ..data.shard_format import DatasetError, summary_line
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..data.make_shards import SRC_FORMATS, DatasetError, make_shards, summary_line
+from ..data.convert import make_shards
+from ..data.image_sources import SRC_FORMATS
+from ..data.shard_format import DatasetError, summary_line
 from ..errors import UserError
 
 

@@ -17,14 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ijepa_scale.data.make_shards import (
-    DatasetError,
-    ShardWriter,
-    assign_balanced,
-    existing_outputs,
-    index_path,
-    write_index,
-)
+from .convert import assign_balanced
+from .shard_format import DatasetError, ShardWriter, existing_outputs, index_path, write_index
 
 DEFAULT_SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
 CLASSES = [
