@@ -8,6 +8,7 @@ import sys
 
 COMMANDS = {
     "train": ("ijepa_scale.commands.train", "main", "pretrain on local devices (same as main.py)"),
+    "slurm": ("ijepa_scale.commands.slurm", "main", "submit pretraining to SLURM (same as main_distributed.py)"),
     "make-shards": ("ijepa_scale.commands.make_shards", "main", "ImageFolder / synset tars / file list -> tar shards + index"),
     "fashion-mnist": ("ijepa_scale.commands.fashion_mnist", "main", "Fashion-MNIST (Debian package) -> tar shards"),
     "bench-masks": ("ijepa_scale.commands.bench_masks", "main", "mask sampler speed (ms per batch)"),
