@@ -9,7 +9,8 @@ import sys
 COMMANDS = {
     "train": ("ijepa_scale.commands.train", "main", "pretrain on local devices (same as main.py)"),
     "slurm": ("ijepa_scale.commands.slurm", "main", "submit pretraining to SLURM (same as main_distributed.py)"),
-    "make-shards": ("ijepa_scale.commands.make_shards", "main", "ImageFolder / synset tars / file list -> tar shards + index"),
+    "make-shards": ("ijepa_scale.commands.make_shards", "main",
+                    "ImageFolder / synset tars / file list -> tar shards + index"),
     "fashion-mnist": ("ijepa_scale.commands.fashion_mnist", "main", "Fashion-MNIST (Debian package) -> tar shards"),
     "bench-masks": ("ijepa_scale.commands.bench_masks", "main", "mask sampler speed (ms per batch)"),
     "bench-data": ("ijepa_scale.commands.bench_data", "main", "input pipeline throughput (img/s)"),
@@ -21,13 +22,14 @@ COMMANDS = {
     "analyze": ("ijepa_scale.commands.analyze", "main", "analyze attention|corrdim|umap|gates: PNGs of a checkpoint"),
     "download": ("ijepa_scale.weights.download", "main", "fetch a released checkpoint into the verified cache (--list)"),
     "report": ("ijepa_scale.commands.report", "main", "summary and PNG of a run's per-rank CSVs (also while it runs)"),
-    "show-masks": ("ijepa_scale.commands.show_masks", "main", "draw the configured context/target blocks over real images"),
+    "show-masks": ("ijepa_scale.commands.show_masks", "main",
+                   "draw the configured context/target blocks over real images"),
     "export": ("ijepa_scale.weights.hf", "export_main", "write weights as a Hugging Face directory or official .pth.tar"),
 }
 
 
 def usage() -> str:
-    lines = [f"  {name:<14} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines = [f"  {name:<15} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     return ("usage: ijepa-scale COMMAND [options]   (ijepa-scale COMMAND --help for its options)\n\ncommands:\n"
             + "\n".join(lines))
 

@@ -76,7 +76,7 @@ def assert_saved_at_last_step(run, stdout, stderr):
     state = torch.load(run / "jepa-latest.pth.tar", weights_only=False, map_location="cpu")
     assert state["step"] == steps[0][-1]
     assert "Traceback" not in stderr and "error" not in stderr.lower(), stderr[-3000:]
-    assert f"stopped on request" in stdout and f"at step {state['step']}, checkpoint saved" in stdout
+    assert "stopped on request" in stdout and f"at step {state['step']}, checkpoint saved" in stdout
     return state["step"]
 
 

@@ -32,7 +32,8 @@ def test_every_command_module_is_in_the_table_and_has_a_main():
     import ijepa_scale.commands
 
     modules = {info.name for info in pkgutil.iter_modules(ijepa_scale.commands.__path__)}
-    tabled = {module.rsplit(".", 1)[1] for module, _, _ in COMMANDS.values() if module.startswith("ijepa_scale.commands.")}
+    tabled = {module.rsplit(".", 1)[1] for module, _, _ in COMMANDS.values()
+              if module.startswith("ijepa_scale.commands.")}
     assert modules - {"download", "export"} == tabled - {"download", "export"}
     for module, function, _ in COMMANDS.values():
         assert callable(getattr(importlib.import_module(module), function))

@@ -15,7 +15,8 @@ from ..benchmarks.data import (
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="ijepa-scale bench-data", description=DATA_DOC.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="ijepa-scale bench-data", description=DATA_DOC.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(DATA_DOC.splitlines()[1:]),
     )
     data = parser.add_mutually_exclusive_group(required=True)
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="per-rank batch size")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts to time")
     parser.add_argument("--batches", type=int, default=20, help="batches timed after the warm-up")
-    parser.add_argument("--warmup", type=int, default=None, help="batches before the clock starts (default: max(2, workers))")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="batches before the clock starts (default: max(2, workers))")
     parser.add_argument("--world-size", type=int, default=1, help="simulate one rank of this many")
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--shuffle-buffer", type=int, default=1000)

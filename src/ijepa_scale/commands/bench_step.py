@@ -22,7 +22,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vs-official", action="store_true", help="also time an official-style step")
     parser.add_argument("--vs-base", action="store_true",
                         help="also time the --fname config without the command-line overrides, interleaved step by "
-                             "step (e.g. overrides that switch to meta.model_name=energy_transformer vs the YAML's ViT)")
+                             "step (e.g. overrides that switch to meta.model_name=energy_transformer vs the "
+                             "YAML's ViT)")
     parser.add_argument("overrides", nargs="*", help="config overrides such as data.batch_size=32")
     args = parser.parse_args(argv)
     try:

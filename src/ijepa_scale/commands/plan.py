@@ -16,7 +16,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fname", required=True, help="YAML config (crop, patch, masks, batch, dtype, predictor)")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs in the run (FSDP shards over all; default 8)")
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
-    parser.add_argument("--sizes", default=None, help=f"comma-separated encoder sizes (default all: {','.join(VIT_SIZES)})")
+    parser.add_argument("--sizes", default=None,
+                        help=f"comma-separated encoder sizes (default all: {','.join(VIT_SIZES)})")
     parser.add_argument("--unit", choices=("GiB", "MiB"), default="GiB", help="memory unit of the table")
     parser.add_argument("overrides", nargs="*", help="config overrides such as data.batch_size=64")
     args = parser.parse_args(argv)

@@ -63,7 +63,8 @@ def _file_size(path: str) -> int:
         return 0
 
 
-def list_synset_tars(src_dir: str | os.PathLike, num_workers: int = 1) -> tuple[list[str], list[SourceSample], list[dict]]:
+def list_synset_tars(src_dir: str | os.PathLike,
+                     num_workers: int = 1) -> tuple[list[str], list[SourceSample], list[dict]]:
     """IN-22K layout: a folder of `<synset>.tar`, each holding that synset's images.
 
     Classes are the sorted tar names without `.tar`. Returns (classes, samples, problems):
