@@ -1,4 +1,5 @@
-"""Local launcher: one process per listed device, or one process under torchrun.
+"""Local launcher: one process per listed device, or one process under torchrun. `run_ranks` runs any
+per-rank work this way (training through `launch`, `ijepa-scale eval`); what follows is training's.
 
 Signals. SIGINT, SIGTERM and SIGUSR2 ask every rank to stop after its current step at a step
 they agree on, save it and exit 0, whichever processes receive them: the launcher alone (it
@@ -6,7 +7,9 @@ forwards the signal to the ranks), the whole process group (`kill -TERM -PGID`, 
 systemd, Ctrl-C in a terminal), or single ranks. Data-loader workers ignore them. Every
 signal that arrives within ABORT_AFTER_S of the first one belongs to the same request
 (a wrapper such as `timeout` relays a signal to the launcher while the group gets it too);
-a second SIGINT or SIGTERM later than that kills the ranks without saving.
+a second SIGINT or SIGTERM later than that kills the ranks without saving. Once the request
+is honoured, its repeats are ignored: they never kill a rank that is saving or exiting. (Work
+that does not save, such as evaluation, is killed by the first stop signal.)
 
 Errors. Ranks report their failure to the launcher instead of printing it; the launcher
 prints the one that happened first, once: a user mistake as one line (exit 2), a known
@@ -350,6 +353,7 @@ class _Ranks:
             return 130, None
         if not reports:
             if result is None:  # every rank exited 0, yet rank 0 sent nothing: not expected
+                print("error: rank 0 ended without reporting its result", file=sys.stderr, flush=True)
                 return FAILURE_EXIT, None
             return 0, result.value
         first = min(reports, key=lambda f: f.at)
