@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from ..errors import UserError, one_line
@@ -59,17 +60,32 @@ def parse_args(argv=None):
     return args
 
 
+def analyze_rank(rank: int, world_size: int, device_name: str, *, local_rank: int, cpu_threads: int | None,
+                 abort_after_s: float | None = None, args) -> str | None:
+    """The analysis runs in one process (rank 0; under torchrun the other ranks have nothing to do)."""
+    from ..launchers.entry import setup_logging
+
+    setup_logging(rank, rank0_to_stderr=True)
+    if rank != 0:
+        return None
+    _, summary = RUNNERS[args.command](argparse.Namespace(**{**vars(args), "device": device_name}))
+    return summary
+
+
 def main(argv=None) -> int:
     from ..launchers.entry import setup_logging
+    from ..launchers.local import run_ranks
 
     args = parse_args(argv)
     setup_logging(0, rank0_to_stderr=True)
     try:
         make_out_dir(args.out)
-        _, summary = RUNNERS[args.command](args)
+        code, summary = run_ranks(functools.partial(analyze_rank, args=args), [args.device], default_device="cpu",
+                                  saves_on_stop=False, device_flag="--device")
     except (UserError, FileNotFoundError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    print(summary)
-    return 0
+    if summary is not None:
+        print(summary)
+    return code
 

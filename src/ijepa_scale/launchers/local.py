@@ -142,13 +142,15 @@ def _warn_oversubscribed(devices: list[str]) -> None:
 
 
 def run_ranks(rank_main: RankMain, devices: list[str] | None, *, default_device: str = "cuda:0",
-              saves_on_stop: bool = True, before: Optional[Callable[[], None]] = None) -> tuple[int, Any]:
+              saves_on_stop: bool = True, before: Optional[Callable[[], None]] = None,
+              device_flag: str = "--devices") -> tuple[int, Any]:
     """Run `rank_main` once per device (one process each; in this process for one device) or, under
     torchrun, once as this process's rank. Returns (exit code, what rank 0 returned; None elsewhere).
 
     `before()` runs once before any rank starts (under torchrun: on rank 0). `saves_on_stop`: the work
     stops cleanly on SIGINT/SIGTERM/SIGUSR2 (run_rank); otherwise the first stop signal kills the ranks.
-    User errors (UserError, FileNotFoundError) raised before the ranks start propagate.
+    User errors (UserError, FileNotFoundError) raised before the ranks start propagate; `device_flag` is the
+    option that gave the devices, named in their errors.
     """
     env_info = dist_utils.env_rank_info()
     if env_info is not None:
@@ -156,10 +158,10 @@ def run_ranks(rank_main: RankMain, devices: list[str] | None, *, default_device:
 
     devices = devices or [default_device]
     for name in devices:
-        dist_utils.parse_device(name)
+        dist_utils.parse_device(name, flag=device_flag)
     cuda = [d for d in devices if d.startswith("cuda")]
     if len(set(cuda)) != len(cuda):
-        raise UserError(f"--devices lists a CUDA device twice: {' '.join(devices)}")
+        raise UserError(f"{device_flag} lists a CUDA device twice: {' '.join(devices)}")
     if before is not None:
         before()
     _warn_oversubscribed(devices)
