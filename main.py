@@ -7,7 +7,7 @@
 
 import sys
 
-from ijepa_scale.cli import train_main
+from ijepa_scale.commands.train import main
 
 if __name__ == "__main__":
-    sys.exit(train_main(prog="main.py"))
+    sys.exit(main(prog="main.py"))

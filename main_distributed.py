@@ -10,7 +10,7 @@ step it stopped at is committed; see `python main_distributed.py --help` and the
 
 import sys
 
-from ijepa_scale.launchers.slurm import main
+from ijepa_scale.commands.slurm import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="main_distributed.py"))

@@ -6,6 +6,7 @@ setup(
     description="Launcher and pipeline for large-scale I-JEPA pretraining",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    package_data={"ijepa_scale.launchers": ["presets/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch",

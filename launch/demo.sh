@@ -13,7 +13,7 @@ for split in train test; do
   have=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['num_samples'])" \
          "data/fmnist/fmnist-$split-index.json" 2>/dev/null || echo 0)
   if [ "$have" != "$want" ]; then
-    .venv/bin/python -m ijepa_scale.data.fashion_mnist --out data/fmnist --split "$split" \
+    .venv/bin/python -m ijepa_scale.cli fashion-mnist --out data/fmnist --split "$split" \
       --num-shards "$([ "$split" = train ] && echo 8 || echo 2)"
   fi
 done

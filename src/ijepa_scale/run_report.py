@@ -7,7 +7,6 @@ writing is fine: a half-written last line is dropped.
 
 from __future__ import annotations
 
-import argparse
 import io
 import re
 import sys
@@ -17,7 +16,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .errors import UserError, one_line
+from .errors import UserError
 
 RANK_FILE = re.compile(r"^(?P<tag>.*?)(?:_r|[-_.]rank\.?)(?P<rank>\d+)\.csv$")
 OFFICIAL_COLUMNS = ["epoch", "itr", "loss", "mask-A", "mask-B", "time (ms)"]
@@ -217,20 +216,3 @@ def report(source: str | Path, out: Optional[str | Path] = None) -> tuple[str, P
     plot(frames, png, f"{folder.name}: {summary['world_size']} rank(s), step {max(r['last_step'] for r in summary['ranks'].values())}")
     return format_summary(summary, source), png, summary
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ijepa-scale report",
-        description="Summarise a run's per-rank CSVs (steps, throughput, data wait, skipped, loss, stragglers) "
-                    "and draw loss, lr, throughput and mask sizes into a PNG. Works while the run is writing.")
-    parser.add_argument("logdir", help="the run's logging.folder (or one CSV file)")
-    parser.add_argument("--out", default=None, help="PNG path (default LOGDIR/report.png)")
-    args = parser.parse_args(argv)
-    try:
-        text, png, _ = report(args.logdir, args.out)
-    except UserError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    print(text)
-    print(f"wrote {png}")
-    return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ijepa_scale.data.make_shards import ShardWriter, index_path, write_index
+from ijepa_scale.data.shard_format import ShardWriter, index_path, write_index
 
 _SKIMAGE_PHOTOS = (
     "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",

@@ -132,6 +132,17 @@ def test_unwritable_logging_folder_is_refused_before_the_ranks_start(shards, tmp
         f"choose a writable logging.folder"]
 
 
+@pytest.mark.parametrize("devices", [("cpu",), ("cpu", "cpu")])
+def test_a_run_refused_at_start_up_leaves_no_folder_it_created(tmp_path, devices):
+    run = tmp_path / "new" / "run"
+    config = write_config(tmp_path / "c.yaml", tiny_config("/nowhere/train-{000000..000001}.tar", run))
+    proc = run_main(config, devices=devices, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert error_lines(proc.stderr) == ["error: shard not found: /nowhere/train-000000.tar (and 1 more); check "
+                                        "data.shards='/nowhere/train-{000000..000001}.tar'"]
+    assert not (tmp_path / "new").exists()
+
+
 def test_resume_into_another_architecture_is_one_line_printed_once(shards, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", tiny_config(shards, run))

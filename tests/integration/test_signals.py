@@ -76,7 +76,7 @@ def assert_saved_at_last_step(run, stdout, stderr):
     state = torch.load(run / "jepa-latest.pth.tar", weights_only=False, map_location="cpu")
     assert state["step"] == steps[0][-1]
     assert "Traceback" not in stderr and "error" not in stderr.lower(), stderr[-3000:]
-    assert f"stopped on request" in stdout and f"at step {state['step']}, checkpoint saved" in stdout
+    assert "stopped on request" in stdout and f"at step {state['step']}, checkpoint saved" in stdout
     return state["step"]
 
 
@@ -124,6 +124,22 @@ def test_a_signal_to_any_process_saves_at_an_agreed_step(shards, tmp_path, targe
     assert proc.returncode == 0, stderr[-3000:]
     assert_saved_at_last_step(run, stdout, stderr)
     assert f"({signum.name})" in stdout
+
+
+@pytest.mark.parametrize("gap_s", [0.5, 0.75, 1.0])
+def test_two_quick_interrupts_are_one_request(shards, tmp_path, gap_s):
+    # Ctrl-C twice in a terminal: both reach the whole group within ABORT_AFTER_S, and the second may
+    # arrive while the ranks are saving or already exiting; it must not kill one of them.
+    config = long_config(shards, tmp_path)
+    run = tmp_path / "run"
+    proc = start(main_cmd(config), tmp_path)
+    wait_for_steps(proc, run)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(gap_s)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = finish(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert_saved_at_last_step(run, stdout, stderr)
 
 
 def test_timeout_wrapper_expiry_counts_as_one_request(shards, tmp_path):

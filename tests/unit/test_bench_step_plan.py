@@ -5,6 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ijepa_scale.benchmarks import plan, step
+from ijepa_scale.commands import plan as plan_command
 from ijepa_scale.config import config_from_dict
 
 
@@ -58,8 +59,8 @@ def test_plan_shards_state_under_fsdp_and_checkpointing_cuts_activations():
 def test_plan_command_prints_every_size_and_refuses_bad_arguments(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("data: {shards: x.tar, batch_size: 16}\nmeta: {use_bfloat16: true}\n")
-    assert plan.main(["--fname", str(config), "--gpus", "8", "--gpu-mem", "80"]) == 0
+    assert plan_command.main(["--fname", str(config), "--gpus", "8", "--gpu-mem", "80"]) == 0
     text = capsys.readouterr().out
     assert all(name in text for name in ("vit_tiny", "vit_huge", "vit_giant"))
-    assert plan.main(["--fname", str(config), "--gpus", "0"]) == 2
+    assert plan_command.main(["--fname", str(config), "--gpus", "0"]) == 2
     assert "--gpus 0" in capsys.readouterr().err

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ijepa_scale.cli import main, parse_train_args
+from ijepa_scale.cli import COMMANDS, main
+from ijepa_scale.commands.train import parse_args as parse_train_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,8 +21,22 @@ def test_devices_and_trailing_overrides_are_separated():
 def test_usage_lists_commands(capsys):
     assert main([]) == 2
     out = capsys.readouterr().out
-    for command in ("train", "make-shards", "fashion-mnist", "bench-masks", "bench-data"):
-        assert command in out
+    for command in COMMANDS:
+        assert f"  {command} " in out
+
+
+def test_every_command_module_is_in_the_table_and_has_a_main():
+    import importlib
+    import pkgutil
+
+    import ijepa_scale.commands
+
+    modules = {info.name for info in pkgutil.iter_modules(ijepa_scale.commands.__path__)}
+    tabled = {module.rsplit(".", 1)[1] for module, _, _ in COMMANDS.values()
+              if module.startswith("ijepa_scale.commands.")}
+    assert modules - {"download", "export"} == tabled - {"download", "export"}
+    for module, function, _ in COMMANDS.values():
+        assert callable(getattr(importlib.import_module(module), function))
 
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")

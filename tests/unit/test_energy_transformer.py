@@ -269,7 +269,7 @@ def test_bench_step_counts_the_energy_step_and_times_it_against_the_vit_interlea
 
 
 def test_plan_refuses_the_energy_model_with_one_line(tmp_path, capsys):
-    from ijepa_scale.benchmarks import plan
+    from ijepa_scale.commands import plan
 
     config = tmp_path / "c.yaml"
     config.write_text("data: {shards: x.tar}\nmeta: {model_name: energy_transformer, pred_emb_dim: 64}\n")

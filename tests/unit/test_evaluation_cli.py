@@ -6,7 +6,7 @@ import torch
 
 from ijepa_scale.cli import main as cli_main
 from ijepa_scale.config import config_from_dict
-from ijepa_scale.evaluation.cli import main
+from ijepa_scale.commands.eval import main
 from ijepa_scale.evaluation.evaluate import build_eval_encoder
 from ijepa_scale.models import build_encoder
 from tests.helpers.photos import make_photo_shards

@@ -10,7 +10,7 @@ import torch
 from ijepa_scale.config import ConfigError, config_from_dict, load_config
 from ijepa_scale.errors import RunFailure, UserError
 from ijepa_scale.launchers import local
-from ijepa_scale.launchers.entry import check_logging_folder, run_rank
+from ijepa_scale.launchers.entry import check_logging_folder, remove_if_left_empty, run_rank
 from ijepa_scale.training.trainer import NonFiniteLossError
 from tests.helpers.photos import make_photo_shards
 
@@ -33,7 +33,7 @@ def ranks(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(local.os, "kill", lambda pid, sig: sent.append((pid, sig)))
     monkeypatch.setattr(local.time, "monotonic", lambda: clock[0])
-    launcher = local._Ranks(cfg=None, devices=["cpu", "cpu"], threads=None)
+    launcher = local._Ranks(rank_main=None, devices=["cpu", "cpu"], threads=None)
     launcher.processes = [FakeProcess(11), FakeProcess(12)]
     return launcher, sent, clock
 
@@ -86,6 +86,20 @@ def test_logging_folder_is_checked_before_start(tmp_path):
         check_logging_folder("")
     check_logging_folder(str(tmp_path / "new" / "run"))
     assert (tmp_path / "new" / "run").is_dir() and os.listdir(tmp_path / "new" / "run") == []
+
+
+def test_a_refused_start_removes_only_the_folders_it_created(tmp_path):
+    created = check_logging_folder(str(tmp_path / "new" / "run"))
+    assert created == [tmp_path / "new", tmp_path / "new" / "run"]
+    log = tmp_path / "new" / "run" / "jepa_r0.log"
+    log.write_text("[rank 0] the start-up's lines\n")
+    remove_if_left_empty(created, log)
+    assert list(tmp_path.iterdir()) == []
+    assert check_logging_folder(str(tmp_path)) == []  # it existed: never removed
+    created = check_logging_folder(str(tmp_path / "run"))
+    (tmp_path / "run" / "jepa-latest.pth.tar").write_text("")  # something else was written: kept
+    remove_if_left_empty(created, tmp_path / "run" / "jepa_r0.log")
+    assert (tmp_path / "run").is_dir()
 
 
 def test_more_cpu_ranks_than_cores_warns(monkeypatch, capsys):

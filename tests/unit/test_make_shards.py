@@ -16,16 +16,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from ijepa_scale.data import fashion_mnist, make_shards
-from ijepa_scale.data.make_shards import (
-    DatasetError,
-    ShardWriter,
-    assign_balanced,
-    make_shards_from_folder,
-    read_index,
-    shard_urls,
-    write_index,
-)
+from ijepa_scale.commands import make_shards
+from ijepa_scale.data import fashion_mnist
+from ijepa_scale.data.convert import assign_balanced, make_shards_from_folder
+from ijepa_scale.data.shard_format import DatasetError, ShardWriter, read_index, shard_urls, write_index
 
 from tests.helpers.photos import make_photo_folder, make_photo_shards
 

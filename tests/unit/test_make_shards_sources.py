@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ijepa_scale.data import make_shards as ms
-from ijepa_scale.data.make_shards import DatasetError, make_shards, parse_bytes
+from ijepa_scale.commands.make_shards import main as make_shards_main
+from ijepa_scale.data import convert
+from ijepa_scale.data.convert import make_shards, parse_bytes
+from ijepa_scale.data.shard_format import DatasetError, summary_line
 from ijepa_scale.data.sources import open_shards
 from tests.helpers.photos import encode, photo_crop
 
@@ -127,7 +129,7 @@ def test_bad_synset_inputs_are_converted_or_skipped_and_reported(tmp_path):
     good_in_truncated = index["class_counts"][1]
     assert 0 < good_in_truncated < 6 and index["class_counts"][0] == 4
     assert index["report"]["skipped"]["empty file"] == 1 and index["report"]["skipped"]["truncated synset tar"] == 1
-    line = ms.summary_line(index, tmp_path / "out")
+    line = summary_line(index, tmp_path / "out")
     assert "skipped 3 unreadable files" in line and "CMYK JPEG converted to RGB" in line
     stored = {}
     for shard in index["shards"]:
@@ -159,7 +161,7 @@ def test_file_list_with_integer_labels_and_errors(layouts, tmp_path):
 def test_interrupted_conversion_resumes_keeping_complete_shards(layouts, tmp_path, monkeypatch):
     src, out = layouts["folder"], tmp_path / "out"
     reference = make_shards(src, tmp_path / "reference", num_shards=6, seed=2)
-    real_write = ms._write_shard
+    real_write = convert._write_shard
     done = []
 
     def crash_on_fourth(task):
@@ -168,7 +170,7 @@ def test_interrupted_conversion_resumes_keeping_complete_shards(layouts, tmp_pat
         done.append(task.shard_idx)
         return real_write(task)
 
-    monkeypatch.setattr(ms, "_write_shard", crash_on_fourth)
+    monkeypatch.setattr(convert, "_write_shard", crash_on_fourth)
     with pytest.raises(DatasetError, match="interrupted with 3 of 6 shards complete; run the same command"):
         make_shards(src, out, num_shards=6, seed=2)
     assert sorted(p.name for p in out.glob("*.tar")) == [f"train-00000{i}.tar" for i in done]
@@ -177,7 +179,7 @@ def test_interrupted_conversion_resumes_keeping_complete_shards(layouts, tmp_pat
     kept = {i: (out / f"train-00000{i}.tar").stat().st_mtime_ns for i in done}
 
     rewritten = []
-    monkeypatch.setattr(ms, "_write_shard", lambda task: rewritten.append(task.shard_idx) or real_write(task))
+    monkeypatch.setattr(convert, "_write_shard", lambda task: rewritten.append(task.shard_idx) or real_write(task))
     index = make_shards(src, out, num_shards=6, seed=2)
     assert sorted(rewritten) == [i for i in range(6) if i not in done]
     assert all((out / f"train-00000{i}.tar").stat().st_mtime_ns == t for i, t in kept.items())
@@ -211,14 +213,14 @@ def test_output_to_an_fsspec_url_reads_back(layouts, tmp_path):
 
 def test_progress_line_has_rate_and_eta():
     stream = io.StringIO()
-    meter = ms.Progress(100, 4, stream=stream, interval_s=0)
+    meter = convert.Progress(100, 4, stream=stream, interval_s=0)
     meter.update(25)
     line = stream.getvalue()
     assert "1/4 shards, 25/100 images (25.0%)" in line and "img/s" in line and "ETA" in line
 
 
 def test_cli_synset_tars(layouts, tmp_path, capsys):
-    ms.main(["--src", str(layouts["synset-tars"]), "--src-format", "synset-tars", "--out", str(tmp_path / "o"),
+    make_shards_main(["--src", str(layouts["synset-tars"]), "--src-format", "synset-tars", "--out", str(tmp_path / "o"),
              "--samples-per-shard", "10", "--workers", "2"])
     captured = capsys.readouterr()
     assert captured.out.startswith("wrote 24 samples (3 classes) to 3 shards")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ijepa_scale.metrics import COLUMNS, CSVMetrics
-from ijepa_scale.run_report import main, report
+from ijepa_scale.commands.report import main
+from ijepa_scale.run_report import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -3,7 +3,8 @@
 import yaml
 
 from ijepa_scale.config import load_config
-from ijepa_scale.masks.show import main, sample_batch
+from ijepa_scale.commands.show_masks import main
+from ijepa_scale.masks.show import sample_batch
 
 
 def write_config(tmp_path, shards):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pickle
 import stat
+import subprocess
 
 import pytest
 import yaml
 
 from ijepa_scale.launchers import slurm
+from ijepa_scale.commands import slurm as slurm_command
 from tests.integration.common import ROOT, tiny_config, write_config
 
 
@@ -33,7 +35,7 @@ def config(tmp_path):
 
 
 def run(capsys, *argv):
-    code = slurm.main(list(argv))
+    code = slurm_command.main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -90,13 +92,13 @@ def test_override_that_does_not_validate(capsys, fake_slurm, config):
 
 
 def test_preset_values_and_flags_over_them():
-    options = slurm.resolve_options(slurm.parse_args(["--preset", "local-cpu", "--cpus-per-task", "2"]))
+    options = slurm.resolve_options(slurm_command.parse_args(["--preset", "local-cpu", "--cpus-per-task", "2"]))
     assert (options.partition, options.gpus_per_node, options.cpus_per_task, options.time) == ("debug", 0, 2, 10)
-    options = slurm.resolve_options(slurm.parse_args(["--preset", "example", "--tasks-per-node", "8",
-                                                      "--nodes", "2"]))
+    options = slurm.resolve_options(slurm_command.parse_args(["--preset", "example", "--tasks-per-node", "8",
+                                                              "--nodes", "2"]))
     assert (options.partition, options.mem_per_gpu, options.gpus_per_node, options.nodes) == ("learnlab", "55G", 8, 2)
     # Official defaults without a preset: one GPU per task.
-    options = slurm.resolve_options(slurm.parse_args(["--tasks-per-node", "4"]))
+    options = slurm.resolve_options(slurm_command.parse_args(["--tasks-per-node", "4"]))
     assert (options.gpus_per_node, options.cpus_per_task, options.time, options.max_requeues) == (4, 10, 4300, 20)
 
 
@@ -194,7 +196,7 @@ def test_sigterm_alone_is_not_requeued_by_the_job():
 
 def test_checkpoint_hands_submitit_the_next_job_without_a_resume_path(tmp_path):
     cfg = slurm.load_config(write_config(tmp_path / "t.yaml", tiny_config("/d/x-{0..1}.tar", tmp_path / "run")))
-    options = slurm.resolve_options(slurm.parse_args(["--preset", "local-cpu", "--tasks-per-node", "2"]))
+    options = slurm.resolve_options(slurm_command.parse_args(["--preset", "local-cpu", "--tasks-per-node", "2"]))
     job = slurm.SlurmTrainingJob(cfg, options)
     job._decision = slurm.decide_requeue({}, signals=("SIGUSR2",), step=7, elapsed_s=5, time_min=10,
                                          signal_delay_s=30, max_requeues=3)
@@ -228,7 +230,7 @@ def test_main_distributed_is_thin():
 
 def test_argparse_mistakes_are_one_line(capsys, fake_slurm, config):
     with pytest.raises(SystemExit) as exit_info:
-        slurm.main(["--fname", str(config), "--nodes", "two"])
+        slurm_command.main(["--fname", str(config), "--nodes", "two"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--nodes: invalid int value: 'two'" in err
@@ -254,3 +256,17 @@ def test_unreachable_controller_refuses_submission_but_not_a_dry_run(capsys, fak
     assert code == 0, err
     assert err.startswith("warning: --partition debug not checked: sinfo failed")
     assert "#SBATCH --partition=debug" in out and not fake_slurm.exists()
+
+
+def test_presets_ship_with_the_package_and_git_comes_from_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no source checkout here: the packaged presets still resolve
+    assert slurm.preset_path("local-cpu").parent.name == "presets"
+    assert slurm.load_preset("local-cpu")["partition"] == "debug"
+    mine = tmp_path / "launch" / "slurm" / "local-cpu.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("partition: mine\n")
+    assert slurm.load_preset("local-cpu")["partition"] == "mine"  # the folder's own presets come first
+    assert slurm.git_state(tmp_path) == (f"not a git checkout: {tmp_path}\n", "")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    record, _ = slurm.git_state(tmp_path / "launch")
+    assert f"repository {tmp_path}" in record

@@ -349,7 +349,7 @@ def test_unreadable_index_is_one_line_naming_it(tmp_path, uneven_shards):
 
 
 def test_shard_changed_since_indexing_is_named(tmp_path, caplog):
-    from ijepa_scale.data.make_shards import make_shards_from_folder
+    from ijepa_scale.data.convert import make_shards_from_folder
     from ijepa_scale.errors import UserError
 
     src = make_photo_folder(tmp_path / "src", num_classes=2, per_class=6, size=(40, 40))

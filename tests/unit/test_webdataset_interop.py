@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from ijepa_scale.data.make_shards import read_index
+from ijepa_scale.data.shard_format import read_index
 from ijepa_scale.data.sources import RawSample, open_shards
 from ijepa_scale.data.transforms import open_image
 from tests.helpers.photos import encode, make_photo_shards, photo_crop

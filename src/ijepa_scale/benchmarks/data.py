@@ -1,7 +1,7 @@
 """Throughput of the training input pipeline (tar read, decode, crop, collation, masks, workers).
 
-    python -m ijepa_scale.benchmarks.data --shards 's3://bucket/in1k/train-{000000..001023}.tar' --workers 0 2 4
-    python -m ijepa_scale.benchmarks.data --make-photo-shards /tmp/bench_shards --workers 0 1 2
+    ijepa-scale bench-data --shards 's3://bucket/in1k/train-{000000..001023}.tar' --workers 0 2 4
+    ijepa-scale bench-data --make-photo-shards /tmp/bench_shards --workers 0 1 2
 
 Each worker count builds the same `DataStream` the trainer builds (ImageTransform with the
 default recipe, official in1k multi-block masks) and times whole batches as the training loop
@@ -14,7 +14,6 @@ scikit-learn.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -22,7 +21,6 @@ import os
 import random
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -32,7 +30,7 @@ import torch
 from PIL import Image
 
 from ijepa_scale.benchmarks.masks import OFFICIAL_IN1K_MASK
-from ijepa_scale.data.make_shards import ShardWriter, index_path, shard_name, write_index
+from ijepa_scale.data.shard_format import ShardWriter, index_path, shard_name, write_index
 from ijepa_scale.data.sources import RawSample, open_shards
 from ijepa_scale.data.stream import DataStream
 from ijepa_scale.data.transforms import ImageTransform, open_image, sample_crop_box, to_rgb
@@ -490,66 +488,3 @@ def _round_floats(value, digits=2):
         return [_round_floats(v, digits) for v in value]
     return value
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]),
-    )
-    data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--shards", help="shard URL or brace pattern (local path or fsspec URL), as data.shards")
-    data.add_argument("--make-photo-shards", metavar="DIR",
-                      help="first write benchmark shards of real photos (scikit-image/scikit-learn) in DIR")
-    parser.add_argument("--index", default=None, help="shard index JSON (default: found beside the shards)")
-    parser.add_argument("--num-images", type=int, default=2000, help="with --make-photo-shards")
-    parser.add_argument("--num-shards", type=int, default=8, help="with --make-photo-shards")
-    parser.add_argument("--crop-size", type=int, default=224)
-    parser.add_argument("--patch-size", type=int, default=14)
-    parser.add_argument("--batch-size", type=int, default=64, help="per-rank batch size")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts to time")
-    parser.add_argument("--batches", type=int, default=20, help="batches timed after the warm-up")
-    parser.add_argument("--warmup", type=int, default=None, help="batches before the clock starts (default: max(2, workers))")
-    parser.add_argument("--world-size", type=int, default=1, help="simulate one rank of this many")
-    parser.add_argument("--rank", type=int, default=0)
-    parser.add_argument("--shuffle-buffer", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--per-core-images", type=int, default=512,
-                        help="images for the single-process decode+transform measurement")
-    parser.add_argument("--rss-epochs", type=int, default=0,
-                        help="then run this many full epochs with the largest worker count and report RSS per epoch")
-    args = parser.parse_args(argv)
-    if args.batches < 1 or (args.warmup is not None and args.warmup < 0):
-        parser.error("--batches must be >= 1 and --warmup >= 0")
-    if any(w < 0 for w in args.workers):
-        parser.error("--workers must be >= 0")
-    if args.per_core_images < 1:
-        parser.error("--per-core-images must be >= 1")
-
-    torch.set_num_threads(1)
-    try:
-        if args.make_photo_shards:
-            pattern = write_photo_shards(args.make_photo_shards, args.num_images, args.num_shards, seed=args.seed)
-        else:
-            pattern = args.shards
-        summary = benchmark_stream(
-            pattern, args.workers, batch_size=args.batch_size, crop_size=args.crop_size,
-            patch_size=args.patch_size, batches=args.batches, warmup=args.warmup,
-            world_size=args.world_size, rank=args.rank, shuffle_buffer=args.shuffle_buffer,
-            seed=args.seed, index_url=args.index, per_core_images=args.per_core_images,
-            rss_epochs=args.rss_epochs, log=lambda msg: print(msg, file=sys.stderr, flush=True),
-        )
-    except (MissingDependencyError, ValueError, FileNotFoundError, OSError) as e:
-        sys.exit(f"error: {e}")
-
-    print(
-        f"\ndata pipeline: {summary['num_samples']} samples in {summary['num_shards']} shards "
-        f"(mean {summary['mean_jpeg_kb']:.0f} KB/image), batch {summary['batch_size']}, crop {summary['crop_size']}, "
-        f"rank {summary['rank']}/{summary['world_size']}, shuffle buffer {summary['shuffle_buffer']}, "
-        f"{summary['cpus']} CPUs, load {summary['loadavg_1m_start']} -> {summary['loadavg_1m_end']}"
-    )
-    print(format_table(summary))
-    print(json.dumps(_round_floats(summary, 2)))
-
-
-if __name__ == "__main__":
-    main()

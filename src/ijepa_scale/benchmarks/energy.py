@@ -1,6 +1,6 @@
 """Cost of one I-JEPA training step with the energy transformer vs a ViT of the same width.
 
-    python -m ijepa_scale.benchmarks.energy [--embed-dim 128 --steps 6 --batch 16 --img 32 --patch 4]
+    ijepa-scale bench-energy [--embed-dim 128 --steps 6 --batch 16 --img 32 --patch 4]
 
 Each model pair (encoder + predictor, predictor at the same width) runs forward, smooth-L1 against
 fixed targets and backward; the median wall time per step over ``--iters`` steps is printed, after
@@ -11,7 +11,6 @@ with create_graph (second order) and the closed form.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -61,27 +60,3 @@ def measure(kind: str, args) -> tuple[float, int]:
             times.append(time.perf_counter() - start)
     return statistics.median(times), params
 
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--embed-dim", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=6, help="energy iterations = ViT depth")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--img", type=int, default=32)
-    parser.add_argument("--patch", type=int, default=4)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    args = parser.parse_args(argv)
-    print(f"width {args.embed_dim}, {args.steps} blocks/iterations, batch {args.batch}, "
-          f"{(args.img // args.patch) ** 2} tokens, torch threads {torch.get_num_threads()}")
-    base = None
-    for kind in ("vit", "energy-autograd", "energy-analytic"):
-        seconds, params = measure(kind, args)
-        base = base or seconds
-        print(f"{kind:16s} {seconds * 1e3:8.1f} ms/step  x{seconds / base:5.2f}  ({params / 1e6:.2f}M params)",
-              flush=True)
-
-
-if __name__ == "__main__":
-    main()

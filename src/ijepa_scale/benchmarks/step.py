@@ -15,7 +15,6 @@ measures the model step only.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import statistics
@@ -26,8 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import Config, load_config
-from ..errors import UserError, one_line
+from ..config import Config
 from ..masks import MultiBlockMaskCollator
 from ..models import build_encoder, build_predictor
 from ..models.utils import apply_masks, repeat_interleave_batch
@@ -380,32 +378,3 @@ def format_result(cfg: Config, device: torch.device, r: dict, steps: int) -> str
                      f"{r['speedup_vs_official']:.2f}x as fast")
     return "\n".join(lines)
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ijepa-scale bench-step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fname", required=True, help="YAML config (model, crop, patch, masks, batch, dtype)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--vs-official", action="store_true", help="also time an official-style step")
-    parser.add_argument("--vs-base", action="store_true",
-                        help="also time the --fname config without the command-line overrides, interleaved step by "
-                             "step (e.g. overrides that switch to meta.model_name=energy_transformer vs the YAML's ViT)")
-    parser.add_argument("overrides", nargs="*", help="config overrides such as data.batch_size=32")
-    args = parser.parse_args(argv)
-    try:
-        if args.steps < 1 or args.warmup < 0:
-            raise UserError(f"--steps {args.steps} / --warmup {args.warmup}: need steps >= 1 and warmup >= 0")
-        cfg = load_config(args.fname, args.overrides)
-        vs = load_config(args.fname) if args.vs_base else None
-        from ..distributed.env import parse_device
-
-        device = parse_device(args.device)
-    except (UserError, FileNotFoundError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run(cfg, device, steps=args.steps, warmup=args.warmup, vs_official=args.vs_official, vs=vs)
-    return 0

@@ -1,6 +1,6 @@
 """Fashion-MNIST (Debian package `dataset-fashion-mnist`) -> tar shards in the project format.
 
-    python -m ijepa_scale.data.fashion_mnist --out data/fmnist --split train --num-shards 8
+    ijepa-scale fashion-mnist --out data/fmnist --split train --num-shards 8
 
 Samples are 28x28 grayscale PNGs; shards are `fmnist-{split}-{i:06d}.tar` with the index
 `fmnist-{split}-index.json`.
@@ -8,26 +8,17 @@ Samples are 28x28 grayscale PNGs; shards are `fmnist-{split}-{i:06d}.tar` with t
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ijepa_scale.data.make_shards import (
-    DatasetError,
-    ShardWriter,
-    assign_balanced,
-    existing_outputs,
-    index_path,
-    summary_line,
-    write_index,
-)
+from .convert import assign_balanced
+from .shard_format import DatasetError, ShardWriter, existing_outputs, index_path, write_index
 
 DEFAULT_SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
 CLASSES = [
@@ -137,29 +128,3 @@ def make_fashion_mnist_shards(
         },
     )
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="ijepa-scale fashion-mnist",
-        description="Convert Debian's dataset-fashion-mnist into tar shards.",
-    )
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--split", choices=sorted(_SPLIT_FILES), default="train")
-    parser.add_argument("--num-shards", type=int, default=8)
-    parser.add_argument("--per-class", type=int, default=None,
-                        help="class-balanced subset: this many samples per class")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--source-dir", default=DEFAULT_SOURCE_DIR)
-    args = parser.parse_args(argv)
-    try:
-        index = make_fashion_mnist_shards(
-            args.out, split=args.split, num_shards=args.num_shards, per_class=args.per_class,
-            seed=args.seed, source_dir=args.source_dir,
-        )
-    except DatasetError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    print(summary_line(index, args.out))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, UnidentifiedImageError
 
-from ijepa_scale.data.make_shards import to_rgb_or_l
+from ijepa_scale.data.image_encoding import to_rgb_or_l
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -38,20 +38,21 @@ def find_free_port() -> int:
         return s.getsockname()[1]
 
 
-def parse_device(name: str) -> torch.device:
+def parse_device(name: str, flag: str = "--devices") -> torch.device:
+    """`name` as a device this machine has; a UserError names `flag` (the option that gave it) otherwise."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--devices: {name!r} is not a device name (use e.g. cuda:0 or cpu)") from None
+        raise UserError(f"{flag}: {name!r} is not a device name (use e.g. cuda:0 or cpu)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--devices: {name} requested but CUDA is not available here (use cpu)")
+            raise UserError(f"{flag}: {name} requested but CUDA is not available here (use cpu)")
         if device.index is None:
             device = torch.device("cuda", 0)
         if device.index >= torch.cuda.device_count():
-            raise UserError(f"--devices: {name} does not exist ({torch.cuda.device_count()} CUDA devices)")
+            raise UserError(f"{flag}: {name} does not exist ({torch.cuda.device_count()} CUDA devices)")
     elif device.type != "cpu":
-        raise UserError(f"--devices: unsupported device type {device.type!r} (use cuda:N or cpu)")
+        raise UserError(f"{flag}: unsupported device type {device.type!r} (use cuda:N or cpu)")
     return device
 
 

@@ -10,12 +10,10 @@ numbers into --out and prints one line naming them.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
 import math
-import sys
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -23,7 +21,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..errors import UserError, one_line
+from ..distributed.env import parse_device
+from ..errors import UserError
 from ..objectives import saved_objective
 
 logger = logging.getLogger("ijepa_scale")
@@ -106,15 +105,6 @@ def load_encoder(checkpoint: Path, key: str, device: torch.device, need_vit: boo
     return encoder.to(device), size, info
 
 
-def parse_device(name: str) -> torch.device:
-    from ..distributed.env import parse_device as parse
-
-    try:
-        return parse(name)
-    except UserError as exc:
-        raise UserError(str(exc).replace("--devices", "--device", 1)) from None
-
-
 def normalized(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     from ..data.transforms import normalize
 
@@ -163,7 +153,7 @@ def run_attention(args) -> tuple[list[Path], str]:
     from .analysis import attention_grid, attention_maps, save_image_grid
     from .evaluate import resolve_checkpoint
 
-    device = parse_device(args.device)
+    device = parse_device(args.device, flag="--device")
     checkpoint = resolve_checkpoint(args.checkpoint)
     source = open_images(args.shards)
     encoder, size, _ = load_encoder(checkpoint, args.key, device, need_vit=True)
@@ -232,7 +222,7 @@ def run_corrdim(args) -> tuple[list[Path], str]:
     from .analysis import correlation_dimension, plot_correlation_dimension
     from .evaluate import resolve_checkpoint
 
-    device = parse_device(args.device)
+    device = parse_device(args.device, flag="--device")
     checkpoint = resolve_checkpoint(args.checkpoint)
     source = open_images(args.shards)
     encoder, size, _ = load_encoder(checkpoint, args.key, device)
@@ -301,7 +291,7 @@ def run_umap(args) -> tuple[list[Path], str]:
     from .evaluate import resolve_checkpoint
 
     umap = import_umap()
-    device = parse_device(args.device)
+    device = parse_device(args.device, flag="--device")
     checkpoint = resolve_checkpoint(args.checkpoint)
     source = open_images(args.shards)
     encoder, size, _ = load_encoder(checkpoint, args.key, device)
@@ -434,7 +424,7 @@ def run_gates(args) -> tuple[list[Path], str]:
     from .analysis import gate_map_summary
     from .evaluate import resolve_checkpoint
 
-    device = parse_device(args.device)
+    device = parse_device(args.device, flag="--device")
     checkpoint = resolve_checkpoint(args.checkpoint)
     source = open_images(args.shards)
     student, predictor, teacher, size = load_gated(checkpoint, device)
@@ -502,72 +492,3 @@ def make_out_dir(path: str) -> Path:
 
 
 RUNNERS = {"attention": run_attention, "corrdim": run_corrdim, "umap": run_umap, "gates": run_gates}
-
-
-def parse_args(argv=None):
-    from .evaluate import KEYS
-
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--checkpoint", required=True,
-                        help="checkpoint file or URL, or a run folder (its *-latest), as for `ijepa-scale eval`")
-    common.add_argument("--shards", required=True, help="tar shards (brace pattern) to read images from")
-    common.add_argument("--out", required=True, help="folder for the PNGs and tables (created)")
-    common.add_argument("--batch-size", type=int, default=64)
-    common.add_argument("--crop-size", type=int, default=None, help="image size (default: the checkpoint's)")
-    common.add_argument("--device", default="cpu", help="e.g. cpu or cuda:0 (default cpu)")
-    common.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    keyed = argparse.ArgumentParser(add_help=False)
-    keyed.add_argument("--key", choices=KEYS, default="target_encoder",
-                       help="which network, as for `eval` (default target_encoder; gated|all_open: a Gated I-JEPA "
-                            "run's predictor tokens)")
-    vit_keyed = argparse.ArgumentParser(add_help=False)
-    vit_keyed.add_argument("--key", choices=("target_encoder", "encoder"), default="target_encoder",
-                           help="which encoder (default target_encoder)")
-
-    parser = argparse.ArgumentParser(prog="ijepa-scale analyze", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
-    p = sub.add_parser("attention", parents=[common, vit_keyed],
-                       help="attention maps of chosen layers and heads over images (PNG grid)")
-    p.add_argument("--layers", type=int, nargs="+", default=[0, -1], help="block indices, negative from the end "
-                   "(default 0 -1)")
-    p.add_argument("--heads", type=int, nargs="+", default=None, help="head indices (default all)")
-    p.add_argument("--patch", type=int, default=None,
-                   help="show how much every query attends to this key patch (default: mean attention received)")
-    p.add_argument("--num-images", type=int, default=8, help="images (rows), default 8")
-    p.add_argument("--scale", type=int, default=None, help="pixel upscaling of each tile (default: about 112 px)")
-    p = sub.add_parser("corrdim", parents=[common, keyed],
-                       help="correlation dimension of patch-token embeddings, with its log-log fit (PNG)")
-    p.add_argument("--num-images", type=int, default=256, help="images to embed (default 256)")
-    p.add_argument("--num-points", type=int, default=4096, help="patch tokens sampled from them (default 4096)")
-    p.add_argument("--num-radii", type=int, default=10, help="radii of the correlation integral (default 10)")
-    p = sub.add_parser("umap", parents=[common, keyed], help="UMAP of mean-pooled features coloured by class (PNG)")
-    p.add_argument("--num-images", type=int, default=2000, help="images (points), default 2000")
-    p.add_argument("--n-neighbors", type=int, default=20, help="UMAP n_neighbors (default 20, as the original)")
-    p = sub.add_parser("gates", parents=[common],
-                       help="Gated I-JEPA: mean gate map, real vs noise open fraction, learned/random/all-open gates")
-    p.add_argument("--num-images", type=int, default=512, help="images, default 512")
-    args = parser.parse_args(argv)
-    for name in ("num_images", "batch_size", "crop_size", "num_points", "num_radii", "scale", "n_neighbors"):
-        value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    return args
-
-
-def main(argv=None) -> int:
-    from .cli import _setup_logging
-
-    args = parse_args(argv)
-    _setup_logging(0)
-    try:
-        make_out_dir(args.out)
-        _, summary = RUNNERS[args.command](args)
-    except (UserError, FileNotFoundError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    print(summary)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

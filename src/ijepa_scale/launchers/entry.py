@@ -53,17 +53,18 @@ class RunResult:
     previous_handlers: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-def setup_logging(rank: int, log_file: Optional[Path] = None) -> None:
-    """Rank 0 logs INFO to stdout, others WARNING to stderr; rank 0 also appends to `log_file`."""
+def setup_logging(rank: int, log_file: Optional[Path] = None, rank0_to_stderr: bool = False) -> None:
+    """Rank 0 logs INFO to stdout (stderr with `rank0_to_stderr`, for a command whose stdout is its
+    result), others WARNING to stderr; rank 0 also appends to `log_file`, created at its first line."""
     level = logging.INFO if rank == 0 else logging.WARNING
-    handler = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+    handler = logging.StreamHandler(sys.stdout if rank == 0 and not rank0_to_stderr else sys.stderr)
     formatter = logging.Formatter(f"[rank {rank}] %(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     handler.setFormatter(formatter)
     handlers: list[logging.Handler] = [handler]
     if rank == 0 and log_file is not None:
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            to_file = logging.FileHandler(log_file, mode="a")
+            to_file = logging.FileHandler(log_file, mode="a", delay=True)
             to_file.setFormatter(logging.Formatter(f"[rank {rank}] %(asctime)s %(levelname)s %(message)s",
                                                    "%Y-%m-%d %H:%M:%S"))
             handlers.append(to_file)
@@ -75,6 +76,10 @@ def setup_logging(rank: int, log_file: Optional[Path] = None) -> None:
             old.close()
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+def log_file(cfg: Config) -> Path:
+    return Path(cfg.logging.folder) / f"{cfg.logging.write_tag}_r0.log"
 
 
 def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local_rank: Optional[int] = None,
@@ -104,7 +109,7 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
     """
     from ..training.trainer import Trainer
 
-    setup_logging(rank, Path(cfg.logging.folder) / f"{cfg.logging.write_tag}_r0.log")
+    setup_logging(rank, log_file(cfg))
     # Stop requests that arrive while the trainer is being built are kept, not lost: the
     # ranks agree on them in the first step's all-reduce, then save that step and stop.
     pending: list[int] = []
@@ -162,21 +167,38 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def check_logging_folder(folder: str) -> None:
-    """Create `folder` if needed and prove it writable, before any rank starts (UserError otherwise)."""
+def check_logging_folder(folder: str) -> list[Path]:
+    """Create `folder` if needed and prove it writable, before any rank starts (UserError otherwise).
+    Returns the folders this created, outermost first."""
     if not str(folder).strip():
         raise UserError("logging.folder is empty: set it to the run's output folder (logging.folder=logs/my_run)")
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise UserError(f"logging.folder={folder}: exists and is not a folder; choose another logging.folder")
+    created = [p for p in (path, *path.parents) if not p.exists()][::-1]
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
+        remove_if_left_empty(created)
         raise UserError(f"logging.folder={folder}: cannot create or write there ({reason}); "
                         f"choose a writable logging.folder") from None
+    return created
+
+
+def remove_if_left_empty(created: list[Path], log_file: Optional[Path] = None) -> None:
+    """Undo check_logging_folder after a run that failed to start: `log_file` (the start-up's log) and the
+    folders it created go, unless something else was written there."""
+    if log_file is not None and created and log_file.parent == created[-1] and log_file.is_file():
+        if [p.name for p in log_file.parent.iterdir()] == [log_file.name]:
+            log_file.unlink()
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or gone): keep it and the folders above it
 
 
 def cpu_threads_per_rank(ranks_on_host: int) -> Optional[int]:

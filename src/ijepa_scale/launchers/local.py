@@ -1,4 +1,5 @@
-"""Local launcher: one process per listed device, or one process under torchrun.
+"""Local launcher: one process per listed device, or one process under torchrun. `run_ranks` runs any
+per-rank work this way (training through `launch`, `ijepa-scale eval`); what follows is training's.
 
 Signals. SIGINT, SIGTERM and SIGUSR2 ask every rank to stop after its current step at a step
 they agree on, save it and exit 0, whichever processes receive them: the launcher alone (it
@@ -6,7 +7,9 @@ forwards the signal to the ranks), the whole process group (`kill -TERM -PGID`, 
 systemd, Ctrl-C in a terminal), or single ranks. Data-loader workers ignore them. Every
 signal that arrives within ABORT_AFTER_S of the first one belongs to the same request
 (a wrapper such as `timeout` relays a signal to the launcher while the group gets it too);
-a second SIGINT or SIGTERM later than that kills the ranks without saving.
+a second SIGINT or SIGTERM later than that kills the ranks without saving. Once the request
+is honoured, its repeats are ignored: they never kill a rank that is saving or exiting. (Work
+that does not save, such as evaluation, is killed by the first stop signal.)
 
 Errors. Ranks report their failure to the launcher instead of printing it; the launcher
 prints the one that happened first, once: a user mistake as one line (exit 2), a known
@@ -16,6 +19,7 @@ rank's traceback (exit 1). A peer's follow-up error (a broken collective) is not
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -25,14 +29,14 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from ..distributed import env as dist_utils
 from ..config import Config
 from ..data.sources import check_local_data
 from ..errors import RunFailure, UserError, one_line
 from ..procutil import STOP_SIGNALS, die_with_parent, stop_signals_blocked
-from .entry import check_logging_folder, cpu_threads_per_rank, run_rank
+from .entry import check_logging_folder, cpu_threads_per_rank, log_file, remove_if_left_empty, run_rank
 
 logger = logging.getLogger(__name__)
 USER_ERROR_EXIT = 2
@@ -77,12 +81,27 @@ def format_failure(failure: Failure) -> str:
     return f"{failure.details.rstrip()}\nerror: rank {failure.rank} failed first: {failure.message}"
 
 
-def _spawned_rank(rank: int, cfg: Config, devices: list[str], threads: Optional[int], launcher_pid: int,
-                  report) -> None:
-    # If the launcher is killed, SIGTERM asks this rank to save at the next step and stop.
-    die_with_parent(launcher_pid, signal.SIGTERM)
+RankMain = Callable[..., Any]
+"""`rank_main(rank, world_size, device_name, *, local_rank, cpu_threads, abort_after_s)`: one rank's work; what
+rank 0 returns is the launcher's result. Spawned ranks need it picklable (a module-level function or a partial)."""
+
+
+@dataclass(frozen=True)
+class _Result:
+    value: Any
+
+
+def _spawned_rank(rank: int, rank_main: RankMain, devices: list[str], threads: Optional[int], launcher_pid: int,
+                  saves_on_stop: bool, report) -> None:
+    # Stop signals are the launcher's business: the work may handle them (run_rank does, while it
+    # runs); outside of that they must not kill a rank that is saving or exiting. A no-op handler, not
+    # SIG_IGN, until the work has begun: SIG_IGN would discard a signal pending since start-up.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _no_op)
+    # If the launcher is killed, a rank that saves on stop is asked to save; any other rank just dies.
+    die_with_parent(launcher_pid, signal.SIGTERM if saves_on_stop else signal.SIGKILL)
     try:
-        run_rank(cfg, rank, len(devices), devices[rank], local_rank=rank, cpu_threads=threads)
+        value = rank_main(rank, len(devices), devices[rank], local_rank=rank, cpu_threads=threads)
     except BaseException as exc:  # noqa: BLE001 - everything goes to the launcher, which prints it once
         failure = describe(exc, rank)
         report.send(failure)
@@ -92,6 +111,19 @@ def _spawned_rank(rank: int, cfg: Config, devices: list[str], threads: Optional[
             child.kill()
             child.join(timeout=5)
         sys.exit(exit_code(failure))
+    _ignore_stop_signals()
+    if rank == 0:
+        report.send(_Result(value))
+    report.close()
+
+
+def _no_op(signum, frame) -> None:
+    pass
+
+
+def _ignore_stop_signals() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _torchrun_device(devices: list[str] | None, local_rank: int) -> str:
@@ -110,61 +142,100 @@ def _warn_oversubscribed(devices: list[str]) -> None:
               f"for the slowest; list at most {cores} cpu device(s) in --devices", file=sys.stderr, flush=True)
 
 
-def launch(cfg: Config, devices: list[str] | None) -> int:
-    """Run training on `devices` (or as one torchrun rank); returns the process exit code."""
+def run_ranks(rank_main: RankMain, devices: list[str] | None, *, default_device: str = "cuda:0",
+              saves_on_stop: bool = True, before: Optional[Callable[[], None]] = None,
+              device_flag: str = "--devices") -> tuple[int, Any]:
+    """Run `rank_main` once per device (one process each; in this process for one device) or, under
+    torchrun, once as this process's rank. Returns (exit code, what rank 0 returned; None elsewhere).
+
+    `before()` runs once before any rank starts (under torchrun: on rank 0). `saves_on_stop`: the work
+    stops cleanly on SIGINT/SIGTERM/SIGUSR2 (run_rank); otherwise the first stop signal kills the ranks.
+    User errors (UserError, FileNotFoundError) raised before the ranks start propagate; `device_flag` is the
+    option that gave the devices, named in their errors.
+    """
     env_info = dist_utils.env_rank_info()
     if env_info is not None:
-        return _launch_torchrun_rank(cfg, devices, *env_info)
+        return _torchrun_rank(rank_main, devices, *env_info, before=before)
 
-    devices = devices or ["cuda:0"]
+    devices = devices or [default_device]
     for name in devices:
-        dist_utils.parse_device(name)
+        dist_utils.parse_device(name, flag=device_flag)
     cuda = [d for d in devices if d.startswith("cuda")]
     if len(set(cuda)) != len(cuda):
-        raise UserError(f"--devices lists a CUDA device twice: {' '.join(devices)}")
-    check_logging_folder(cfg.logging.folder)
-    check_local_data(cfg.data)
+        raise UserError(f"{device_flag} lists a CUDA device twice: {' '.join(devices)}")
+    if before is not None:
+        before()
     _warn_oversubscribed(devices)
     threads = cpu_threads_per_rank(len(devices))
     if len(devices) == 1:
         try:
-            run_rank(cfg, 0, 1, devices[0], cpu_threads=threads, abort_after_s=ABORT_AFTER_S)
+            value = rank_main(0, 1, devices[0], local_rank=0, cpu_threads=threads,
+                              abort_after_s=ABORT_AFTER_S if saves_on_stop else None)
         except RunFailure as exc:
             print(f"error: {one_line(exc)}", file=sys.stderr)
-            return FAILURE_EXIT
+            return FAILURE_EXIT, None
         except KeyboardInterrupt:
-            print("aborted by a second interrupt: not saved", file=sys.stderr)
-            return 130
-        return 0
-    return _Ranks(cfg, devices, threads).run()
+            print("aborted by a second interrupt: not saved" if saves_on_stop else "interrupted", file=sys.stderr)
+            return 130, None
+        return 0, value
+    return _Ranks(rank_main, devices, threads, saves_on_stop).run()
 
 
-def _launch_torchrun_rank(cfg: Config, devices: list[str] | None, rank: int, world: int, local_rank: int) -> int:
+def _torchrun_rank(rank_main: RankMain, devices: list[str] | None, rank: int, world: int, local_rank: int, *,
+                   before: Optional[Callable[[], None]]) -> tuple[int, Any]:
     device = _torchrun_device(devices if devices else None, local_rank)
-    if rank == 0:
-        check_logging_folder(cfg.logging.folder)
+    if rank == 0 and before is not None:
+        before()
     try:
-        run_rank(cfg, rank, world, device, local_rank=local_rank,
-                 cpu_threads=cpu_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        value = rank_main(rank, world, device, local_rank=local_rank,
+                          cpu_threads=cpu_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     except (UserError, FileNotFoundError) as exc:
         # Every rank runs the same checks; rank 0 speaks for all of them.
         if rank == 0:
             print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
-        return USER_ERROR_EXIT
+        return USER_ERROR_EXIT, None
     except RunFailure as exc:
         if rank == 0 or not exc.on_every_rank:
             print(f"error: rank {rank}: {one_line(exc)}", file=sys.stderr, flush=True)
-        return FAILURE_EXIT
-    return 0
+        return FAILURE_EXIT, None
+    return 0, value if rank == 0 else None
+
+
+def train_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local_rank: int,
+               cpu_threads: Optional[int], abort_after_s: Optional[float] = None) -> None:
+    result = run_rank(cfg, rank, world_size, device_name, local_rank=local_rank, cpu_threads=cpu_threads,
+                      abort_after_s=abort_after_s)
+    if result.stop_reason == "signal":
+        # The request is honoured: its repeats (e.g. a second Ctrl-C) must not kill a process about to exit 0.
+        _ignore_stop_signals()
+
+
+def launch(cfg: Config, devices: list[str] | None) -> int:
+    """Train on `devices` (or as one torchrun rank); returns the process exit code."""
+    created = []
+
+    def before() -> None:
+        created.extend(check_logging_folder(cfg.logging.folder))
+        check_local_data(cfg.data)
+
+    try:
+        code, _ = run_ranks(functools.partial(train_rank, cfg), devices, before=before)
+    except (UserError, FileNotFoundError):
+        remove_if_left_empty(created, log_file(cfg))
+        raise
+    if code == USER_ERROR_EXIT:
+        remove_if_left_empty(created, log_file(cfg))
+    return code
 
 
 class _Ranks:
     """Spawned rank processes, their stop signals and their failures."""
 
-    def __init__(self, cfg: Config, devices: list[str], threads: Optional[int]):
-        self.cfg = cfg
+    def __init__(self, rank_main: RankMain, devices: list[str], threads: Optional[int], saves_on_stop: bool = True):
+        self.rank_main = rank_main
         self.devices = devices
         self.threads = threads
+        self.saves_on_stop = saves_on_stop
         self.processes: list[multiprocessing.Process] = []
         self.first_signal_at: Optional[float] = None
         self.forwarded: set[int] = set()
@@ -173,6 +244,12 @@ class _Ranks:
     # ------------------------------------------------------------------ signals
     def on_signal(self, signum, frame) -> None:
         now = time.monotonic()
+        if not self.saves_on_stop:
+            if not self.aborted:
+                self.aborted = True
+                print(f"{signal.Signals(signum).name}: stopping the ranks", file=sys.stderr, flush=True)
+            self._kill_all()
+            return
         if self.first_signal_at is None:
             self.first_signal_at = now
             print(f"{signal.Signals(signum).name}: every rank stops after the current step and saves a "
@@ -182,11 +259,14 @@ class _Ranks:
             if not self.aborted:
                 self.aborted = True
                 print("second interrupt: killing the ranks without saving", file=sys.stderr, flush=True)
-            for process in self.processes:
-                if process.is_alive():
-                    process.kill()
+            self._kill_all()
             return
         self._forward(signum)
+
+    def _kill_all(self) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
 
     def _forward(self, signum: int) -> None:
         if signum in self.forwarded:
@@ -200,7 +280,7 @@ class _Ranks:
                     pass
 
     # ------------------------------------------------------------------ run
-    def run(self) -> int:
+    def run(self) -> tuple[int, Any]:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(dist_utils.find_free_port())
         context = multiprocessing.get_context("spawn")
@@ -215,7 +295,8 @@ class _Ranks:
                     reader, writer = context.Pipe(duplex=False)
                     process = context.Process(
                         target=_spawned_rank, name=f"rank{rank}", daemon=False,
-                        args=(rank, self.cfg, self.devices, self.threads, os.getpid(), writer),
+                        args=(rank, self.rank_main, self.devices, self.threads, os.getpid(), self.saves_on_stop,
+                              writer),
                     )
                     process.start()
                     writer.close()
@@ -228,10 +309,13 @@ class _Ranks:
                     process.kill()
                 process.join()
             for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                # After a stop request the process is about to exit 0: repeats of the request are ignored.
+                stopped = self.first_signal_at is not None and not self.aborted
+                signal.signal(sig, signal.SIG_IGN if stopped else handler)
 
-    def _wait(self, readers: dict) -> int:
+    def _wait(self, readers: dict) -> tuple[int, Any]:
         failures: list[Failure] = []
+        result: Optional[_Result] = None
         deaths: list[Failure] = []
         live = {p.sentinel: (rank, p) for rank, p in enumerate(self.processes)}
         kill_at: Optional[float] = None
@@ -242,9 +326,13 @@ class _Ranks:
                 if ready in readers:
                     rank = readers.pop(ready)
                     try:
-                        failures.append(ready.recv())
+                        message = ready.recv()
                     except (EOFError, OSError):
-                        pass  # closed without a report: the rank ended normally or was killed
+                        message = None  # closed without a report: the rank was killed
+                    if isinstance(message, Failure):
+                        failures.append(message)
+                    elif isinstance(message, _Result):
+                        result = message
                     ready.close()
                     continue
                 rank, process = live.pop(ready)
@@ -263,11 +351,15 @@ class _Ranks:
         deaths = [d for d in deaths if d.rank not in killed_here and not any(f.rank == d.rank for f in failures)]
         reports = failures + deaths
         if self.aborted:
-            print("aborted: the ranks were killed without saving; the newest checkpoint is from before the "
-                  "interrupt", file=sys.stderr, flush=True)
-            return 130
+            if self.saves_on_stop:
+                print("aborted: the ranks were killed without saving; the newest checkpoint is from before the "
+                      "interrupt", file=sys.stderr, flush=True)
+            return 130, None
         if not reports:
-            return 0
+            if result is None:  # every rank exited 0, yet rank 0 sent nothing: not expected
+                print("error: rank 0 ended without reporting its result", file=sys.stderr, flush=True)
+                return FAILURE_EXIT, None
+            return 0, result.value
         first = min(reports, key=lambda f: f.at)
         if first.kind == "crash" and any(d.kind == "death" for d in deaths):
             # A rank killed by a signal (the OOM killer) breaks its peers' collectives: their
@@ -275,9 +367,9 @@ class _Ranks:
             first = min(deaths, key=lambda f: f.at)
         if first.kind == "death":
             print(f"error: {first.message}; the other ranks were stopped", file=sys.stderr, flush=True)
-            return FAILURE_EXIT
+            return FAILURE_EXIT, None
         print(format_failure(first), file=sys.stderr, flush=True)
-        return exit_code(first)
+        return exit_code(first), None
 
     @staticmethod
     def _death_message(rank: int, code: int) -> str:

@@ -39,8 +39,8 @@ import yaml
 from ..config import Config, dump_config, load_config
 from ..errors import RunFailure, UserError, one_line
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-PRESET_DIRS = (Path("launch/slurm"), REPO_ROOT / "launch" / "slurm")
+# Your own presets in ./launch/slurm (relative to the current folder), then those shipped with the package.
+PRESET_DIRS = (Path("launch/slurm"), Path(__file__).resolve().parent / "presets")
 # Our own bookkeeping decides about requeues; submitit's time-out countdown must never stop one.
 SUBMITIT_MAX_NUM_TIMEOUT = 1_000_000
 # SLURM may send the warning signal up to 60 s before --signal-delay (sbatch(1)); plus start-up.
@@ -113,7 +113,7 @@ def preset_path(name: str) -> Path:
             return folder / f"{name}.yaml"
     known = sorted({p.stem for folder in PRESET_DIRS if folder.is_dir() for p in folder.glob("*.yaml")})
     raise UserError(f"--preset {name}: unknown preset (known: {', '.join(known) or 'none'}; "
-                    f"a preset is launch/slurm/NAME.yaml)")
+                    f"a preset is launch/slurm/NAME.yaml here, or a path)")
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -154,48 +154,7 @@ def resolve_options(args: argparse.Namespace) -> SlurmOptions:
     return options
 
 
-# ------------------------------------------------------------------ command line
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        # One line, like every other user mistake (argparse would print the whole usage first).
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog=prog, description="Submit I-JEPA pretraining to SLURM (submitit); requeues itself on time limits "
-                               "and preemption. Flags override --preset, which overrides the defaults shown.")
-    add = parser.add_argument
-    add("--fname", default="configs.yaml", help="YAML config (with --batch-launch: a YAML list of configs)")
-    add("--folder", default="logs/submitit", help="submitit's folder: per-job stdout/stderr, pickles, the "
-                                                  "submission record (default %(default)s)")
-    add("--preset", help="launch/slurm/NAME.yaml (or a path): partition, account, qos, cpus, memory, ...")
-    add("--partition", help="SLURM partition (default: the cluster's default)")
-    add("--account")
-    add("--qos")
-    add("--exclude", help="nodes not to use")
-    add("--constraint", help="node features, e.g. volta32gb")
-    add("--nodelist", help="nodes to use")
-    add("--nodes", type=int, help="default 1")
-    add("--tasks-per-node", type=int, help="ranks per node, one per GPU (default 1)")
-    add("--cpus-per-task", type=int, help="torch threads plus data workers per rank (default 10)")
-    add("--gpus-per-node", type=int, help="default: --tasks-per-node; 0 = CPU job (gloo)")
-    add("--mem-per-gpu", help="e.g. 55G")
-    add("--mem", help="memory per node, e.g. 64G")
-    add("--time", type=int, help="time limit in minutes (default 4300)")
-    add("--signal-delay", type=int, help="seconds of warning before the time limit (default 120)")
-    add("--max-requeues", type=int, help="requeues after time limits (preemptions are not counted; default 20)")
-    add("--job-name", help="default ijepa-<config name>")
-    add("--batch-launch", action="store_true", help="--fname lists config files; submit all in one batch")
-    add("--dry-run", action="store_true", help="print the sbatch script and the resolved config; submit nothing")
-    add("overrides", nargs="*", help="config overrides such as optimization.epochs=2 (applied to every config)")
-    return parser
-
-
-def parse_args(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
-    return build_parser(prog).parse_intermixed_args(argv)
+# ------------------------------------------------------------------ configs
 
 
 def config_files(fname: str, batch: bool) -> list[Path]:
@@ -277,16 +236,18 @@ def sbatch_script(folder: Path, params: dict[str, Any], count: int) -> str:
     return _make_sbatch_string(command=command, folder=folder, map_count=count if count > 1 else None, **params)
 
 
-def git_state(root: Path) -> tuple[str, str]:
-    """(commit and status lines, diff against HEAD) of the code that runs, or a note when not in git."""
+def git_state(folder: Path) -> tuple[str, str]:
+    """(commit and status lines, diff against HEAD) of the git repository holding `folder` (where the job
+    is submitted from), or a note and no diff when there is none."""
     def git(*args):
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=60)
 
     if shutil.which("git") is None or git("rev-parse", "--git-dir").returncode != 0:
-        return f"not a git checkout: {root}\n", ""
+        return f"not a git checkout: {folder}\n", ""
+    root = git("rev-parse", "--show-toplevel").stdout.strip()
     head = git("rev-parse", "HEAD").stdout.strip()
     status = git("status", "--short").stdout
-    return f"commit {head}\nrepository {root}\n{status}", git("diff", "HEAD").stdout
+    return f"commit {head or '(none yet)'}\nrepository {root}\n{status}", git("diff", "HEAD").stdout
 
 
 # ------------------------------------------------------------------ submission
@@ -334,7 +295,7 @@ def submit(args: argparse.Namespace, command_line: str) -> int:
 
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=SUBMITIT_MAX_NUM_TIMEOUT)
     executor.update_parameters(**params)
-    commit, diff = git_state(REPO_ROOT)
+    commit, diff = git_state(Path.cwd())
     try:
         if len(jobs_to_submit) == 1:
             jobs = [executor.submit(jobs_to_submit[0])]
@@ -360,17 +321,6 @@ def submit(args: argparse.Namespace, command_line: str) -> int:
         print(f"  rank 0 log: {job.paths.stdout}  (stderr: {job.paths.stderr})")
         print(f"  watch: squeue -j {base}   or   sacct -j {job.job_id} -X -o JobID,JobName,State,Elapsed,ExitCode")
     return 0
-
-
-def main(argv: Optional[list[str]] = None, prog: str = "main_distributed.py") -> int:
-    args = parse_args(argv, prog)
-    shown = sys.argv[1:] if argv is None else argv
-    command_line = f"cd {shlex.quote(os.getcwd())} && " + shlex.join([sys.executable, prog, *shown])
-    try:
-        return submit(args, command_line)
-    except (UserError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
 
 
 # ------------------------------------------------------------------ the job
@@ -540,4 +490,4 @@ class SlurmTrainingJob:
         return state
 
 
-__all__ = ["SlurmOptions", "SlurmTrainingJob", "main", "parse_args", "decide_requeue", "classify_signal"]
+__all__ = ["SlurmOptions", "SlurmTrainingJob", "resolve_options", "submit", "decide_requeue", "classify_signal"]
