@@ -479,12 +479,12 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _round_floats(value, digits=2):
+def round_floats(value, digits=2):
     if isinstance(value, float):
         return round(value, digits)
     if isinstance(value, dict):
-        return {k: _round_floats(v, digits) for k, v in value.items()}
+        return {k: round_floats(v, digits) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_round_floats(v, digits) for v in value]
+        return [round_floats(v, digits) for v in value]
     return value
 

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from ..benchmarks.data import (
-    __doc__ as DATA_DOC, MissingDependencyError, _round_floats, benchmark_stream, format_table, write_photo_shards,
+    __doc__ as DATA_DOC, MissingDependencyError, round_floats, benchmark_stream, format_table, write_photo_shards,
 )
 
 
@@ -72,4 +72,4 @@ def main(argv: list[str] | None = None) -> None:
         f"{summary['cpus']} CPUs, load {summary['loadavg_1m_start']} -> {summary['loadavg_1m_end']}"
     )
     print(format_table(summary))
-    print(json.dumps(_round_floats(summary, 2)))
+    print(json.dumps(round_floats(summary, 2)))

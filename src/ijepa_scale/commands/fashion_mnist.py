@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..data.fashion_mnist import _SPLIT_FILES, DEFAULT_SOURCE_DIR, make_fashion_mnist_shards
+from ..data.fashion_mnist import SPLIT_FILES, DEFAULT_SOURCE_DIR, make_fashion_mnist_shards
 from ..data.shard_format import DatasetError, summary_line
 
 
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Convert Debian's dataset-fashion-mnist into tar shards.",
     )
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--split", choices=sorted(_SPLIT_FILES), default="train")
+    parser.add_argument("--split", choices=sorted(SPLIT_FILES), default="train")
     parser.add_argument("--num-shards", type=int, default=8)
     parser.add_argument("--per-class", type=int, default=None,
                         help="class-balanced subset: this many samples per class")

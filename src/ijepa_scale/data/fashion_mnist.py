@@ -25,7 +25,7 @@ CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
-_SPLIT_FILES = {
+SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
@@ -87,10 +87,10 @@ def make_fashion_mnist_shards(
     source_dir: str | os.PathLike = DEFAULT_SOURCE_DIR,
 ) -> dict:
     """Write `{out_dir}/fmnist-{split}-{i:06d}.tar` and the index; return the index dict."""
-    if split not in _SPLIT_FILES:
-        raise DatasetError(f"split must be one of {sorted(_SPLIT_FILES)}, got {split!r}")
+    if split not in SPLIT_FILES:
+        raise DatasetError(f"split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
     source = Path(source_dir)
-    images_name, labels_name = _SPLIT_FILES[split]
+    images_name, labels_name = SPLIT_FILES[split]
     missing = [str(source / n) for n in (images_name, labels_name) if not (source / n).is_file()]
     if missing:
         raise DatasetError(

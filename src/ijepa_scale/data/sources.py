@@ -285,7 +285,7 @@ def expand_urls(pattern: str) -> list[str]:
     return [u for u in urls if u]
 
 
-def _index_candidates(urls: list[str]) -> list[str]:
+def index_candidates(urls: list[str]) -> list[str]:
     first = urls[0]
     directory = posixpath.dirname(first)
     name = posixpath.basename(first)
@@ -293,7 +293,7 @@ def _index_candidates(urls: list[str]) -> list[str]:
     return [posixpath.join(directory, f"{stem}-index.json"), posixpath.join(directory, "index.json")]
 
 
-def _read_json(url: str, policy: Optional[ReadPolicy] = None) -> Optional[dict]:
+def read_json(url: str, policy: Optional[ReadPolicy] = None) -> Optional[dict]:
     policy = policy or ReadPolicy()
     fs, path = filesystem(url, policy)
     if not _exists(fs, path, url, policy):
@@ -421,7 +421,7 @@ def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "
 
     entries: dict[str, dict] = {}
     if index_url is not None:
-        index = _read_json(index_url, policy)
+        index = read_json(index_url, policy)
         if index is None:
             raise FileNotFoundError(f"data.shards_index {index_url!r} does not exist")
         # An index given explicitly may live elsewhere: match its shards by file name.
@@ -430,8 +430,8 @@ def open_shards(pattern: str, index_url: Optional[str] = None, on_error: str = "
     else:
         for directory in dict.fromkeys(posixpath.dirname(u) for u in urls):
             first = next(u for u in urls if posixpath.dirname(u) == directory)
-            for candidate in _index_candidates([first]):
-                index = _read_json(candidate, policy)
+            for candidate in index_candidates([first]):
+                index = read_json(candidate, policy)
                 if index is not None:
                     entries.update(_index_entries(index, directory))
                     break

@@ -65,11 +65,11 @@ def read_batches(source, count: int, size: int, batch_size: int,
 
 def class_names(pattern: str) -> list[str]:
     """Class names from the shards' index (written by make-shards / fashion-mnist), or [] if there is none."""
-    from ..data.sources import _index_candidates, _read_json, expand_urls
+    from ..data.sources import index_candidates, read_json, expand_urls
 
     try:
-        for candidate in _index_candidates(expand_urls(pattern)):
-            index = _read_json(candidate)
+        for candidate in index_candidates(expand_urls(pattern)):
+            index = read_json(candidate)
             if index and isinstance(index.get("classes"), list):
                 return [str(name) for name in index["classes"]]
     except Exception:  # names only label the legend; a missing or odd index is not an error
