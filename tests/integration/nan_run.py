@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.multiprocessing as mp
 
-from ijepa_scale.distributed.env import env as dist_utils
+from ijepa_scale.distributed import env as dist_utils
 from ijepa_scale.config import load_config
 from ijepa_scale.objectives import IJEPAObjective
 from ijepa_scale.launchers.entry import setup_logging

@@ -130,7 +130,8 @@ def test_sigkill_during_saves_never_leaves_a_truncated_latest(tmp_path):
 def test_sharded_checkpoint_folders_count_only_once_committed(tmp_path):
     import os
 
-    from ijepa_scale.checkpoint.files import COMMIT_MARKER, CheckpointFiles
+    from ijepa_scale.checkpoint.dcp import COMMIT_MARKER
+    from ijepa_scale.checkpoint.files import CheckpointFiles
 
     files = CheckpointFiles(tmp_path, "jepa", keep_last=1)
     first = files.dcp_path(tmp_path / "jepa-step2.pth.tar", 2)
