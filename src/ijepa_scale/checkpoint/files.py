@@ -88,14 +88,27 @@ class CheckpointFiles:
         return self.folder / f"{self.tag}-latest{DCP_SUFFIX}"
 
     def current_latest(self) -> Optional[Path]:
-        """The newest committed checkpoint: the latest file or the folder latest.dcp points at."""
+        """The newest committed checkpoint: the latest file or the folder latest.dcp points at. When both
+        exist (a run that switched meta.parallel, before its next save removed the other) the higher step
+        recorded inside wins: modification times do not survive every copy."""
         found = []
         if self.latest.is_file():
-            found.append((self.latest.stat().st_mtime_ns, self.latest))
+            found.append(self.latest)
         if self.latest_dcp.is_symlink() and is_committed(self.latest_dcp):
-            target = self.latest_dcp.resolve()
-            found.append(((target / COMMIT_MARKER).stat().st_mtime_ns, target))
-        return max(found)[1] if found else None
+            found.append(self.latest_dcp.resolve())
+        if len(found) < 2:
+            return found[0] if found else None
+        return max(found, key=_recorded_step)
+
+    def _remove_latest_dcp(self) -> None:
+        """Drop latest.dcp (superseded by a newer latest file) and the latest-only folder it points at."""
+        if not self.latest_dcp.is_symlink():
+            return
+        target = self.latest_dcp.resolve()
+        self.latest_dcp.unlink()
+        if self._latest_only.match(target.name):
+            shutil.rmtree(target, ignore_errors=True)
+        fsync_dir(self.folder)
 
     def dcp_path(self, periodic: Optional[Path], step: int) -> Path:
         if periodic is None:
@@ -117,6 +130,7 @@ class CheckpointFiles:
         tmp.unlink(missing_ok=True)
         os.symlink(path.name, tmp)
         os.replace(tmp, self.latest_dcp)
+        self.latest.unlink(missing_ok=True)  # superseded: latest is this folder now
         fsync_dir(self.folder)
         for old in self.folder.glob(f"{self.tag}-latest-step*{DCP_SUFFIX}"):
             if old != path and self._latest_only.match(old.name):
@@ -139,6 +153,7 @@ class CheckpointFiles:
             atomic_save(state, periodic)
             _atomic_link_or_copy(periodic, self.latest)
             self._apply_retention(keep=periodic)
+        self._remove_latest_dcp()
         self.remove_stale_temporaries()
         return periodic or self.latest
 
@@ -174,11 +189,14 @@ class CheckpointFiles:
         `required` (meta.load_checkpoint); otherwise latest is used when present.  When
         latest itself descends from `read_checkpoint` (its lineage lists that file at that
         step), latest wins: a restarted job continues instead of going back to the same old
-        file every time, while pointing at any other file still rolls back to it.
+        file every time, while pointing at any other file still rolls back to it.  Either
+        latest name means this folder's latest of either kind (a save removes the other).
         """
         latest = self.current_latest()
         if read_checkpoint and required:
             path = self.folder / read_checkpoint
+            if latest is not None and path in (self.latest, self.latest_dcp):
+                return latest
             if Path(read_checkpoint).is_absolute() or not _is_checkpoint(path):
                 path = Path(read_checkpoint)
             if not _is_checkpoint(path):
@@ -214,6 +232,12 @@ def _peek(path: Path) -> dict:
         return safe_load.load(path, mmap=True)
     except Exception:
         return {}
+
+
+def _recorded_step(path: Path) -> int:
+    """The step a checkpoint records (-1 if it records none, e.g. an official one)."""
+    step = _peek(path).get("step")
+    return step if isinstance(step, int) else -1
 
 
 RESUME_HINT = ("resume from another file with meta.load_checkpoint=true meta.read_checkpoint=FILE, "
