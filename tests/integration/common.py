@@ -47,7 +47,7 @@ def write_config(path: Path, config: dict) -> Path:
 
 
 def run_main(config_path: Path, *extra: str, devices=("cpu", "cpu"), timeout=240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
     cmd = [sys.executable, str(ROOT / "main.py"), "--fname", str(config_path), "--devices", *devices, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 

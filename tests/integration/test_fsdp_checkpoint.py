@@ -124,7 +124,7 @@ def test_fsdp_skips_a_step_that_is_nan_on_one_rank_and_goes_on(shards, tmp_path)
 
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", tiny_config(shards, run, meta__parallel="fsdp"))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "integration" / "nan_run.py"), str(config), "1", "2",
                            "optimization.stop_at_step=3"], capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

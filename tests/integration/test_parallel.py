@@ -29,7 +29,7 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parallel")
     shards = make_shards(tmp / "shards")
     out = tmp / "results.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "integration" / "parallel_run.py"), shards,
                            str(tmp / "runs"), str(out), *[json.dumps(v) for v in VARIANTS]],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)

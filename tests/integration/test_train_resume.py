@@ -119,7 +119,7 @@ def test_torchrun_with_image_folder_layout(tmp_path):
     config["data"].pop("shards")
     config["data"].update(root_path=str(tmp_path / "datasets"), image_folder="in1k")
     path = write_config(tmp_path / "c.yaml", config)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(ROOT / "main.py"), "--fname", str(path), "--devices", "cpu"],
