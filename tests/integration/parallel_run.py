@@ -27,7 +27,7 @@ STEPS = 3
 def synthetic_batches(trainer, rank, total_batch, accum, step):
     generator = torch.Generator().manual_seed(1000 * rank + step)
     images = torch.randint(0, 256, (total_batch, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    masks_enc, masks_pred = trainer.collator.sample(total_batch, step=step, rank=rank)
+    masks_enc, masks_pred = trainer.batches.collator.sample(total_batch, step=step, rank=rank)
     size = total_batch // accum
     micro = []
     for i in range(accum):
@@ -54,8 +54,8 @@ def worker(rank, shards, out_dir, out_file, variants):
             losses = [trainer.train_step(synthetic_batches(trainer, rank, total, variant["accum"], step))["loss"]
                       for step in range(STEPS)]
             weights = {key: {k: full(v).detach().clone() for k, v in module.state_dict().items()}
-                       for key, module in (("encoder", unwrap(trainer.encoder)),
-                                           ("target_encoder", trainer.target_encoder))}
+                       for key, module in (("encoder", unwrap(trainer.networks["encoder"])),
+                                           ("target_encoder", trainer.ema_networks["target_encoder"]))}
             results[variant["name"]] = {"losses": losses, **weights}
             trainer.close()
         if rank == 0:

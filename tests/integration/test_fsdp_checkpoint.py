@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from ijepa_scale.checkpoint.files import COMMIT_MARKER, consolidate, read_dcp
+from ijepa_scale.checkpoint.dcp import COMMIT_MARKER, consolidate, read_dcp
 from ijepa_scale.config import config_from_dict
 from ijepa_scale.distributed.env import DistEnv
 from ijepa_scale.models.vision_transformer import VisionTransformer

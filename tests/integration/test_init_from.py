@@ -62,7 +62,7 @@ def test_two_rank_run_starts_from_downloaded_weights(tmp_path, monkeypatch):
 
 def test_fsdp_run_starts_from_a_local_checkpoint(tmp_path):
     """meta.init_from under distributed.parallel=fsdp: every rank keeps its shards of the full weights."""
-    from ijepa_scale.checkpoint.files import consolidate
+    from ijepa_scale.checkpoint.dcp import consolidate
 
     torch.manual_seed(12)
     encoder = build_encoder("vit_tiny", 32, 8, embed_dim=48, depth=2, num_heads=3)

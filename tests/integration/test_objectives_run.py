@@ -4,7 +4,7 @@ mid-epoch under FSDP and resumed equals an uninterrupted DDP run, step by step a
 import pytest
 import torch
 
-from ijepa_scale.checkpoint.files import consolidate
+from ijepa_scale.checkpoint.dcp import consolidate
 from tests.integration.common import SHARD_SIZES, read_csv, run_main, tiny_config, write_config
 
 pytestmark = pytest.mark.integration

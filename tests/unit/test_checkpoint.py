@@ -130,7 +130,8 @@ def test_sigkill_during_saves_never_leaves_a_truncated_latest(tmp_path):
 def test_sharded_checkpoint_folders_count_only_once_committed(tmp_path):
     import os
 
-    from ijepa_scale.checkpoint.files import COMMIT_MARKER, CheckpointFiles
+    from ijepa_scale.checkpoint.dcp import COMMIT_MARKER
+    from ijepa_scale.checkpoint.files import CheckpointFiles
 
     files = CheckpointFiles(tmp_path, "jepa", keep_last=1)
     first = files.dcp_path(tmp_path / "jepa-step2.pth.tar", 2)
@@ -154,3 +155,44 @@ def test_sharded_checkpoint_folders_count_only_once_committed(tmp_path):
     (stopped / ".metadata").write_bytes(b"m")
     files.commit_dcp(stopped, periodic=False)
     assert files.current_latest() == stopped.resolve() and second.exists()
+
+
+def _committed_dcp(files, step, periodic=None):
+    from ijepa_scale.checkpoint.dcp import TRAINER_STATE
+
+    folder = files.dcp_path(periodic, step)
+    files.begin_dcp(folder)
+    (folder / ".metadata").write_bytes(b"m")
+    atomic_save({"step": step}, folder / TRAINER_STATE)
+    files.commit_dcp(folder, periodic=periodic is not None)
+    return folder
+
+
+def test_latest_is_the_higher_recorded_step_not_the_newer_file(tmp_path):
+    import os
+    import time
+
+    files = CheckpointFiles(tmp_path, "jepa")
+    folder = _committed_dcp(files, 9)
+    # Both latests, as a run that switched distributed.parallel leaves them after a copy that did not keep
+    # timestamps: the older step's file now looks newer.
+    atomic_save({"step": 5}, files.latest)
+    later = time.time() + 100
+    os.utime(files.latest, (later, later))
+    assert files.current_latest() == folder.resolve()
+    assert files.resolve_resume(None, required=False) == folder.resolve()
+    assert files.resolve_resume("jepa-latest.pth.tar", required=True) == folder.resolve()
+    atomic_save({"step": 12}, files.latest)
+    os.utime(files.latest, (1, 1))
+    assert files.current_latest() == files.latest
+
+
+def test_a_new_latest_removes_the_superseded_one_of_the_other_kind(tmp_path):
+    files = CheckpointFiles(tmp_path, "jepa")
+    periodic = _committed_dcp(files, 3, periodic=tmp_path / "jepa-ep1.pth.tar")
+    folder = _committed_dcp(files, 4)
+    files.save({"step": 6}, None)
+    assert not files.latest_dcp.is_symlink() and files.current_latest() == files.latest
+    assert not folder.exists() and periodic.is_dir()  # a latest-only folder goes, a periodic one stays
+    newer = _committed_dcp(files, 8)
+    assert not files.latest.exists() and files.current_latest() == newer.resolve()

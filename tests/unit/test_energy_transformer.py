@@ -151,7 +151,7 @@ def test_builders_take_sizes_from_meta_and_the_rest_from_the_energy_section():
 
 
 def test_scalar_parameters_are_one_dimensional_so_they_skip_weight_decay():
-    from ijepa_scale.training.trainer import official_param_groups
+    from ijepa_scale.training.optim import official_param_groups
 
     enc, pred = _pair("autograd")
     groups = official_param_groups(enc, pred)

@@ -27,11 +27,11 @@ def test_init_from_takes_weights_not_schedules_or_position(shards, tmp_path):
     torch.save(official(state), path)
     b = make_trainer(shards, tmp_path / "b", init_from=str(path))
     assert b.step == 0 and b.lr_schedule.step_count == 0 and b.stream.epoch == 0
-    for key, module in (("encoder", b.encoder), ("predictor", b.predictor), ("target_encoder", b.target_encoder)):
+    for key, module in (("encoder", b.networks["encoder"]), ("predictor", b.networks["predictor"]), ("target_encoder", b.ema_networks["target_encoder"])):
         for name, tensor in module.state_dict().items():
             assert torch.equal(tensor, state[key]["module." + name]), (key, name)
     assert b.optimizer.state_dict()["state"] == {}
-    assert b.lineage == [{"init_from": str(path)}]
+    assert b.checkpoints.lineage == [{"init_from": str(path)}]
     b.close()
     c = make_trainer(shards, tmp_path / "c", init_from=str(path), init_optimizer=True)
     moments = c.optimizer.state_dict()["state"]
@@ -45,9 +45,9 @@ def test_init_from_a_hugging_face_dir_starts_both_encoders(shards, tmp_path):
     assert export_main([str(tmp_path / "src.pth.tar"), str(tmp_path / "hf"), "--format", "hf",
                         "--num-heads", "3"]) == 0
     b = make_trainer(shards, tmp_path / "b", init_from=str(tmp_path / "hf"))
-    for name, tensor in b.target_encoder.state_dict().items():
+    for name, tensor in b.ema_networks["target_encoder"].state_dict().items():
         assert torch.equal(tensor, state["target_encoder"]["module." + name]), name
-        assert torch.equal(b.encoder.state_dict()[name], tensor), name
+        assert torch.equal(b.networks["encoder"].state_dict()[name], tensor), name
     b.close()
 
 

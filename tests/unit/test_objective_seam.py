@@ -95,7 +95,7 @@ def test_trainer_builds_the_objectives_networks_and_checkpoints_them(shards, tmp
     trainer = trainer_for(config(shards, tmp_path, objective, **sections))
     assert isinstance(trainer.objective, cls)
     assert tuple(trainer.networks) == trained and tuple(trainer.ema_networks) == ("target_encoder",)
-    assert (trainer.collator is not None) == (objective in ("ijepa", "pkt"))
+    assert (trainer.batches.collator is not None) == (objective in ("ijepa", "pkt"))
     # One decayed and one excluded group per trained network; the teacher is not optimised.
     assert len(trainer.optimizer.param_groups) == 2 * len(trained)
     optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}

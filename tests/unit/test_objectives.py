@@ -61,3 +61,15 @@ def test_config_keys_default_off_and_validated():
     with pytest.raises(ConfigError, match="optimization.variance_weight=-1"):
         config_from_dict({"data": {"shards": "x.tar"}, "logging": {"folder": "/tmp/x"},
                           "optimization": {"variance_weight": -1}})
+
+
+def test_a_saved_objective_section_with_keys_of_another_version_still_builds_the_evaluated_network():
+    from ijepa_scale.objectives import SaccadeConfig, evaluated_network, settings_from_saved
+
+    assert settings_from_saved(SaccadeConfig, {"crop_fraction": 0.5, "added_later": 1}).crop_fraction == 0.5
+    config = {"meta": {"objective": "saccade", "model_name": "vit_tiny", "embed_dim": 48, "depth": 1,
+                       "num_heads": 3},
+              "data": {"crop_size": 32}, "mask": {"patch_size": 8},
+              "saccade": {"crop_fraction": 0.75, "added_later": True}}
+    encoder, size = evaluated_network(config)
+    assert size == 24 and encoder.embed_dim == 48

@@ -26,7 +26,7 @@ def test_param_groups_follow_official_weight_decay_rules(shards, tmp_path):
     groups = trainer.optimizer.param_groups
     assert len(groups) == 4
     assert [g.get("WD_exclude", False) for g in groups] == [False, False, True, True]
-    names = {id(p): n for n, p in trainer.predictor.named_parameters()}
+    names = {id(p): n for n, p in trainer.networks["predictor"].named_parameters()}
     decayed_predictor = {names[id(p)] for p in groups[1]["params"]}
     assert "mask_token" in decayed_predictor  # as official: 3-D, so it is decayed
     assert all(p.ndim == 1 for g in groups[2:] for p in g["params"])
@@ -35,7 +35,7 @@ def test_param_groups_follow_official_weight_decay_rules(shards, tmp_path):
 
 def test_train_step_sets_schedules_and_updates_target_by_ema(shards, tmp_path):
     trainer = make_trainer(shards, tmp_path)
-    target_before = [p.detach().clone() for p in trainer.target_encoder.parameters()]
+    target_before = [p.detach().clone() for p in trainer.ema_networks["target_encoder"].parameters()]
     batch = next(iter(trainer.stream.epoch_batches()))
     metrics = trainer.train_step(batch)
     assert trainer.step == 1 and metrics["step"] == 1
@@ -44,11 +44,11 @@ def test_train_step_sets_schedules_and_updates_target_by_ema(shards, tmp_path):
     assert groups[0]["weight_decay"] == metrics["wd"] and groups[2]["weight_decay"] == 0
     momentum = metrics["momentum"]
     assert momentum == 0.9  # first step uses ema[0]
-    for before, target, online in zip(target_before, trainer.target_encoder.parameters(),
-                                       trainer.encoder.parameters()):
+    for before, target, online in zip(target_before, trainer.ema_networks["target_encoder"].parameters(),
+                                       trainer.networks["encoder"].parameters()):
         expected = before * momentum + online.detach() * (1 - momentum)
         assert torch.allclose(target, expected, atol=1e-7)
-    assert any(not torch.equal(b, t) for b, t in zip(target_before, trainer.target_encoder.parameters()))
+    assert any(not torch.equal(b, t) for b, t in zip(target_before, trainer.ema_networks["target_encoder"].parameters()))
     trainer.close()
 
 
@@ -59,7 +59,7 @@ def test_bfloat16_runs_without_grad_scaler(shards, tmp_path):
     metrics = trainer.train_step(batch)
     assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["grad_norm"] > 0
     # master weights stay float32 under autocast
-    assert all(p.dtype == torch.float32 for p in trainer.encoder.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.networks["encoder"].parameters())
     trainer.close()
 
 
@@ -75,7 +75,7 @@ def test_l2_loss_is_the_paper_objective(shards, tmp_path):
 
     trainer = make_trainer(shards, tmp_path)
     batch = next(iter(trainer.stream.epoch_batches()))
-    args = (trainer.encoder, trainer.predictor, trainer.target_encoder, normalize(batch["images"]),
+    args = (trainer.networks["encoder"], trainer.networks["predictor"], trainer.ema_networks["target_encoder"], normalize(batch["images"]),
             batch["masks_enc"], batch["masks_pred"])
     with torch.no_grad():
         smooth, _ = IJEPAObjective("smooth_l1").losses(*args)
@@ -107,10 +107,10 @@ def test_epoch_boundary_resume_with_new_batch_size_keeps_schedule_position(shard
 def test_batch_without_decodable_sample_is_skipped_not_trained(shards, tmp_path):
     trainer = make_trainer(shards, tmp_path)
     batch = next(iter(trainer.stream.epoch_batches()))
-    before = [p.detach().clone() for p in trainer.encoder.parameters()]
+    before = [p.detach().clone() for p in trainer.networks["encoder"].parameters()]
     metrics = trainer.train_step(dict(batch, usable=False))
     assert metrics["skipped_steps"] == 1 and metrics["loss"] != metrics["loss"]  # NaN
-    assert all(torch.equal(b, p) for b, p in zip(before, trainer.encoder.parameters()))
+    assert all(torch.equal(b, p) for b, p in zip(before, trainer.networks["encoder"].parameters()))
     trainer.close()
 
 
@@ -128,8 +128,8 @@ def test_resume_from_an_official_format_checkpoint(shards, tmp_path):
     assert resumed.step == resumed.steps_per_epoch and resumed.stream.epoch == 1
     assert resumed.lr_schedule.step_count == resumed.steps_per_epoch
     for name, tensor in state["encoder"].items():
-        assert torch.equal(resumed.encoder.state_dict()[name[len("module."):]], tensor)
-    assert resumed.lineage == [{"file": "jepa-latest.pth.tar", "step": None}]
+        assert torch.equal(resumed.networks["encoder"].state_dict()[name[len("module."):]], tensor)
+    assert resumed.checkpoints.lineage == [{"file": "jepa-latest.pth.tar", "step": None}]
     resumed.close()
 
 
@@ -155,7 +155,7 @@ def test_gradient_clipping_bounds_the_update_norm(shards, tmp_path):
 def test_slow_notice_logs_only_a_slow_wait_and_its_end_once(caplog):
     import time as _time
 
-    from ijepa_scale.training.trainer import slow_notice
+    from ijepa_scale.training.progress import slow_notice
 
     caplog.set_level("INFO", logger="ijepa_scale")
     with slow_notice("fast thing", after=5.0):

@@ -8,7 +8,8 @@ import torch
 
 from ijepa_scale.distributed.env import DistEnv
 from ijepa_scale.errors import UserError
-from ijepa_scale.training.trainer import CheckpointWriteError, Trainer
+from ijepa_scale.checkpoint.manager import CheckpointWriteError
+from ijepa_scale.training.trainer import Trainer
 from tests.unit.test_launchers import tiny_cfg
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -32,7 +33,7 @@ def test_disk_full_during_a_save_names_the_file_and_free_space(shards, tmp_path,
     def full(state, periodic):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(trainer.checkpoints, "save", full)
+    monkeypatch.setattr(trainer.checkpoints.files, "save", full)
     with pytest.raises(CheckpointWriteError) as info:
         trainer.save()
     message = str(info.value)

@@ -41,7 +41,7 @@ def evil_checkpoint(path, marker):
 def committed_dcp(folder, objects):
     import torch.distributed.checkpoint as dcp
 
-    from ijepa_scale.checkpoint.files import COMMIT_MARKER, TRAINER_STATE
+    from ijepa_scale.checkpoint.dcp import COMMIT_MARKER, TRAINER_STATE
 
     dcp.save({"model": {"encoder.w": torch.ones(2)}, "opt": {"state": {"encoder.w": {"step": torch.tensor(1.0)}},
                                                        "param_groups": [{"lr": 0.1, "params": ["encoder.w"]}]}, **objects},
@@ -119,7 +119,7 @@ def test_init_from_refuses_a_file_that_runs_code(shards, tmp_path, marker):
 
 
 def test_dcp_folders_are_read_without_running_code(tmp_path, marker):
-    from ijepa_scale.checkpoint.files import TRAINER_STATE, consolidate, dcp_tensor_shapes
+    from ijepa_scale.checkpoint.dcp import TRAINER_STATE, consolidate, dcp_tensor_shapes
 
     good = committed_dcp(tmp_path / "good.dcp", {"extra": {"note": "plain"}})
     assert consolidate(good)["encoder"]["module.w"].tolist() == [1.0, 1.0]

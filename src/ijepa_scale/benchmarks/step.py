@@ -126,7 +126,7 @@ class Models:
 
 
 def build_models(cfg: Config, device: torch.device, official: bool = False) -> Models:
-    from ..training.trainer import make_optimizer, official_param_groups
+    from ..training.optim import make_optimizer, official_param_groups
 
     torch.manual_seed(cfg.meta.seed)
     encoder = _encoder(cfg)

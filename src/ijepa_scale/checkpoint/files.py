@@ -16,7 +16,7 @@ latest is kept): every rank writes its own shard file, rank 0 writes `.metadata`
 `trainer.pt` (steps, schedules, per-rank data-stream and RNG state, config), and only after all
 of that the `COMMITTED` marker.  `{tag}-latest.dcp` is a symlink that is only ever pointed at a
 committed folder; folders without the marker (a crash mid-save) are never read and are removed
-by the next save.  `consolidate(folder)` turns one into the single-file layout.
+by the next save.  `dcp.consolidate(folder)` turns one into the single-file layout.
 """
 
 from __future__ import annotations
@@ -31,20 +31,13 @@ from typing import Optional
 import torch
 
 from . import safe_load
+from .dcp import COMMIT_MARKER, DCP_SUFFIX, TRAINER_STATE, consolidate, is_committed, is_dcp_checkpoint
 from ..errors import UserError
 from ..fileutil import atomic_write, fsync_dir
 
 logger = logging.getLogger(__name__)
 
 TMP_MARK = ".tmp-"
-DCP_SUFFIX = ".dcp"
-COMMIT_MARKER = "COMMITTED"
-TRAINER_STATE = "trainer.pt"
-
-
-def is_dcp_checkpoint(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / ".metadata").is_file()
 
 
 def run_folder_latest(folder: str | Path) -> list[Path]:
@@ -52,10 +45,6 @@ def run_folder_latest(folder: str | Path) -> list[Path]:
     (exactly one is expected; callers say what to do otherwise)."""
     folder = Path(folder)
     return sorted(folder.glob("*-latest.pth.tar")) or sorted(folder.glob("*-latest.dcp"))
-
-
-def is_committed(path: str | Path) -> bool:
-    return (Path(path) / COMMIT_MARKER).is_file()
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -99,14 +88,27 @@ class CheckpointFiles:
         return self.folder / f"{self.tag}-latest{DCP_SUFFIX}"
 
     def current_latest(self) -> Optional[Path]:
-        """The newest committed checkpoint: the latest file or the folder latest.dcp points at."""
+        """The newest committed checkpoint: the latest file or the folder latest.dcp points at. When both
+        exist (a run that switched distributed.parallel, before its next save removed the other) the higher step
+        recorded inside wins: modification times do not survive every copy."""
         found = []
         if self.latest.is_file():
-            found.append((self.latest.stat().st_mtime_ns, self.latest))
+            found.append(self.latest)
         if self.latest_dcp.is_symlink() and is_committed(self.latest_dcp):
-            target = self.latest_dcp.resolve()
-            found.append(((target / COMMIT_MARKER).stat().st_mtime_ns, target))
-        return max(found)[1] if found else None
+            found.append(self.latest_dcp.resolve())
+        if len(found) < 2:
+            return found[0] if found else None
+        return max(found, key=_recorded_step)
+
+    def _remove_latest_dcp(self) -> None:
+        """Drop latest.dcp (superseded by a newer latest file) and the latest-only folder it points at."""
+        if not self.latest_dcp.is_symlink():
+            return
+        target = self.latest_dcp.resolve()
+        self.latest_dcp.unlink()
+        if self._latest_only.match(target.name):
+            shutil.rmtree(target, ignore_errors=True)
+        fsync_dir(self.folder)
 
     def dcp_path(self, periodic: Optional[Path], step: int) -> Path:
         if periodic is None:
@@ -128,6 +130,7 @@ class CheckpointFiles:
         tmp.unlink(missing_ok=True)
         os.symlink(path.name, tmp)
         os.replace(tmp, self.latest_dcp)
+        self.latest.unlink(missing_ok=True)  # superseded: latest is this folder now
         fsync_dir(self.folder)
         for old in self.folder.glob(f"{self.tag}-latest-step*{DCP_SUFFIX}"):
             if old != path and self._latest_only.match(old.name):
@@ -150,6 +153,7 @@ class CheckpointFiles:
             atomic_save(state, periodic)
             _atomic_link_or_copy(periodic, self.latest)
             self._apply_retention(keep=periodic)
+        self._remove_latest_dcp()
         self.remove_stale_temporaries()
         return periodic or self.latest
 
@@ -185,11 +189,14 @@ class CheckpointFiles:
         `required` (meta.load_checkpoint); otherwise latest is used when present.  When
         latest itself descends from `read_checkpoint` (its lineage lists that file at that
         step), latest wins: a restarted job continues instead of going back to the same old
-        file every time, while pointing at any other file still rolls back to it.
+        file every time, while pointing at any other file still rolls back to it.  Either
+        latest name means this folder's latest of either kind (a save removes the other).
         """
         latest = self.current_latest()
         if read_checkpoint and required:
             path = self.folder / read_checkpoint
+            if latest is not None and path in (self.latest, self.latest_dcp):
+                return latest
             if Path(read_checkpoint).is_absolute() or not _is_checkpoint(path):
                 path = Path(read_checkpoint)
             if not _is_checkpoint(path):
@@ -227,6 +234,12 @@ def _peek(path: Path) -> dict:
         return {}
 
 
+def _recorded_step(path: Path) -> int:
+    """The step a checkpoint records (-1 if it records none, e.g. an official one)."""
+    step = _peek(path).get("step")
+    return step if isinstance(step, int) else -1
+
+
 RESUME_HINT = ("resume from another file with meta.load_checkpoint=true meta.read_checkpoint=FILE, "
                "or move this folder away to start from scratch")
 
@@ -247,66 +260,4 @@ def load_checkpoint_file(path: Path) -> dict:
             f"checkpoint {path} holds a {type(state).__name__}, not a training checkpoint (a dict with encoder, "
             f"predictor, target_encoder, opt); {RESUME_HINT}"
         )
-    return state
-
-
-# ------------------------------------------------------------------------------------- DCP layout
-def optimizer_state_to_ids(fqn_state: dict) -> dict:
-    """A get_state_dict optimizer state (keyed by parameter name) in torch.optim's own layout (keyed by
-    the parameter's position over all groups, which is how Optimizer.state_dict numbers them)."""
-    ids: dict[str, int] = {}
-    groups = []
-    for group in fqn_state["param_groups"]:
-        numbered = []
-        for name in group["params"]:
-            ids[name] = len(ids)
-            numbered.append(ids[name])
-        groups.append({**group, "params": numbered})
-    return {"state": {ids[name]: value for name, value in fqn_state["state"].items()}, "param_groups": groups}
-
-
-def optimizer_state_to_fqns(id_state: dict, names_per_group: list[list[str]]) -> dict:
-    """The inverse of optimizer_state_to_ids, for parameter names listed group by group."""
-    names = [name for group in names_per_group for name in group]
-    groups = [{**group, "params": list(group_names)}
-              for group, group_names in zip(id_state["param_groups"], names_per_group)]
-    return {"state": {names[int(i)]: value for i, value in id_state["state"].items()}, "param_groups": groups}
-
-
-def read_dcp(path: str | Path) -> dict:
-    """Every tensor and object of a DCP folder, in one process, as the nested dict that was saved."""
-    return safe_load.read_dcp(path)
-
-
-def dcp_tensor_shapes(path: str | Path) -> dict[str, torch.Size]:
-    """The global shape of every tensor in a DCP folder, by flattened key (from .metadata, no data read)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    metadata = safe_load.read_dcp_metadata(path)
-    return {key: item.size for key, item in metadata.state_dict_metadata.items()
-            if isinstance(item, TensorStorageMetadata)}
-
-
-def consolidate(path: str | Path) -> dict:
-    """A committed DCP checkpoint folder as the single-file checkpoint dict (the layout of a
-    `{tag}-latest.pth.tar`: `module.`-prefixed encoder / predictor / target_encoder, torch.optim's
-    `opt`, and the trainer's progress fields), in this process, without a process group."""
-    path = Path(path).resolve()
-    if not is_dcp_checkpoint(path):
-        raise UserError(f"{path} is not a checkpoint folder (no .metadata): pass a checkpoint file or a "
-                        f"*{DCP_SUFFIX} checkpoint folder")
-    if not is_committed(path):
-        raise UserError(f"{path} has no {COMMIT_MARKER} marker: its save did not finish; use an older checkpoint")
-    tensors = read_dcp(path)
-    state = safe_load.load(path / TRAINER_STATE)
-    model = tensors["model"]
-    # Trained networks live under "model" by name ("encoder.*", "student.*"); each EMA network
-    # (target_encoder) is an entry of its own.
-    for key in dict.fromkeys(k.split(".", 1)[0] for k in model):
-        prefix = key + "."
-        state[key] = {"module." + k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
-    for key, value in tensors.items():
-        if key not in ("model", "opt"):
-            state[key] = {"module." + k: v for k, v in value.items()}
-    state["opt"] = optimizer_state_to_ids(tensors["opt"])
     return state

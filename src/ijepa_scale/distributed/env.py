@@ -111,6 +111,21 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return obj
 
 
+def on_main_then_broadcast(is_main: bool, build):
+    """Run `build()` on rank 0 only (listing, counting, downloading) and hand its result to every rank;
+    an exception is raised on every rank, so none is left waiting in a collective."""
+    result = None
+    if is_main:
+        try:
+            result = build()
+        except Exception as exc:
+            result = exc
+    result = broadcast_object(result)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

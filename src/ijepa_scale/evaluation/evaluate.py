@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -96,7 +95,8 @@ def resolve_checkpoint(source: str) -> Path:
     source = resolve_source(source)
     if is_url(source):
         return Path(fetch(source))
-    from ..checkpoint.files import is_dcp_checkpoint, run_folder_latest
+    from ..checkpoint.dcp import is_dcp_checkpoint
+    from ..checkpoint.files import run_folder_latest
 
     path = Path(source)
     if is_dcp_checkpoint(path):
@@ -120,7 +120,7 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict:
 
     try:
         if path.is_dir():
-            from ..checkpoint.files import consolidate
+            from ..checkpoint.dcp import consolidate
 
             return consolidate(path)
         if mmap:
@@ -198,15 +198,14 @@ def build_eval_encoder(path: Path, key: str, random_init: bool = False, seed: in
 def gated_networks(state: dict, load_weights: bool = True) -> tuple[dict, int]:
     """({student, predictor} of a Gated I-JEPA checkpoint, the image side), rebuilt from its saved config;
     gated settings this version does not know are ignored."""
-    from ..objectives import evaluated_network
+    from ..objectives import evaluated_network, settings_from_saved
     from ..objectives.gated import GatedConfig, GatedObjective
     from ..weights.official import strip_prefixes
 
     config = state["config"]
     encoder, size = evaluated_network(config)
     meta = config["meta"]
-    known = {f.name for f in dataclasses.fields(GatedConfig)}
-    settings = GatedConfig(**{k: v for k, v in (config.get("gated") or {}).items() if k in known})
+    settings = settings_from_saved(GatedConfig, config.get("gated"))
     networks = GatedObjective(settings).build_networks(encoder, pred_depth=meta["pred_depth"],
                                                        pred_emb_dim=meta["pred_emb_dim"])
     if load_weights:

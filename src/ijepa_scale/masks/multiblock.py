@@ -34,35 +34,18 @@ from numbers import Integral, Real
 import torch
 from torch.utils.data import default_collate
 
+from .seeded import GOLDEN64, MASK64, hash_ints
+
 __all__ = ["MultiBlockMaskCollator"]
 
 # Candidate context placements drawn per image, per context mask and per relaxation level.
 # The official sampler also makes 20 attempts before relaxing the target exclusion.
 CONTEXT_CANDIDATES_PER_LEVEL = 20
 
-_MASK64 = (1 << 64) - 1
-_GOLDEN64 = 0x9E3779B97F4A7C15
-_POSITION_STREAM = 0x6A09E667F3BCC909
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + _GOLDEN64) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _hash_ints(*values: int) -> int:
-    h = _POSITION_STREAM
-    for v in values:
-        h = _splitmix64(h ^ (int(v) & _MASK64))
-    return h
-
-
 def _size_seed(seed: int, step: int) -> int:
     # Odd multiplier keeps distinct (seed, step) pairs apart; seed=0 reduces to the
     # official seeding (generator seeded with the step counter).
-    return (int(seed) * _GOLDEN64 + int(step)) & _MASK64
+    return (int(seed) * GOLDEN64 + int(step)) & MASK64
 
 
 def _as_pair(value, name: str, kind=Real) -> tuple:
@@ -243,7 +226,7 @@ class MultiBlockMaskCollator:
 
         (hp, wp), (he, we) = self.block_sizes(step)
         g = torch.Generator()
-        g.manual_seed(_hash_ints(self.seed, step, rank))
+        g.manual_seed(hash_ints(self.seed, step, rank))
         rows_h = torch.arange(H)
         cols_w = torch.arange(W)
 

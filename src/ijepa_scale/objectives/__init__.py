@@ -13,15 +13,18 @@ on this contract (``base.Objective``):
 * ``ema = {ema_name: "online.path"}`` and ``ema_networks(networks)``: frozen deep copies of the online
   modules, updated by the momentum schedule. Every objective calls its teacher ``target_encoder``; it is
   the ``encoder_name`` that eval, export and the periodic k-NN read, a plain ViT (or the saccade ConvNeXt).
-* ``batch_kind``: ``multiblock`` (images + MultiBlockMaskCollator masks), ``views`` (``make_views(cfg)``
-  turns images into ``{context, target, shift, shift_back}``; draws depend only on (seed, step, rank)) or
-  ``images``. ``random_per_step``: the batch also carries a ``generator`` seeded by (seed, step, rank),
-  so the objective's noise (gated's gate samples) is the same after a resume.
+* ``batches(cfg, rank)``: how the data stream's batches become inputs (``batches.Batches``: images;
+  ``MaskBatches``: + the MultiBlockMaskCollator masks of the ``mask`` settings, which the stream samples,
+  reported as mask-A/mask-B; ``ViewBatches``: + ``{context, target, shift, shift_back}`` of each image).
+  Every draw depends only on (seed, micro-batch, rank) (``masks.seeded``). ``random_per_step``: the inputs
+  also carry a seeded ``generator``, so the objective's noise (gated's gate samples) repeats after a resume.
+* ``ijepa_entries`` (which network each entry of an I-JEPA-layout checkpoint starts under meta.init_from)
+  and ``architecture_networks`` (the ViT encoder and predictor whose sizes a resume names on a mismatch).
 * ``__call__(networks, batch) -> (loss, metrics)``: ``networks`` holds the trained and the EMA networks
   by name, ``batch`` the inputs above on the device; metrics are detached 0-dim tensors named by
   ``metric_names`` (CSV columns, in order; ``collapse.thresholds.<name>`` apply to them).
-* Objectives hold no state of their own: a checkpoint is the networks by name, ``opt`` and the trainer's
-  progress, so every objective resumes exactly.
+* Objectives hold no state of their own beyond their batches' sampler position: a checkpoint is the networks
+  by name, ``opt`` and the trainer's progress, so every objective resumes exactly.
 
 Networks: ijepa/pkt ``encoder``, ``predictor`` (+ ``target_encoder`` <- encoder); gated ``student``
 (GatedViT), ``predictor`` (+ ``target_encoder`` <- student.encoder); saccade ``student`` (pooled ViT or
@@ -29,7 +32,7 @@ ConvNeXt), ``predictor`` (+ ``target_encoder`` <- the student's backbone). ``IJE
 predictor, target_encoder, images, masks_enc, masks_pred)`` keeps the positional I-JEPA call.
 """
 
-from .base import Objective, resolve
+from .base import Objective, resolve, settings_from_saved
 from .gated import GatedConfig, GatedObjective
 from .ijepa import IJEPAObjective, ijepa_objective
 from .pkt import PKTConfig, PKTObjective
@@ -64,7 +67,7 @@ def evaluated_network(config: dict):
 
     meta, size = config["meta"], config["data"]["crop_size"]
     if saved_objective(config) == "saccade":
-        settings = SaccadeConfig(**config.get("saccade", {}))
+        settings = settings_from_saved(SaccadeConfig, config.get("saccade"))
         size = view_size(size, settings)  # evaluated at the size it was trained on
         if settings.backbone != "vit":
             return build_convnext(settings.backbone, settings.embed_dim), size
@@ -78,4 +81,4 @@ def evaluated_network(config: dict):
 
 __all__ = ["GatedConfig", "GatedObjective", "IJEPAObjective", "Objective", "PKTConfig", "PKTObjective",
            "SaccadeConfig", "SaccadeObjective", "SaccadeViews", "build_objective", "evaluated_network", "resolve",
-           "saved_objective"]
+           "saved_objective", "settings_from_saved"]

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import abc
 import copy
-from typing import Mapping
+import dataclasses
+from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from .batches import Batches
 
-BATCH_KINDS = ("multiblock", "views", "images")
+# The networks of an I-JEPA-layout checkpoint (official, ours, a bare encoder as "encoder"): what
+# starts another objective's networks under meta.init_from.
+IJEPA_ENTRIES = ("encoder", "target_encoder", "predictor")
+
+
+def settings_from_saved(settings_class, section: Optional[dict]):
+    """An objective's settings dataclass from a saved config section; keys this version does not know
+    are ignored, so a checkpoint of another version stays readable."""
+    known = {f.name for f in dataclasses.fields(settings_class)}
+    return settings_class(**{k: v for k, v in (section or {}).items() if k in known})
 
 
 def resolve(networks: Mapping[str, nn.Module], path: str) -> nn.Module:
@@ -28,18 +39,30 @@ def resolve(networks: Mapping[str, nn.Module], path: str) -> nn.Module:
 class Objective(abc.ABC):
     """Base of the non-I-JEPA objectives.
 
-    Subclasses set ``name``, ``batch_kind`` (one of BATCH_KINDS), ``metric_names``, ``ema`` (EMA network
-    name -> dotted path of the online module it follows), ``encoder_name`` (the network exported and
-    evaluated) and implement ``build_networks`` and ``__call__``.
+    Subclasses set ``name``, ``metric_names``, ``ema`` (EMA network name -> dotted path of the online
+    module it follows), ``encoder_name`` (the network exported and evaluated), override ``batches`` for
+    inputs beyond images, and implement ``build_networks`` and ``__call__``.
     """
 
     name = ""
-    batch_kind = "images"
     metric_names: tuple[str, ...] = ()
     ema: dict[str, str] = {}
     encoder_name = ""
     random_per_step = False
-    """True: the trainer puts a ``generator`` in each batch, seeded by (seed, micro-batch, rank) only."""
+    """True: each batch carries a ``generator`` seeded by (seed, micro-batch, rank) only."""
+    architecture_networks: Optional[tuple[str, str]] = None
+    """(ViT encoder, ViT predictor) network names whose sizes a resume compares with the checkpoint's
+    to name each differing setting; None: a wrong size fails on the first tensor that does not fit."""
+
+    def batches(self, cfg, rank: int) -> Batches:
+        """How this objective's inputs are made from the data stream's batches on `rank`."""
+        return Batches(cfg.meta.seed, rank, self.random_per_step)
+
+    @property
+    def ijepa_entries(self) -> dict[str, str]:
+        """Which network (dotted path) each entry of an I-JEPA-layout checkpoint (IJEPA_ENTRIES) starts
+        under meta.init_from: the encoder starts the backbone the teacher follows."""
+        return {"encoder": self.ema[self.encoder_name], "target_encoder": self.encoder_name}
 
     @abc.abstractmethod
     def build_networks(self, encoder: nn.Module, **kwargs) -> dict[str, nn.Module]:
@@ -67,10 +90,6 @@ class Objective(abc.ABC):
     @abc.abstractmethod
     def networks_from_config(self, cfg) -> dict[str, nn.Module]:
         """``build_networks`` with the sizes of a run's config (the caller seeds the RNG)."""
-
-    def make_views(self, cfg):
-        """For batch_kind ``views``: the callable (images, step, rank) -> batch entries."""
-        raise NotImplementedError(f"objective {self.name} does not use views")
 
     def ema_networks(self, networks: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
         """Frozen deep copies of the modules named in ``ema`` (build them before wrapping)."""

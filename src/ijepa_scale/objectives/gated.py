@@ -69,7 +69,6 @@ class GatedObjective(Objective):
     """
 
     name = "gated"
-    batch_kind = "images"
     metric_names = METRIC_NAMES + ("pred_loss", "gate_penalty", "open_frac")
     ema = {"target_encoder": "student.encoder"}
     encoder_name = "target_encoder"

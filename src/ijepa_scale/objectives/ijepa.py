@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..models.utils import apply_masks, repeat_interleave_batch
+from ..masks import MultiBlockMaskCollator
 from .base import Objective
+from .batches import MaskBatches
 
 # What every call returns beside the loss (global means are logged per step; see collapse_metrics).
 METRIC_NAMES = ("pred_norm", "target_std", "eff_rank")
@@ -105,9 +107,23 @@ class IJEPAObjective(Objective):
         self.metric_names = METRIC_NAMES + (("pred_loss", "var_loss", "cov_loss") if self.regularised else ())
 
     name = "ijepa"
-    batch_kind = "multiblock"
     ema = {"target_encoder": "encoder"}
     encoder_name = "target_encoder"
+    architecture_networks = ("encoder", "predictor")
+
+    @property
+    def ijepa_entries(self) -> dict[str, str]:
+        return {**super().ijepa_entries, "predictor": "predictor"}
+
+    def batches(self, cfg, rank: int) -> MaskBatches:
+        """Multi-block masks of the ``mask`` settings, drawn by the data stream for every batch."""
+        m = cfg.mask
+        collator = MultiBlockMaskCollator(
+            input_size=cfg.data.crop_size, patch_size=m.patch_size, enc_mask_scale=m.enc_mask_scale,
+            pred_mask_scale=m.pred_mask_scale, aspect_ratio=m.aspect_ratio, nenc=m.num_enc_masks,
+            npred=m.num_pred_masks, min_keep=m.min_keep, allow_overlap=m.allow_overlap,
+            legacy_sampler=m.legacy_sampler, seed=cfg.meta.seed, rank=rank)
+        return MaskBatches(collator, cfg.meta.seed, rank, self.random_per_step)
 
     def build_networks(self, encoder, pred_depth: int = 6, pred_emb_dim: int = 384, energy=None) -> dict:
         """``energy``: the EnergyConfig when ``encoder`` is an energy transformer (its predictor is one too)."""

@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..masks.multiblock import _hash_ints
+from ..masks.seeded import seeded_generator
 from ..models.convnext import CONVNEXT_SIZES, build_convnext
 from ..models.saccade import PooledViT, SaccadePredictor
 from .base import Objective
+from .batches import ViewBatches
 from .ijepa import METRIC_NAMES, batch_std, effective_rank, variance_covariance
 
 # Keeps the view draws apart from the mask sampler's streams for the same (seed, step, rank).
@@ -118,7 +119,7 @@ class SaccadeViews:
 
     def sample(self, batch_size: int, step: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(shift [B, 3] of the warped view, swap [B] bool)."""
-        generator = torch.Generator().manual_seed(_hash_ints(_VIEW_STREAM, self.seed, step, rank))
+        generator = seeded_generator(_VIEW_STREAM, self.seed, step, rank)
         u = torch.rand(batch_size, 4, generator=generator)
         shift = torch.stack([(2 * u[:, 0] - 1) * self.max_rotation,
                              (2 * u[:, 1] - 1) * self.max_translate,
@@ -145,13 +146,13 @@ class SaccadeViews:
 class SaccadeObjective(Objective):
     """Networks: ``student`` (PooledViT or ConvNeXt, images -> [B, C]) and ``predictor``
     (SaccadePredictor) are trained; ``target_encoder`` (the teacher) follows the student's backbone by EMA
-    (the bare ViT, or the ConvNeXt) and is the encoder for export/eval. Batches carry two views and their shifts (SaccadeViews). Metrics: pred_norm, target_std
+    (the bare ViT, or the ConvNeXt) and is the encoder for export/eval. Batches carry two views and their
+    shifts (SaccadeViews). Metrics: pred_norm, target_std
     (of the layer-normed teacher embeddings), eff_rank (teacher embeddings), and the unweighted terms
     pred_loss (Huber), cycle_loss, var_loss, cov_loss.
     """
 
     name = "saccade"
-    batch_kind = "views"
     metric_names = METRIC_NAMES + ("pred_loss", "cycle_loss", "var_loss", "cov_loss")
     encoder_name = "target_encoder"
 
@@ -170,11 +171,13 @@ class SaccadeObjective(Objective):
         if size < needed:
             raise UserError(f"saccade.backbone={self.config.backbone} needs views of at least {needed} px, but "
                             f"data.crop_size={cfg.data.crop_size} x saccade.crop_fraction={self.config.crop_fraction} "
-                            f"gives {size} px; raise data.crop_size (>= {math.ceil(needed / self.config.crop_fraction)})")
+                            f"gives {size} px; raise data.crop_size "
+                            f"(>= {math.ceil(needed / self.config.crop_fraction)})")
         return networks
 
-    def make_views(self, cfg) -> "SaccadeViews":
-        return SaccadeViews(cfg.data.crop_size, self.config, seed=cfg.meta.seed)
+    def batches(self, cfg, rank: int) -> ViewBatches:
+        views = SaccadeViews(cfg.data.crop_size, self.config, seed=cfg.meta.seed)
+        return ViewBatches(views, cfg.meta.seed, rank, self.random_per_step)
 
     @staticmethod
     def teacher(networks: Mapping, images: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,8 @@ def load_checkpoint(
     is everything official and ijepa-scale checkpoints hold; a file whose pickle asks to run code
     is refused with :class:`~ijepa_scale.checkpoint.safe_load.UnsafeCheckpointError`, never unpickled fully.
     """
-    from ..checkpoint.files import consolidate, is_dcp_checkpoint, run_folder_latest
+    from ..checkpoint.dcp import consolidate, is_dcp_checkpoint
+    from ..checkpoint.files import run_folder_latest
 
     local = Path(os.fspath(source)).expanduser()
     if not is_url(os.fspath(source)) and is_dcp_checkpoint(local):
