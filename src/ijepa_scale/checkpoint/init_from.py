@@ -50,13 +50,13 @@ def init_from(parts: TrainingParts, objective, objective_name: str, source: str,
 
 
 def _strip(state: dict) -> dict:
-    from ..weights.load import strip_prefixes
+    from ..weights.official import strip_prefixes
 
     return strip_prefixes(state)
 
 
 def _read(source: str, where: str, is_main: bool) -> dict:
-    from ..weights.load import fetch, load_checkpoint
+    from ..weights import fetch, load_checkpoint
 
     def fetch_once():
         try:
