@@ -234,9 +234,20 @@ class DistributedConfig:
     accum_steps: int = 1
     """Gradient accumulation: micro-batches of data.batch_size per optimizer step (steps, schedules, EMA and
     logs count optimizer steps; an epoch's micro-batches beyond a multiple of accum_steps are not used)."""
+    hang_timeout_s: float = 600.0
+    """When no rank completes a step for this long, the run ends: every live rank logs the stacks of its threads,
+    one line names the rank(s) that stopped making progress, and the run exits 75 to be resumed (SLURM requeues
+    it). 0 turns the watchdog off."""
+    startup_timeout_s: float = 1800.0
+    """The allowance in place of hang_timeout_s until a process completes its first step, and during its first
+    checkpoint (start-up, compiling, listing shards, the first save)."""
+    collective_timeout_s: float = 1800.0
+    """torch.distributed timeout of every process group: a collective that waits longer fails."""
 
     def validate(self) -> None:
         _choice(self, "parallel", ("ddp", "fsdp"))
+        _non_negative(self, "hang_timeout_s", "startup_timeout_s")
+        _positive(self, "collective_timeout_s")
         if self.dtype is not None:
             _choice(self, "dtype", ("bfloat16", "float16", "float32"))
         _positive(self, "accum_steps")

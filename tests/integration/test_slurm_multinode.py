@@ -8,8 +8,10 @@ need a partition with at least 2 usable nodes and skip otherwise; IJEPA_REQUIRE_
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +31,7 @@ pytestmark = pytest.mark.integration
 EPOCHS = 2
 STEPS_PER_EPOCH = sum(SHARD_SIZES) // 2
 STEPS = EPOCHS * STEPS_PER_EPOCH
+HANG_S = 6
 
 
 def _nodes() -> list[str]:
@@ -95,10 +98,24 @@ def runs(nodes, tmp_path_factory):
             out, _ = proc.communicate(timeout=240)
             assert proc.returncode == 0, out[-3000:]
         print(f"\nmain.py references: {time.time() - started:.0f} s")
-        states = {job: wait_done(job, logs[job], timeout=240) for job in jobs}
+        states = {job: wait_done(job, logs[job], timeout=240) for job in (full_id, pre_id, four_id)}
         print(f"SLURM jobs done {time.time() - signalled:.0f} s after the USR2")
+        # Then a job whose rank 1 (on the second node) is stopped a few steps in.
+        hung_config = write_config(base / "hung.yaml", tiny_config(
+            shards, base / "hung", **two, distributed__hang_timeout_s=HANG_S, distributed__startup_timeout_s=120,
+            checkpoint__every_steps=2))
+        _, ids = submit("--fname", hung_config, "--folder", folder, "--nodes", "2", "--tasks-per-node", "1")
+        jobs += ids
+        hung_id = ids[0]
+        logs[hung_id] = folder / f"job_{hung_id}" / f"{hung_id}_0_log.out"
+        wait_rows(base / "hung" / "jepa_r0.csv", 3, hung_id, logs[hung_id], timeout=240)
+        pid = json.loads((base / "hung" / "heartbeat" / "rank1.json").read_text())["pid"]
+        os.kill(pid, signal.SIGSTOP)  # the node namespaces share this machine's process ids
+        stopped = time.time()
+        states[hung_id] = wait_done(hung_id, logs[hung_id], timeout=300)
+        print(f"hung job: SIGSTOP to COMPLETED after its requeue {time.time() - stopped:.0f} s")
         yield dict(base=base, folder=folder, full=(full_id, full_proc), pre=pre_id, four=(four_id, four_proc),
-                   states=states, logs=logs, signalled=signalled, local=local)
+                   hung=hung_id, states=states, logs=logs, signalled=signalled, local=local)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -108,6 +125,17 @@ def runs(nodes, tmp_path_factory):
             ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))]
         if left:
             subprocess.run(["scancel", *left], timeout=30)
+
+
+def test_a_stopped_rank_on_the_second_node_requeues_the_job_which_resumes_exactly(runs):
+    job = runs["hung"]
+    assert runs["states"][job].startswith("COMPLETED")
+    assert "REQUEUED" in sacct_states(job, duplicates=True)
+    log = runs["logs"][job].read_text()
+    assert re.search(r"hang: no step completed for \d+ s: rank 1 \(step \d+, [a-z ]+, ijepa-n2 pid \d+\) stopped "
+                     r"making progress", log), log[-3000:]
+    assert "requeued to resume from the checkpoint of step" in log
+    assert_same_losses(runs["base"] / "hung", runs["local"]["local2"], 2)
 
 
 def task_hosts(folder: Path, job: str, tasks: int) -> list[str]:

@@ -1,9 +1,14 @@
 """Hang detection in one process: allowances, the line that names the stuck rank, the retry rule."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 
 from ijepa_scale.distributed.watchdog import (HANG_EXIT, Heartbeat, Watchdog, allowance_s, describe_hang,
-                                              read_hang_line, should_retry_after_hang)
+                                              hang_count, read_hang_line, should_retry_after_hang)
 
 
 def test_start_up_first_step_and_first_checkpoint_get_the_longer_allowance():
@@ -17,8 +22,9 @@ def test_start_up_first_step_and_first_checkpoint_get_the_longer_allowance():
 
 def test_heartbeat_counts_steps_and_checkpoints(tmp_path):
     hb = Heartbeat(tmp_path, rank=0, world_size=1)
-    hb.beat("data wait", step=0)
-    hb.beat("compute", step=1)
+    hb.beat("data wait", step=40)  # resumed at step 40: no step done in this process yet
+    assert hb.steps_done == 0
+    hb.beat("compute", step=41)
     assert hb.steps_done == 1 and hb.phase == "compute"
     hb.beat("checkpoint")
     hb.beat("data wait")
@@ -38,9 +44,14 @@ def test_the_line_names_the_rank_without_a_report():
     assert "rank 2 (never reported)" in describe_hang({}, beats, 3, 5)
 
 
-def test_a_rank_without_progress_reports_names_the_silent_peer_and_exits(tmp_path):
-    stuck = Heartbeat(tmp_path, rank=1, world_size=2)  # its process "stops": it never beats again
+def test_a_rank_without_progress_reports_names_the_silent_peer_kills_it_and_exits(tmp_path):
+    # Rank 1 is a real process stopped with SIGSTOP; its heartbeat says where it was.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    os.kill(child.pid, signal.SIGSTOP)
+    stuck = Heartbeat(tmp_path, rank=1, world_size=2)
     stuck.beat("compute", step=3)
+    record = json.loads(stuck.path.read_text())
+    stuck.path.write_text(json.dumps({**record, "pid": child.pid}))
     live = Heartbeat(tmp_path, rank=0, world_size=2)
     live.beat("compute", step=3)
     live.beat("collective", step=3)
@@ -52,10 +63,14 @@ def test_a_rank_without_progress_reports_names_the_silent_peer_and_exits(tmp_pat
         exited.append(code)
         done.set()
 
-    dog = Watchdog(live, timeout_s=0.3, startup_s=0.3, grace_s=0.3, log_stream=log, exit_fn=exit_fn).start()
+    hooked = []
+    dog = Watchdog(live, timeout_s=0.3, startup_s=0.3, grace_s=0.3, log_stream=log, exit_fn=exit_fn,
+                   on_hang=hooked.append).start()
     assert done.wait(10)
     dog.stop()
     assert exited == [HANG_EXIT]
+    assert child.wait(timeout=10) == -signal.SIGKILL
+    assert len(hooked) == 1 and hooked[0] == read_hang_line(tmp_path)
     line = read_hang_line(tmp_path)
     assert line.startswith("no step completed for") and "rank 1 (step 3, compute" in line
     assert "the other ranks waited (collective)" in line
@@ -81,3 +96,4 @@ def test_a_second_hang_at_the_same_checkpoint_is_not_retried(tmp_path):
     assert should_retry_after_hang(tmp_path, committed_step=80) is True  # progress in between
     assert should_retry_after_hang(tmp_path, committed_step=80) is False  # none since the last hang
     assert should_retry_after_hang(tmp_path, committed_step=None) is True
+    assert hang_count(tmp_path) == 4

@@ -100,6 +100,11 @@ class CheckpointFiles:
             return found[0] if found else None
         return max(found, key=_recorded_step)
 
+    def latest_step(self) -> Optional[int]:
+        """The step the newest committed checkpoint records; None without one."""
+        latest = self.current_latest()
+        return None if latest is None else _recorded_step(latest)
+
     def _remove_latest_dcp(self) -> None:
         """Drop latest.dcp (superseded by a newer latest file) and the latest-only folder it points at."""
         if not self.latest_dcp.is_symlink():

@@ -98,9 +98,12 @@ class CheckpointManager:
         self._group = None
         if sharded and cfg.checkpoint.async_save:
             # Its own gloo group: the background writer's collectives must not interleave with training's.
+            import datetime
+
             import torch.distributed as dist
 
-            self._group = dist.new_group(backend="gloo")
+            self._group = dist.new_group(backend="gloo",
+                                         timeout=datetime.timedelta(seconds=cfg.distributed.collective_timeout_s))
 
     @property
     def step(self) -> int:

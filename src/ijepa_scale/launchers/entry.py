@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..distributed import env as dist_utils
+from ..distributed.watchdog import Heartbeat, Watchdog
 from ..config import Config
 from ..errors import UserError
 from ..procutil import STOP_SIGNALS, unblock_stop_signals
@@ -84,7 +85,7 @@ def log_file(cfg: Config) -> Path:
 
 def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local_rank: Optional[int] = None,
              cpu_threads: Optional[int] = None, on_stop: Optional[Callable[[RunResult], None]] = None,
-             abort_after_s: Optional[float] = None) -> RunResult:
+             abort_after_s: Optional[float] = None, on_hang: Optional[Callable[[str], None]] = None) -> RunResult:
     """Train in this process as `rank` of `world_size`; returns how the run ended.
 
     SIGINT, SIGTERM and SIGUSR2 are handled while this runs: any number of them, on any
@@ -102,6 +103,10 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
     `abort_after_s` (for a process that is its own launcher, e.g. one local device): a second
     SIGINT or SIGTERM at least that many seconds after the first raises KeyboardInterrupt.
 
+    A watchdog (distributed.hang_timeout_s) ends this process with HANG_EXIT when it completes no step
+    for too long, after logging its stacks; the first rank to report a hang calls `on_hang(line)` (the
+    SLURM launcher requeues the job there) and SIGKILLs the silent ranks on its host.
+
     Errors propagate: UserError (the user's mistake, one line, exit 2), RunFailure (a known
     failure such as a full disk, one line, exit 1), anything else (exit 1). The exception
     carries `failed_at` (time.time() when it left the training code, before the clean-up),
@@ -114,6 +119,8 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
     # ranks agree on them in the first step's all-reduce, then save that step and stop.
     pending: list[int] = []
     trainer: Optional[Trainer] = None
+    heartbeat: Optional[Heartbeat] = None
+    watchdog: Optional[Watchdog] = None
     first_at: list[float] = []
 
     def on_signal(signum, frame):
@@ -134,9 +141,15 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
         device = dist_utils.parse_device(device_name)
         if device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)
-        env = dist_utils.init_distributed(rank, world_size, device, local_rank)
+        heartbeat = Heartbeat(cfg.logging.folder, rank, world_size)
+        if cfg.distributed.hang_timeout_s:
+            timeout = cfg.distributed.hang_timeout_s
+            watchdog = Watchdog(heartbeat, timeout, cfg.distributed.startup_timeout_s, grace_s=min(10.0, timeout / 2),
+                                on_hang=on_hang).start()
+        env = dist_utils.init_distributed(rank, world_size, device, local_rank,
+                                          timeout_s=cfg.distributed.collective_timeout_s)
         try:
-            trainer = Trainer(cfg, env)
+            trainer = Trainer(cfg, env, heartbeat=heartbeat)
             for signum in pending:
                 trainer.request_stop(signum)
             completed = trainer.train()
@@ -163,6 +176,10 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
                 trainer.close()
             dist_utils.destroy()
     finally:
+        if watchdog is not None:
+            watchdog.stop()
+        if heartbeat is not None:
+            heartbeat.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from ..distributed import env as dist_utils
+from ..distributed.watchdog import HANG_EXIT, read_hang_line
 from ..config import Config
 from ..data.sources import check_local_data
 from ..errors import RunFailure, UserError, one_line
@@ -45,6 +47,8 @@ ABORT_AFTER_S = 2.0
 """Signals within this many seconds of the first are one stop request; a later SIGINT/SIGTERM aborts."""
 KILL_PEERS_AFTER_S = 10.0
 """After a rank failed, the others get this long to exit on their own before they are killed."""
+KILL_HUNG_AFTER_S = 2.0
+"""After a rank's watchdog ended it (HANG_EXIT), the ranks still there get this long before SIGKILL."""
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,10 @@ def launch(cfg: Config, devices: list[str] | None) -> int:
         raise
     if code == USER_ERROR_EXIT:
         remove_if_left_empty(created, log_file(cfg))
+    elif code == HANG_EXIT:
+        line = read_hang_line(cfg.logging.folder) or "a rank stopped making progress"
+        print(f"error: {line}; every rank was ended and the newest checkpoint is kept: run the same command to "
+              f"resume (distributed.hang_timeout_s={cfg.distributed.hang_timeout_s:g})", file=sys.stderr, flush=True)
     return code
 
 
@@ -320,6 +328,7 @@ class _Ranks:
         live = {p.sentinel: (rank, p) for rank, p in enumerate(self.processes)}
         kill_at: Optional[float] = None
         killed_here: set[int] = set()
+        hung = False
         while live or readers:
             timeout = 1.0 if kill_at is None else max(0.0, min(1.0, kill_at - time.monotonic()))
             for ready in multiprocessing.connection.wait(list(live) + list(readers), timeout=timeout):
@@ -338,6 +347,11 @@ class _Ranks:
                 rank, process = live.pop(ready)
                 process.join()
                 code = process.exitcode
+                if code == HANG_EXIT:
+                    # The watchdogs gave up together; what is left is stuck (stopped, or in a dead collective).
+                    hung = True
+                    kill_at = min(kill_at or math.inf, time.monotonic() + KILL_HUNG_AFTER_S)
+                    continue
                 if code != 0 and not any(f.rank == rank for f in failures):
                     deaths.append(Failure(time.time(), rank, "death", self._death_message(rank, code)))
                 if code != 0 and kill_at is None:
@@ -346,6 +360,8 @@ class _Ranks:
                 for rank, process in live.values():
                     killed_here.add(rank)
                     process.kill()
+        if hung and not self.aborted:
+            return HANG_EXIT, None  # launch() says which rank stopped making progress
         # A rank that died without a report (killed from outside) and the reported failures compete on
         # time; a rank this launcher killed is a consequence, never the cause.
         deaths = [d for d in deaths if d.rank not in killed_here and not any(f.rank == d.rank for f in failures)]

@@ -21,6 +21,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import functools
 import os
 import random
 import re
@@ -358,7 +359,8 @@ def decide_requeue(history: dict, *, signals: tuple[str, ...], step: Any, elapse
 
 def master_port(job_id: str, restart: int) -> int:
     # A requeued job keeps its id: a new port per restart avoids the old run's socket.
-    return random.Random(f"{job_id}/{restart}").randint(20000, 60000)
+    # Below Linux's ephemeral range (32768-60999), so no outgoing connection of the node holds it already.
+    return random.Random(f"{job_id}/{restart}").randint(20000, 32000)
 
 
 def _say(message: str) -> None:
@@ -425,7 +427,8 @@ class SlurmTrainingJob:
 
         try:
             result = run_rank(self.cfg, rank, world, self.device_name(local_rank), local_rank=local_rank,
-                              cpu_threads=self.cpu_threads(), on_stop=agree)
+                              cpu_threads=self.cpu_threads(), on_stop=agree,
+                              on_hang=functools.partial(self.after_hang, env.job_id))
         except (UserError, FileNotFoundError) as exc:
             if rank == 0:
                 _say(f"error: {one_line(exc)}\nnot requeued: a user error stops the job (fix it and resubmit)")
@@ -457,6 +460,28 @@ class SlurmTrainingJob:
         # `scontrol requeue` and exits this process.
         submitit_handler(signal.SIGUSR2, None)
         return summary
+
+    def after_hang(self, job_id: str, line: str) -> None:
+        """Called by the one rank that reports a hang (its watchdog then ends it): requeue the job, which ends
+        every task on every node, the stopped ones included; or cancel it when the run hangs again without
+        having committed a newer checkpoint, or after --max-requeues hangs."""
+        from ..checkpoint.files import CheckpointFiles
+        from ..distributed.watchdog import hang_count, should_retry_after_hang
+
+        committed = CheckpointFiles(self.cfg.logging.folder, self.cfg.logging.write_tag).latest_step()
+        retry = should_retry_after_hang(self.cfg.logging.folder, committed)
+        hangs = hang_count(self.cfg.logging.folder)
+        if retry and hangs <= self.options.max_requeues:
+            _say(f"hang: {line}; requeued to resume from the checkpoint of step {committed} "
+                 f"(hang {hangs} of at most {self.options.max_requeues})")
+            command = ["scontrol", "requeue", job_id]
+        else:
+            why = ("no newer checkpoint since the previous hang" if not retry
+                   else f"{hangs} hangs: --max-requeues exhausted")
+            _say(f"hang: {line}; not requeued ({why}); the newest checkpoint (step {committed}) is kept: "
+                 f"resubmit to resume")
+            command = ["scancel", job_id]
+        subprocess.run(command, capture_output=True, text=True, timeout=60)
 
     @staticmethod
     def _wait_for_requeue() -> None:

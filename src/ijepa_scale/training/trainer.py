@@ -45,9 +45,11 @@ class NonFiniteLossError(RunFailure):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: dist_utils.DistEnv, objective=None):
+    def __init__(self, cfg: Config, env: dist_utils.DistEnv, objective=None, heartbeat=None):
         self.cfg = cfg
         self.env = env
+        # Where this rank is (data wait, compute, collective, checkpoint, evaluation), for the hang watchdog.
+        self.beat = heartbeat.beat if heartbeat is not None else (lambda phase, step=None: None)
         self.device = env.device
         self.dtype = cfg.distributed.dtype
         self.folder = Path(cfg.logging.folder)
@@ -206,7 +208,9 @@ class Trainer:
         if local_ok:
             for i, name in enumerate(self.metric_names):
                 shared[metrics_at + i] = torch.as_tensor(extra[name], dtype=torch.float64) / world
+        self.beat("collective")
         dist_utils.all_reduce_sum(shared)
+        self.beat("compute")
         shared = shared.cpu()
         bad_ranks = [r for r in range(world) if shared[1 + r] > 0]
         self._take_stop_flags(shared, world + 1)
@@ -345,6 +349,7 @@ class Trainer:
 
         saved = rng_state()
         start = time.perf_counter()
+        self.beat("evaluation")
         try:
             result = evaluate(self.eval_encoder, *self.eval_sources, ("knn",),
                               crop_size=self.objective.input_size(self.cfg.data.crop_size),
@@ -390,8 +395,10 @@ class Trainer:
         every_steps = self.cfg.checkpoint.every_steps
         wait_start = time.perf_counter()
         micro: list[dict] = []
+        self.beat("data wait", step=self.step)
         for batch in self.stream.epoch_batches():
             first_batch.stop()
+            self.beat("compute")
             if batch["batch"] >= self.steps_per_epoch * self.accum_steps:
                 continue  # the epoch's tail that does not fill an optimizer step
             micro.append(batch)
@@ -407,6 +414,7 @@ class Trainer:
             if every_steps and self.step % every_steps == 0 and not self._at_epoch_end:
                 self.save(periodic=self.checkpoints.files.step_path(self.step))
             wait_start = time.perf_counter()
+            self.beat("data wait", step=self.step)
         return True
 
     def _log_step(self, metrics: dict, data_ms: float, step_s: float) -> None:
@@ -508,8 +516,10 @@ class Trainer:
     def save(self, periodic: Optional[Path] = None) -> None:
         """Checkpoint this step (every rank must call it); nothing when `latest` already holds it."""
         if self.checkpoints.needs_save(periodic):
+            self.beat("checkpoint", step=self.step)
             self.metrics.sync()  # rows up to this step survive a machine crash together with the checkpoint
             self.checkpoints.save(periodic)
+            self.beat("compute")
 
     def state_dict(self) -> dict:
         """The full training state (every rank must call it); see CheckpointManager.state_dict."""
