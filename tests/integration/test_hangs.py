@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.common import ROOT, child_env, read_csv, run_main, tiny_config, write_config
+from tests.integration.test_signals import read_output, start
 
 pytestmark = pytest.mark.integration
 HANG_S = 6
@@ -27,35 +28,18 @@ def hang_config(shards, tmp_path):
     return write_config(tmp_path / "c.yaml", config)
 
 
-def start(command, tmp_path):
-    out, err = open(tmp_path / "stdout", "w+"), open(tmp_path / "stderr", "w+")
-    proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=child_env(), cwd=ROOT,
-                            start_new_session=True)
-    proc.outputs = (out, err)
-    return proc
-
-
-def output(proc):
-    texts = []
-    for f in proc.outputs:
-        f.flush()
-        f.seek(0)
-        texts.append(f.read())
-    return texts
-
-
 def stop_rank_after_steps(proc, run, rank=1, steps=3, timeout=180):
     """SIGSTOP `rank` once both ranks logged `steps` steps; returns (its pid, when)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, output(proc)
+        assert proc.poll() is None, read_output(proc)
         csvs = [run / f"jepa_r{r}.csv" for r in (0, 1)]
         if all(p.exists() for p in csvs) and min(len(read_csv(run, r)) for r in (0, 1)) >= steps:
             pid = json.loads((run / "heartbeat" / f"rank{rank}.json").read_text())["pid"]
             os.kill(pid, signal.SIGSTOP)
             return pid, time.monotonic()
         time.sleep(0.2)
-    raise AssertionError(f"no {steps} steps within {timeout} s: {output(proc)}")
+    raise AssertionError(f"no {steps} steps within {timeout} s: {read_output(proc)}")
 
 
 def process_alive(pid):
@@ -108,7 +92,7 @@ def test_a_stopped_rank_ends_the_local_run_named_and_the_same_command_resumes(sh
     pid, stopped_at = stop_rank_after_steps(proc, run)
     wait_until_gone(proc, timeout=HANG_S + MARGIN_S + 30)
     took = time.monotonic() - stopped_at
-    stdout, stderr = output(proc)
+    stdout, stderr = read_output(proc)
     print(f"SIGSTOP to exit: {took:.1f} s (hang_timeout_s={HANG_S})")
     assert proc.returncode == 75, stderr[-3000:]
     assert took < HANG_S + MARGIN_S, f"{took:.1f} s"
@@ -141,7 +125,7 @@ def test_a_stopped_torchrun_worker_ends_the_run_named_and_the_same_command_resum
     print(f"SIGSTOP to the stopped worker's end: {took:.1f} s (hang_timeout_s={HANG_S})")
     assert not process_alive(pid), "the reporting rank did not end the stopped worker"
     wait_until_gone(proc, timeout=120)
-    stdout, stderr = output(proc)
+    stdout, stderr = read_output(proc)
     assert proc.returncode != 0
     assert "stopped making progress" in stderr and "rank 1 (step" in stderr, stderr[-3000:]
     assert_nothing_left(proc, pid)
