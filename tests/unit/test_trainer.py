@@ -170,3 +170,13 @@ def test_slow_notice_logs_only_a_slow_wait_and_its_end_once(caplog):
     assert not any("fast thing" in m for m in messages)
     assert [m.split(":")[0] for m in messages if "slow thing" in m] == ["slow thing", "slow thing"]
     assert "still waiting after 0 s" in messages[0] and "done after" in messages[1]
+
+
+def test_a_rank_far_slower_for_its_data_is_named_a_straggler():
+    from ijepa_scale.training.trainer import straggler_text
+
+    assert straggler_text([12.0, 900.0, 15.0, 10.0]).startswith("straggler: rank 1 waited 900 ms for its data "
+                                                                  "(the others 12 ms)")
+    assert straggler_text([12.0, 30.0, 15.0]) == ""  # under the floor: noise
+    assert straggler_text([400.0, 700.0]) == ""  # not 3x the others: everyone waits
+    assert straggler_text([900.0]) == ""

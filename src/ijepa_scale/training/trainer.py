@@ -44,6 +44,20 @@ class NonFiniteLossError(RunFailure):
     on_every_rank = True  # decided in the step's all-reduce, so every rank stops at the same step
 
 
+def straggler_text(waits_ms: list[float], factor: float = 3.0, floor_ms: float = 100.0) -> str:
+    """A note when one rank waited for its data far longer than the others (slow, not stuck: it still
+    steps); empty otherwise."""
+    if len(waits_ms) < 2:
+        return ""
+    slowest = max(range(len(waits_ms)), key=waits_ms.__getitem__)
+    others = sorted(w for r, w in enumerate(waits_ms) if r != slowest)
+    typical = others[len(others) // 2]
+    if waits_ms[slowest] < floor_ms or waits_ms[slowest] < factor * typical:
+        return ""
+    return (f"straggler: rank {slowest} waited {waits_ms[slowest]:.0f} ms for its data (the others "
+            f"{typical:.0f} ms); every step waits for it (data.num_workers, its storage or its host)")
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: dist_utils.DistEnv, objective=None, heartbeat=None):
         self.cfg = cfg
@@ -75,6 +89,8 @@ class Trainer:
         self.stop_agreed = False  # set on every rank once any rank asked to stop
         self.agreed_signals: list[str] = []  # names of the signals any rank had when they agreed
         self._at_epoch_end = False  # the step just trained ends an epoch
+        self.data_wait_ms = 0.0  # this rank's wait for the current batch
+        self.rank_waits_ms: list[float] = []  # every rank's, as of the last step's all-reduce
 
         parts = TrainingParts(self.networks, self.ema_networks, self.optimizer, self.scaler,
                               dict(zip(("lr", "wd", "momentum"), self.schedules)), self.stream, self.batches,
@@ -201,7 +217,9 @@ class Trainer:
         local_ok = loss is not None and bool(torch.isfinite(loss.detach()).item())
         # The stop flags and the objective's metrics (as global means) ride in the same collective.
         metrics_at = world + 2 + len(STOP_SIGNALS)
-        shared = torch.zeros(metrics_at + len(self.metric_names), dtype=torch.float64, device=self.device)
+        waits_at = metrics_at + len(self.metric_names)  # each rank's wait for this batch, to spot stragglers
+        shared = torch.zeros(waits_at + world, dtype=torch.float64, device=self.device)
+        shared[waits_at + self.env.rank] = self.data_wait_ms
         shared[0] = loss.detach().double() / world if local_ok else 0.0
         shared[1 + self.env.rank] = 0.0 if local_ok else 1.0
         self._put_stop_flags(shared, world + 1)
@@ -212,6 +230,7 @@ class Trainer:
         dist_utils.all_reduce_sum(shared)
         self.beat("compute")
         shared = shared.cpu()
+        self.rank_waits_ms = shared[waits_at:].tolist()
         bad_ranks = [r for r in range(world) if shared[1 + r] > 0]
         self._take_stop_flags(shared, world + 1)
         return shared, bad_ranks
@@ -324,6 +343,9 @@ class Trainer:
             metrics["momentum"], metrics["time (ms)"], metrics["img_per_s"], metrics["data_ms"],
             metrics["max_mem_mb"], self._eta_text(metrics["itr"]), self._metrics_text(metrics),
         )
+        straggler = straggler_text(self.rank_waits_ms) if metrics["step"] > 1 else ""  # step 1 includes start-up
+        if straggler:
+            logger.warning("step %d: %s", metrics["step"], straggler)
 
     def _metrics_text(self, metrics: dict) -> str:
         """The objective's metrics (and the k-NN accuracy when evaluated) for the progress line."""
@@ -404,7 +426,7 @@ class Trainer:
             micro.append(batch)
             if len(micro) < self.accum_steps:
                 continue
-            data_ms = (time.perf_counter() - wait_start) * 1000.0
+            data_ms = self.data_wait_ms = (time.perf_counter() - wait_start) * 1000.0
             metrics = self.train_step(micro if self.accum_steps > 1 else batch)
             micro = []
             self._at_epoch_end = batch["batch"] == self.stream.steps_per_epoch - 1
