@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -630,10 +631,37 @@ def _override_path(item: str, parts: list[str]) -> tuple[tuple, Any, bool]:
     return path, tp, renamed
 
 
+def _refuse_shell_expanded(overrides: list[str]) -> None:
+    """An unquoted `key=x-{000..003}.tar` reaches us as consecutive `key=x-000.tar ... key=x-003.tar` (the shell
+    expanded the braces): the last one would silently win, so say what happened instead."""
+    i = 0
+    while i < len(overrides):
+        key = overrides[i].partition("=")[0]
+        j = i
+        while j + 1 < len(overrides) and overrides[j + 1].partition("=")[0] == key and "=" in overrides[j + 1]:
+            j += 1
+        if j > i:
+            first, last = overrides[i].partition("=")[2], overrides[j].partition("=")[2]
+            head = os.path.commonprefix([first, last])
+            tail = os.path.commonprefix([first[::-1], last[::-1]])[::-1]
+            while head and head[-1].isdigit():  # the run of digits that varies belongs inside the braces
+                head = head[:-1]
+            while tail and tail[0].isdigit():
+                tail = tail[1:]
+            a, b = first[len(head):len(first) - len(tail)], last[len(head):len(last) - len(tail)]
+            values = [item.partition("=")[2] for item in overrides[i:j + 1]]
+            if (head or tail) and a.isdigit() and b.isdigit() and values == [
+                    f"{head}{n:0{len(a)}d}{tail}" for n in range(int(a), int(a) + j - i + 1)]:
+                raise ConfigError(f"overrides {overrides[i]} ... {overrides[j]}: the shell expanded a brace pattern "
+                                  f"into {j - i + 1} overrides; quote it: {key}='{head}{{{a}..{b}}}{tail}'")
+        i = j + 1
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `section.key=value` strings (values parsed as YAML; `section.key.name=value` sets one entry of a
     mapping such as collapse.thresholds) to a copy of a raw config dict. A moved key's old name sets its new
     place, with a deprecation warning."""
+    _refuse_shell_expanded(overrides)
     raw = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
     set_by = {}
     for item in overrides:

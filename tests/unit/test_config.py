@@ -233,3 +233,13 @@ def test_main_reports_config_error_in_one_line(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "data.batchsize" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_a_brace_pattern_the_shell_expanded_is_named_with_the_quoted_form():
+    expanded = [f"data.shards=/nonexistent/x-{i:03d}.tar" for i in range(4)]
+    with pytest.raises(ConfigError, match=r"the shell expanded a brace pattern into 4 overrides; quote it: "
+                                          r"data.shards='/nonexistent/x-\{000..003\}.tar'$"):
+        apply_overrides({}, expanded)
+    # A key simply given twice still means the last value.
+    assert apply_overrides({"optimization": {}}, ["optimization.epochs=2", "optimization.epochs=3"]) == {
+        "optimization": {"epochs": 3}}

@@ -44,6 +44,9 @@ class NonFiniteLossError(RunFailure):
     on_every_rank = True  # decided in the step's all-reduce, so every rank stops at the same step
 
 
+NONFINITE_GRADIENT = "gradient"  # in place of rank numbers: every rank's update was skipped for the gradient
+
+
 def straggler_text(waits_ms: list[float], factor: float = 3.0, floor_ms: float = 100.0) -> str:
     """A note when one rank waited for its data far longer than the others (slow, not stuck: it still
     steps); empty otherwise."""
@@ -90,6 +93,7 @@ class Trainer:
         self.agreed_signals: list[str] = []  # names of the signals any rank had when they agreed
         self._at_epoch_end = False  # the step just trained ends an epoch
         self.data_wait_ms = 0.0  # this rank's wait for the current batch
+        self.diverged: Optional[NonFiniteLossError] = None  # too many skipped steps in a row
         self.rank_waits_ms: list[float] = []  # every rank's, as of the last step's all-reduce
 
         parts = TrainingParts(self.networks, self.ema_networks, self.optimizer, self.scaler,
@@ -261,7 +265,7 @@ class Trainer:
 
     def _update(self, momentum: float, bad_ranks: list) -> tuple[float, list]:
         """The optimizer and EMA step unless a rank could not step: (grad norm, the ranks that could not
-        step, or ["all (non-finite gradient)"] when the gradient is; empty when the update was made)."""
+        step, or [NONFINITE_GRADIENT] when the gradient is; empty when the update was made)."""
         grad_norm = float("nan")
         if not bad_ranks:
             if self.scaler is not None:
@@ -276,7 +280,7 @@ class Trainer:
                 self.optimizer.step()
                 self._ema_update(momentum)
             else:
-                bad_ranks = ["all (non-finite gradient)"]
+                bad_ranks = [NONFINITE_GRADIENT]
         self.optimizer.zero_grad(set_to_none=True)
         if bad_ranks and self.sharded:
             # FSDP keeps the roots' parameters gathered after forward until their backward, which a
@@ -296,13 +300,16 @@ class Trainer:
             return global_loss
         counters.skipped_steps += 1
         counters.consecutive_nonfinite += 1
-        logger.warning("step %d: non-finite loss or undecodable batch on rank(s) %s; update skipped on "
-                       "every rank (%d in a row)", self.step, bad_ranks, counters.consecutive_nonfinite)
+        cause = ("a non-finite gradient norm" if bad_ranks == [NONFINITE_GRADIENT] else
+                 f"a non-finite loss or no decodable sample on rank(s) {', '.join(map(str, bad_ranks))}")
+        if self.env.is_main:  # every rank decided the same in the step's all-reduce: one line speaks for all
+            logger.warning("step %d: %s; update skipped on every rank (%d in a row)", self.step, cause,
+                           counters.consecutive_nonfinite)
         if counters.consecutive_nonfinite >= self.cfg.optimization.max_consecutive_nonfinite:
-            raise NonFiniteLossError(
-                f"{counters.consecutive_nonfinite} consecutive skipped steps (non-finite loss or gradient, or "
-                f"no decodable sample) ending at step {self.step} "
-                f"(epoch {batch['epoch'] + 1}, itr {batch['batch'] // n}); last on rank(s) {bad_ranks}. "
+            # Raised once the step's CSV row is written (_train_epoch), so the row and the message agree.
+            self.diverged = NonFiniteLossError(
+                f"{counters.consecutive_nonfinite} consecutive skipped steps ending at step {self.step} "
+                f"(epoch {batch['epoch'] + 1}, itr {batch['batch'] // n}), the last for {cause}. "
                 f"Lower optimization.lr, set optimization.clip_grad, or resume from an earlier checkpoint"
             )
         return float("nan")
@@ -431,6 +438,8 @@ class Trainer:
             micro = []
             self._at_epoch_end = batch["batch"] == self.stream.steps_per_epoch - 1
             self._log_step(metrics, data_ms, time.perf_counter() - wait_start)
+            if self.diverged is not None:
+                raise self.diverged
             if self._should_stop():
                 return False
             if every_steps and self.step % every_steps == 0 and not self._at_epoch_end:
@@ -482,11 +491,16 @@ class Trainer:
         seconds = time.perf_counter() - session["began"]
         images = steps * self.env.world_size * self.cfg.data.batch_size
         checkpoint = self.checkpoints.checkpoint_of_step()
-        logger.info("%s: %d steps in this session (step %d of %d, epoch %d), %s, %.1f img/s; final epoch-average "
-                    "loss %.5f; checkpoint %s; report: ijepa-scale report %s", how, steps, self.step,
-                    self.cfg.optimization.epochs * self.steps_per_epoch, self.stream.epoch,
+        if self.stream.batch_in_epoch:  # stopped inside an epoch: the epoch the progress lines named
+            where, average = f"in epoch {self.stream.epoch + 1}", f"epoch {self.stream.epoch + 1}'s average loss so far"
+        else:
+            where, average = f"after epoch {self.stream.epoch}", f"epoch {self.stream.epoch}'s average loss"
+        logger.info("%s: %d steps in this session (step %d of %d, %s), %s, %.1f img/s; %s %.5f; checkpoint %s; "
+                    "report: ijepa-scale report %s", how, steps, self.step,
+                    self.cfg.optimization.epochs * self.steps_per_epoch, where,
                     format_eta(seconds) if seconds >= 60 else f"{seconds:.1f}s",
-                    images / max(seconds, 1e-9), self.counters.epoch_loss(), checkpoint or "none", self.folder)
+                    images / max(seconds, 1e-9), average, self.counters.epoch_loss(), checkpoint or "none",
+                    self.folder)
 
     def _epoch_end_path(self) -> Optional[Path]:
         """The -ep{N} file for the epoch that ends with the current step, if it is kept."""
