@@ -142,7 +142,8 @@ def test_a_run_refused_at_start_up_leaves_no_folder_it_created(tmp_path, devices
     proc = run_main(config, devices=devices, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert error_lines(proc.stderr) == ["error: shard not found: /nowhere/train-000000.tar (and 1 more); check "
-                                        "data.shards='/nowhere/train-{000000..000001}.tar'"]
+                                        "data.shards='/nowhere/train-{000000..000001}.tar', which expands to 2 "
+                                        "shard(s)"]
     assert not (tmp_path / "new").exists()
 
 
