@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.common import ROOT, child_env, read_csv, run_main, tiny_config, write_config
-from tests.integration.test_signals import read_output, start
+from tests.integration.test_signals import finish, read_output, start
 
 pytestmark = pytest.mark.integration
 HANG_S = 6
@@ -49,15 +49,6 @@ def process_alive(pid):
         return False
 
 
-def wait_until_gone(proc, timeout):
-    try:
-        proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def assert_nothing_left(proc, stopped_pid, within_s=10):
     """Every process of the run's group ends (a killed rank's data workers follow it by PDEATHSIG)."""
     deadline = time.monotonic() + within_s
@@ -90,9 +81,8 @@ def test_a_stopped_rank_ends_the_local_run_named_and_the_same_command_resumes(sh
     proc = start([sys.executable, str(ROOT / "main.py"), "--fname", str(config), "--devices", "cpu", "cpu"],
                  tmp_path)
     pid, stopped_at = stop_rank_after_steps(proc, run)
-    wait_until_gone(proc, timeout=HANG_S + MARGIN_S + 30)
+    stdout, stderr = finish(proc, timeout=HANG_S + MARGIN_S + 30)
     took = time.monotonic() - stopped_at
-    stdout, stderr = read_output(proc)
     print(f"SIGSTOP to exit: {took:.1f} s (hang_timeout_s={HANG_S})")
     assert proc.returncode == 75, stderr[-3000:]
     assert took < HANG_S + MARGIN_S, f"{took:.1f} s"
@@ -124,8 +114,7 @@ def test_a_stopped_torchrun_worker_ends_the_run_named_and_the_same_command_resum
     took = time.monotonic() - stopped_at
     print(f"SIGSTOP to the stopped worker's end: {took:.1f} s (hang_timeout_s={HANG_S})")
     assert not process_alive(pid), "the reporting rank did not end the stopped worker"
-    wait_until_gone(proc, timeout=120)
-    stdout, stderr = read_output(proc)
+    stdout, stderr = finish(proc, timeout=120)
     assert proc.returncode != 0
     assert "stopped making progress" in stderr and "rank 1 (step" in stderr, stderr[-3000:]
     assert_nothing_left(proc, pid)
