@@ -1,7 +1,7 @@
 """Hang detection: a run in which no rank completes a step for too long ends loudly and resumably.
 
 Every rank keeps a heartbeat file, `{folder}/heartbeat/rank{R}.json`, with its step and the phase it is in
-(start-up, data wait, compute, collective, checkpoint, evaluation), rewritten when either changes. A watchdog
+(`start-up`, `data wait`, `compute`, `collective`, `checkpoint`, `evaluation`), rewritten when either changes. A watchdog
 thread in each rank notices when its own rank made no progress for `timeout_s` (a longer allowance before the
 first completed step and during the first checkpoint). Since a stopped or lost rank blocks every other rank
 in the next collective, every rank that still runs notices at about the same time. Each such rank writes the
@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 HANG_EXIT = 75
 """Exit status of a rank that gave up waiting for progress (EX_TEMPFAIL: trying again may work)."""
-PHASES = ("start-up", "data wait", "compute", "collective", "checkpoint", "evaluation", "done")
 HANG_LINE = "hang.txt"
 HANG_HISTORY = "hangs.json"
 
@@ -212,14 +211,18 @@ class Watchdog:
                 return reports
             time.sleep(min(0.2, self.grace_s / 10 or 0.2))
 
+    @staticmethod
+    def _silent_here(reports: dict, beats: dict):
+        """(rank, heartbeat) of each rank on this host that filed no hang report."""
+        host = socket.gethostname()
+        return [(rank, beat) for rank, beat in beats.items() if rank not in reports and beat["host"] == host]
+
     def _dump_silent_ranks(self, reports: dict, beats: dict) -> None:
         """py-spy's stacks of a silent rank on this host, when py-spy is installed (it reads stopped processes)."""
         spy = shutil.which("py-spy")
         if spy is None:
             return
-        for rank, beat in beats.items():
-            if rank in reports or beat["host"] != socket.gethostname():
-                continue
+        for rank, beat in self._silent_here(reports, beats):
             try:
                 out = subprocess.run([spy, "dump", "--pid", str(beat["pid"])], capture_output=True, text=True,
                                      timeout=20)
@@ -228,12 +231,9 @@ class Watchdog:
             except (OSError, subprocess.TimeoutExpired):
                 pass
 
-
     def _kill_silent_ranks(self, reports: dict, beats: dict) -> None:
         """SIGKILL the silent ranks on this host: the one signal a stopped process cannot hold off."""
-        for rank, beat in beats.items():
-            if rank in reports or beat["host"] != socket.gethostname():
-                continue
+        for rank, beat in self._silent_here(reports, beats):
             try:
                 if b"python" not in Path(f"/proc/{beat['pid']}/cmdline").read_bytes():
                     continue  # the pid is no longer a rank of this run
