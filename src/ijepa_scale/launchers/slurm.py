@@ -22,6 +22,9 @@ import copy
 import dataclasses
 import difflib
 import functools
+import hashlib
+import itertools
+import json
 import os
 import random
 import re
@@ -39,6 +42,7 @@ import yaml
 
 from ..config import Config, dump_config, load_config
 from ..errors import RunFailure, UserError, one_line
+from ..fileutil import atomic_write
 
 # Your own presets in ./launch/slurm (relative to the current folder), then those shipped with the package.
 PRESET_DIRS = (Path("launch/slurm"), Path(__file__).resolve().parent / "presets")
@@ -47,6 +51,15 @@ SUBMITIT_MAX_NUM_TIMEOUT = 1_000_000
 # SLURM may send the warning signal up to 60 s before --signal-delay (sbatch(1)); plus start-up.
 EARLY_SIGNAL_SLACK_S = 90
 WAIT_FOR_REQUEUE_S = 300
+# How many tasks of a job array (--sweep, --batch-launch) run at once unless --array-parallelism says otherwise.
+ARRAY_PARALLELISM = 256
+# sbatch(1) --mail-type values.
+MAIL_TYPES = ("NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT", "TIME_LIMIT",
+              "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS")
+# sbatch(1) --dependency: type:job_id[+minutes][:job_id...] joined by ',' (all of) or '?' (any of); or singleton.
+_DEPENDENCY_ITEM = (r"(?:singleton|(?:after|afterany|afterburstbuffer|aftercorr|afternotok|afterok|expand)"
+                    r"(?::\d+(?:_\d+)?(?:\+\d+)?)+)")
+DEPENDENCY = re.compile(rf"{_DEPENDENCY_ITEM}(?:,{_DEPENDENCY_ITEM})*|{_DEPENDENCY_ITEM}(?:\?{_DEPENDENCY_ITEM})+")
 
 
 # ------------------------------------------------------------------ options
@@ -72,9 +85,13 @@ class SlurmOptions:
     signal_delay: int = 120
     max_requeues: int = 20
     job_name: Optional[str] = None
+    array_parallelism: int = ARRAY_PARALLELISM
+    mail_type: Optional[str] = None
+    mail_user: Optional[str] = None
+    dependency: Optional[str] = None
 
     def validate(self) -> None:
-        for name in ("nodes", "tasks_per_node", "cpus_per_task", "time"):
+        for name in ("nodes", "tasks_per_node", "cpus_per_task", "time", "array_parallelism"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} {getattr(self, name)}: must be at least 1")
         for name in ("gpus_per_node", "signal_delay", "max_requeues"):
@@ -94,6 +111,19 @@ class SlurmOptions:
             value = getattr(self, name)
             if value is not None and not re.fullmatch(r"\d+[KMGT]?", value):
                 raise UserError(f"--{_flag(name)} {value!r}: use SLURM's form, e.g. 55G or 4000M")
+        if self.mail_type is not None:
+            unknown = [t for t in self.mail_type.split(",") if t.upper() not in MAIL_TYPES]
+            if unknown:
+                raise UserError(f"--mail-type {self.mail_type!r}: {unknown[0]!r} is not a SLURM mail type "
+                                f"(one or more of {','.join(MAIL_TYPES)}, comma-separated)")
+        if self.mail_user is not None and not re.fullmatch(r"[^\s,]+", self.mail_user):
+            raise UserError(f"--mail-user {self.mail_user!r}: give one address or user name")
+        if self.mail_user is not None and self.mail_type is None:
+            raise UserError(f"--mail-user {self.mail_user} without --mail-type sends no mail: add e.g. "
+                            "--mail-type END,FAIL")
+        if self.dependency is not None and not DEPENDENCY.fullmatch(self.dependency):
+            raise UserError(f"--dependency {self.dependency!r}: use SLURM's form TYPE:JOBID[:JOBID...] joined by ',' "
+                            "(all) or '?' (any), e.g. afterok:1234 or afterany:1234_0,afterok:1240; or singleton")
 
 
 def _flag(name: str) -> str:
@@ -151,6 +181,8 @@ def resolve_options(args: argparse.Namespace) -> SlurmOptions:
     options = SlurmOptions(**values)
     if options.gpus_per_node is None:
         options.gpus_per_node = options.tasks_per_node
+    if options.mail_type is not None:
+        options.mail_type = options.mail_type.upper()
     options.validate()
     return options
 
@@ -195,6 +227,147 @@ def load_job_configs(files: list[Path], overrides: list[str]) -> list[Config]:
     return configs
 
 
+# ------------------------------------------------------------------ sweeps
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One point of a sweep: its overrides (in --sweep order), its folder name and its loaded config."""
+
+    overrides: tuple[str, ...]
+    name: str
+    cfg: Config
+
+
+def split_values(text: str) -> list[str]:
+    """`5e-4,1e-3` -> ['5e-4', '1e-3']: commas inside brackets, braces or quotes belong to the value."""
+    values, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            values.append(text[start:i])
+            start = i + 1
+    values.append(text[start:])
+    return values
+
+
+def parse_sweep(items: list[str], overrides: list[str]) -> list[tuple[str, list[str]]]:
+    """--sweep KEY=V1,V2,... flags -> [(key, values)], refusing what would be ambiguous."""
+    axes: list[tuple[str, list[str]]] = []
+    plain = {item.partition("=")[0]: item for item in overrides}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or len(key.split(".")) not in (2, 3) or not all(key.split(".")):
+            raise UserError(f"--sweep {item}: must look like section.key=value1,value2 (e.g. optimization.lr=5e-4,1e-3)")
+        if key == "logging.folder":
+            raise UserError(f"--sweep {item}: each run's logging.folder is <logging.folder>/<its overrides>; sweep "
+                            "other keys and give the sweep's folder as a plain override logging.folder=DIR")
+        if key in plain:
+            raise UserError(f"--sweep {item} and the override {plain[key]} both set {key}: drop one")
+        earlier = next((f"{k}={','.join(v)}" for k, v in axes if k == key), None)
+        if earlier is not None:
+            raise UserError(f"--sweep {earlier} and --sweep {item} both sweep {key}: give its values in one --sweep")
+        values = split_values(text)
+        empty = next((i for i, v in enumerate(values) if not v.strip()), None)
+        if empty is not None:
+            raise UserError(f"--sweep {item}: value {empty + 1} is empty (for an empty string write '')")
+        axes.append((key, values))
+    return axes
+
+
+def _label(text: str) -> str:
+    """A value as it reads in a folder name: as typed when that is short and filesystem-safe, else a safe
+    prefix and a hash of the whole value (so that different values never share a folder)."""
+    if re.fullmatch(r"[A-Za-z0-9+-][A-Za-z0-9._+-]{0,39}", text):
+        return text
+    safe = re.sub(r"[^A-Za-z0-9._+-]+", "_", text)[:24]
+    return f"{safe}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def run_name(keys: list[str], values: tuple[str, ...]) -> str:
+    """The folder name of one sweep point, e.g. `lr=5e-4,batch_size=64`: each key by its last part unless two
+    swept keys share it (then in full)."""
+    short = [key.rsplit(".", 1)[1] for key in keys]
+    names = [s if short.count(s) == 1 else key for s, key in zip(short, keys)]
+    name = ",".join(f"{n}={_label(v)}" for n, v in zip(names, values))
+    if len(name) > 200:  # file names stop at 255 bytes
+        name = f"{name[:150]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+def load_sweep(path: Path, overrides: list[str], items: list[str], base: Config) -> list[SweepRun]:
+    """Every point of the Cartesian product of the --sweep flags, loaded and validated as ordinary overrides
+    (after the plain ones), each in its own folder under the base config's logging.folder."""
+    axes = parse_sweep(items, overrides)
+    keys = [key for key, _ in axes]
+    for key, values in axes:  # each value alone first, so that a bad one is named with its own --sweep
+        for value in values:
+            try:
+                load_config(path, [*overrides, f"{key}={value}"])
+            except UserError as exc:
+                raise UserError(f"--sweep {key}={','.join(values)}: {one_line(exc)}") from None
+    runs: list[SweepRun] = []
+    by_name: dict[str, SweepRun] = {}
+    by_config: dict[str, SweepRun] = {}
+    for values in itertools.product(*(values for _, values in axes)):
+        point = tuple(f"{key}={value}" for key, value in zip(keys, values))
+        try:
+            cfg = load_config(path, [*overrides, *point])
+        except UserError as exc:
+            raise UserError(f"--sweep point {' '.join(point)}: {one_line(exc)}") from None
+        name = run_name(keys, values)
+        cfg.logging.folder = str(Path(base.logging.folder) / name)
+        run = SweepRun(point, name, cfg)
+        if name in by_name:
+            raise UserError(f"--sweep points {' '.join(by_name[name].overrides)} and {' '.join(point)} would share the "
+                            f"folder {name}: make the values differ in their first 24 characters")
+        resolved = dump_config(cfg).replace(cfg.logging.folder, "")
+        if resolved in by_config:
+            raise UserError(f"--sweep points {' '.join(by_config[resolved].overrides)} and {' '.join(point)} give "
+                            "the same config: drop the repeated value")
+        by_name[name] = by_config[resolved] = run
+        runs.append(run)
+    return runs
+
+
+def sweep_manifest(path: Path, overrides: list[str], items: list[str], runs: list[SweepRun]) -> dict[str, Any]:
+    """What sweep.json records about the runs (the submissions are added to it)."""
+    return {"config": str(path.resolve()), "overrides": list(overrides),
+            "sweep": {key: values for key, values in parse_sweep(items, overrides)},
+            "runs": [{"task": i, "name": run.name, "overrides": list(run.overrides), "folder": run.cfg.logging.folder}
+                     for i, run in enumerate(runs)],
+            "submissions": []}
+
+
+def previous_manifest(manifest_path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest to extend: the one already there when it describes the same sweep (a resubmission resumes
+    every run), else the new one; another sweep in the same folder is refused."""
+    if not manifest_path.exists():
+        return manifest
+    try:
+        old = json.loads(manifest_path.read_text())
+        same = all(old[key] == manifest[key] for key in ("config", "overrides", "sweep", "runs"))
+        submissions = list(old["submissions"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{manifest_path} exists but is not a sweep manifest: choose another logging.folder") from None
+    if not same:
+        raise UserError(f"{manifest_path.parent} holds another sweep ({manifest_path}): choose another logging.folder, "
+                        "or resubmit that sweep's own command to resume it")
+    return {**manifest, "submissions": submissions}
+
+
+def write_manifest(manifest_path: Path, manifest: dict[str, Any]) -> None:
+    text = json.dumps(manifest, indent=1).encode() + b"\n"
+    atomic_write(manifest_path, lambda f: f.write(text))
+
+
 def check_partition(partition: Optional[str], controller_required: bool = True) -> None:
     """Refuse a partition that sinfo does not list. A controller that cannot be asked is an error
     before a real submission (sbatch would fail too) and a warning for --dry-run."""
@@ -221,7 +394,8 @@ def sbatch_parameters(options: SlurmOptions, job_name: str) -> dict[str, Any]:
         "ntasks_per_node": options.tasks_per_node, "cpus_per_task": options.cpus_per_task,
         "signal_delay_s": options.signal_delay,
     }
-    for name in ("partition", "account", "qos", "exclude", "constraint", "nodelist", "mem", "mem_per_gpu"):
+    for name in ("partition", "account", "qos", "exclude", "constraint", "nodelist", "mem", "mem_per_gpu",
+                 "mail_type", "mail_user", "dependency", "array_parallelism"):
         if getattr(options, name) is not None:
             params[name] = getattr(options, name)
     if options.gpus_per_node:
@@ -254,17 +428,35 @@ def git_state(folder: Path) -> tuple[str, str]:
 # ------------------------------------------------------------------ submission
 
 
-def _warn_cpu_budget(configs: list[Config], files: list[Path], options: SlurmOptions) -> None:
-    for cfg, path in zip(configs, files):
+def _warn_cpu_budget(configs: list[Config], labels: list[str], options: SlurmOptions) -> None:
+    for cfg, label in zip(configs, labels):
         if cfg.data.num_workers >= options.cpus_per_task:
-            print(f"warning: {path}: data.num_workers={cfg.data.num_workers} leaves no CPU of --cpus-per-task "
+            print(f"warning: {label}: data.num_workers={cfg.data.num_workers} leaves no CPU of --cpus-per-task "
                   f"{options.cpus_per_task} for the rank itself (workers will share cores)", file=sys.stderr)
+            return
+
+
+def _sweep_table(runs: list[SweepRun], job_ids: list[str]) -> str:
+    rows = [("task", "job", "overrides", "logging.folder")]
+    rows += [(str(i), job, " ".join(run.overrides), run.cfg.logging.folder)
+             for i, (run, job) in enumerate(zip(runs, job_ids))]
+    widths = [max(len(row[col]) for row in rows) for col in range(3)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3] for row in rows)
 
 
 def submit(args: argparse.Namespace, command_line: str) -> int:
     options = resolve_options(args)
     files = config_files(args.fname, args.batch_launch)
     configs = load_job_configs(files, args.overrides)
+    labels = [str(path) for path in files]
+    runs: list[SweepRun] = []
+    if args.sweep:
+        if args.batch_launch:
+            raise UserError("--sweep with --batch-launch: sweep one config (--fname) at a time")
+        runs = load_sweep(files[0], args.overrides, args.sweep, configs[0])
+        manifest_path = Path(configs[0].logging.folder) / "sweep.json"
+        configs, labels = [run.cfg for run in runs], [f"{files[0]} {' '.join(run.overrides)}" for run in runs]
+        manifest = previous_manifest(manifest_path, sweep_manifest(files[0], args.overrides, args.sweep, runs))
     check_partition(options.partition, controller_required=not args.dry_run)
     folder = Path(args.folder).expanduser().resolve() / "job_%j"
     job_name = options.job_name or ("ijepa-batch" if args.batch_launch else f"ijepa-{files[0].stem}")
@@ -272,11 +464,18 @@ def submit(args: argparse.Namespace, command_line: str) -> int:
     jobs_to_submit = [SlurmTrainingJob(cfg, options) for cfg in configs]
 
     if args.dry_run:
-        _warn_cpu_budget(configs, files, options)
+        _warn_cpu_budget(configs, labels, options)
         print(f"# dry run: nothing submitted. sbatch script ({folder}/..._submission.sh):")
         print(sbatch_script(folder, params, len(configs)))
-        for cfg, path in zip(configs, files):
-            print(f"# resolved config of {path} (logging.folder gets the CSVs and checkpoints):")
+        if runs:
+            tasks = [f"ID_{i}" for i in range(len(runs))] if len(runs) > 1 else ["ID"]
+            print(f"# sweep: {len(runs)} run(s), manifest {manifest_path}")
+            print(_sweep_table(runs, tasks))
+            print("# resolved config of task 0 (the others differ only by their overrides and logging.folder):")
+            print(dump_config(configs[0]))
+            return 0
+        for cfg, label in zip(configs, labels):
+            print(f"# resolved config of {label} (logging.folder gets the CSVs and checkpoints):")
             print(dump_config(cfg))
         return 0
 
@@ -289,7 +488,7 @@ def submit(args: argparse.Namespace, command_line: str) -> int:
         if not os.access(cfg.logging.folder, os.W_OK):
             raise UserError(f"logging.folder {cfg.logging.folder} is not writable: choose a folder the job can write")
 
-    _warn_cpu_budget(configs, files, options)
+    _warn_cpu_budget(configs, labels, options)
 
     import submitit
     from submitit.core.utils import FailedJobError, FailedSubmissionError
@@ -297,6 +496,7 @@ def submit(args: argparse.Namespace, command_line: str) -> int:
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=SUBMITIT_MAX_NUM_TIMEOUT)
     executor.update_parameters(**params)
     commit, diff = git_state(Path.cwd())
+    started = time.time()
     try:
         if len(jobs_to_submit) == 1:
             jobs = [executor.submit(jobs_to_submit[0])]
@@ -307,20 +507,39 @@ def submit(args: argparse.Namespace, command_line: str) -> int:
         message = " ".join(str(exc).split())
         print(f"error: sbatch refused the submission: {message}", file=sys.stderr)
         return 1
-    for job, cfg, path in zip(jobs, configs, files):
+    for job, cfg in zip(jobs, configs):
         record = job.paths.folder
         record.mkdir(parents=True, exist_ok=True)
         (record / "config.yaml").write_text(dump_config(cfg))
         (record / "command.txt").write_text(command_line + "\n")
         (record / "git.txt").write_text(commit)
         (record / "git.diff").write_text(diff)
-        base = job.job_id.split("_")[0]
-        print(f"submitted job {job.job_id} ({job_name}, {path}): {options.nodes} node(s) x {options.tasks_per_node} "
-              f"task(s), {options.gpus_per_node or 'no'} GPU(s) per node, {options.time} min")
-        print(f"  logging.folder (CSVs, checkpoints): {cfg.logging.folder}")
+    base = jobs[0].job_id.split("_")[0]
+    watch = f"watch: squeue -j {base}   or   sacct -j {base} -X -o JobID,JobName,State,Elapsed,ExitCode"
+    shape = (f"{options.nodes} node(s) x {options.tasks_per_node} task(s), {options.gpus_per_node or 'no'} GPU(s) "
+             f"per node, {options.time} min")
+    if runs:
+        manifest["submissions"].append({
+            "array_job_id": base, "jobs": [job.job_id for job in jobs], "command": command_line,
+            "submitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "submitit_folders": [str(job.paths.folder) for job in jobs]})
+        write_manifest(manifest_path, manifest)
+        at_once = min(len(jobs), options.array_parallelism)
+        print(f"submitted sweep as {'array ' if len(jobs) > 1 else ''}job {base} ({job_name}): {len(jobs)} run(s), "
+              f"{at_once} at a time; each {shape} ({time.time() - started:.1f} s)")
+        print(_sweep_table(runs, [job.job_id for job in jobs]))
+        print(f"  sweep manifest: {manifest_path}")
+        record = jobs[0].paths.folder if len(jobs) == 1 else f"{jobs[0].paths.folder.parent}/job_{base}_<task>/"
         print(f"  submitit files, config and git record: {record}")
+        print(f"  {watch}")
+        return 0
+    for job, cfg, label in zip(jobs, configs, labels):
+        print(f"submitted job {job.job_id} ({job_name}, {label}): {shape}")
+        print(f"  logging.folder (CSVs, checkpoints): {cfg.logging.folder}")
+        print(f"  submitit files, config and git record: {job.paths.folder}")
         print(f"  rank 0 log: {job.paths.stdout}  (stderr: {job.paths.stderr})")
-        print(f"  watch: squeue -j {base}   or   sacct -j {job.job_id} -X -o JobID,JobName,State,Elapsed,ExitCode")
+        print(f"  watch: squeue -j {job.job_id.split('_')[0]}   or   sacct -j {job.job_id} -X -o "
+              "JobID,JobName,State,Elapsed,ExitCode")
     return 0
 
 
