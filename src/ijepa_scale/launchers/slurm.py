@@ -526,7 +526,7 @@ def submit(args: argparse.Namespace, command_line: str) -> int:
         write_manifest(manifest_path, manifest)
         at_once = min(len(jobs), options.array_parallelism)
         print(f"submitted sweep as {'array ' if len(jobs) > 1 else ''}job {base} ({job_name}): {len(jobs)} run(s), "
-              f"{at_once} at a time; each {shape} ({time.time() - started:.1f} s)")
+              f"{at_once} at a time; each {shape}")
         print(_sweep_table(runs, [job.job_id for job in jobs]))
         print(f"  sweep manifest: {manifest_path}")
         record = jobs[0].paths.folder if len(jobs) == 1 else f"{jobs[0].paths.folder.parent}/job_{base}_<task>/"
