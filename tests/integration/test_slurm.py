@@ -7,6 +7,7 @@ that skip into a failure.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.helpers.slurm import state_dir
 from tests.integration.common import ROOT, SHARD_SIZES, make_shards, read_csv, tiny_config, write_config
@@ -202,6 +204,43 @@ def test_batch_launch_submits_two_configs_at_once(shards, tmp_path):
     gated = read_csv(tmp_path / "run_b", 0)
     assert gated["open_frac"].between(0, 1).all() and gated["loss"].astype(float).notna().all()
     assert weights(tmp_path / "run_b")["config"]["meta"]["objective"] == "gated"
+
+
+def test_sweep_is_one_array_whose_tasks_train_requeue_and_resume(shards, tmp_path):
+    # The swept key changes only how often rank 0 prints, so both runs must train identically: task 1 is
+    # preempted mid-epoch and must resume to the same losses as task 0, which runs uninterrupted.
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(shards, tmp_path / "sweep", data__batch_size=1,
+                                                              optimization__epochs=1))
+    started = time.time()
+    proc, _ = submit("--fname", config, "--folder", tmp_path / "submitit", "--sweep", "logging.log_freq=1,5",
+                     "--job-name", "ijepa-sweep-test", "--mail-type", "FAIL")
+    array = re.search(r"^submitted sweep as array job (\d+) ", proc.stdout, flags=re.M).group(1)
+    runs = {task: tmp_path / "sweep" / f"log_freq={freq}" for task, freq in ((0, 1), (1, 5))}
+    for task, run in runs.items():
+        assert re.search(rf"^{task}\s+{array}_{task}\s+logging.log_freq=\d\s+{re.escape(str(run))}$", proc.stdout,
+                         flags=re.M), proc.stdout
+    logs = {task: tmp_path / "submitit" / f"job_{array}_{task}" / f"{array}_{task}_0_log.out" for task in runs}
+    wait_rows(runs[1] / "jepa_r0.csv", 3, f"{array}_1", logs[1])
+    subprocess.run(["scancel", "--signal=USR2", f"{array}_1"], check=True, timeout=30)
+    for task in runs:
+        assert wait_done(f"{array}_{task}", logs[task]) == "COMPLETED", logs[task].read_text()[-3000:]
+    print(f"sweep of 2 runs (one preempted): submitted and completed in {time.time() - started:.0f} s")
+    assert sacct_states(f"{array}_0", duplicates=True) == ["COMPLETED"]
+    assert sacct_states(f"{array}_1", duplicates=True) == ["REQUEUED", "COMPLETED"]
+
+    log = logs[1].read_text()
+    stop = int(re.search(r"preemption at step (\d+): requeued", log).group(1))
+    assert f"job {array}_1 run 2 (SLURM_RESTART_COUNT=1)" in log
+    assert int(re.search(r"resumed from \S+jepa-latest.pth.tar at step (\d+)", log).group(1)) == stop
+    for rank in (0, 1):
+        full, pre = read_csv(runs[0], rank), read_csv(runs[1], rank)
+        assert full["step"].tolist() == pre["step"].tolist() == list(range(1, STEPS_PER_EPOCH + 1))
+        assert pre["loss"].tolist() == full["loss"].tolist()
+    for task, run in runs.items():
+        assert yaml.safe_load((run / "params-ijepa.yaml").read_text())["logging"]["log_freq"] == (1, 5)[task]
+    manifest = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [r["folder"] for r in manifest["runs"]] == [str(runs[0]), str(runs[1])]
+    assert manifest["submissions"][0]["jobs"] == [f"{array}_0", f"{array}_1"]
 
 
 def test_local_cluster_config_lives_in_its_state_folder(cluster):

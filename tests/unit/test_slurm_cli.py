@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import stat
 import subprocess
@@ -270,3 +271,125 @@ def test_presets_ship_with_the_package_and_git_comes_from_the_current_folder(tmp
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     record, _ = slurm.git_state(tmp_path / "launch")
     assert f"repository {tmp_path}" in record
+
+
+# ---------------------------------------------------------------- sweeps, mail, dependency
+
+
+@pytest.fixture
+def sbatch_ok(fake_slurm, tmp_path):
+    """`sbatch` that accepts: keeps the script it was given and answers job 4242."""
+    kept = tmp_path / "submitted.sh"
+    (fake_slurm.parent / "bin" / "sbatch").write_text(
+        f"#!/bin/sh\ncp \"$1\" {kept}\necho 'Submitted batch job 4242'\n")
+    return kept
+
+
+def test_sweep_values_split_at_top_level_commas_only():
+    assert slurm.split_values("5e-4,1e-3") == ["5e-4", "1e-3"]
+    assert slurm.split_values("[0.99,1.0],[0.996, 1.0]") == ["[0.99,1.0]", "[0.996, 1.0]"]
+    assert slurm.split_values("/d/x-{000..003}.tar,'a,b'") == ["/d/x-{000..003}.tar", "'a,b'"]
+    assert slurm.split_values("7") == ["7"]
+
+
+def test_sweep_folder_names_are_readable_safe_and_distinct():
+    assert slurm.run_name(["optimization.lr", "data.batch_size"], ("5e-4", "64")) == "lr=5e-4,batch_size=64"
+    # Two swept keys with the same last part are named in full.
+    assert slurm.run_name(["data.crop_size", "evaluation.crop_size"], ("32", "64")) == \
+        "data.crop_size=32,evaluation.crop_size=64"
+    names = {slurm.run_name(["data.shards"], (value,)) for value in ("/a/b-{0..3}.tar", "/a_b-{0..3}.tar",
+                                                                     "_a_b-_0..3_.tar", "x" * 300)}
+    assert len(names) == 4
+    for name in names:
+        assert "/" not in name and len(name) <= 200 and name.startswith("shards=")
+    assert slurm.run_name(["data.shards"], ("/a/b-{0..3}.tar",)).startswith("shards=_a_b-_0..3_.tar-")
+
+
+def test_sweep_dry_run_shows_the_product_and_submits_nothing(capsys, fake_slurm, config, tmp_path):
+    code, out, err = run(capsys, "--fname", str(config), *BASE, "--folder", str(tmp_path / "s"), "--dry-run",
+                         "--sweep", "optimization.lr=5e-4,1e-3", "--sweep", "data.batch_size=2,4",
+                         "--array-parallelism", "3", "optimization.epochs=1")
+    assert code == 0, err
+    assert "#SBATCH --array=0-3%3" in out and f"# sweep: 4 run(s), manifest {tmp_path / 'run' / 'sweep.json'}" in out
+    rows = [line.split() for line in out.split("# sweep: 4 run(s)", 1)[1].splitlines()[2:6]]
+    assert [row[2:4] for row in rows] == [["optimization.lr=5e-4", "data.batch_size=2"],
+                                          ["optimization.lr=5e-4", "data.batch_size=4"],
+                                          ["optimization.lr=1e-3", "data.batch_size=2"],
+                                          ["optimization.lr=1e-3", "data.batch_size=4"]]
+    assert rows[3][4] == str(tmp_path / "run" / "lr=1e-3,batch_size=4")
+    resolved = yaml.safe_load(out.split("logging.folder):\n", 1)[1])
+    assert resolved["optimization"]["lr"] == 5e-4 and resolved["optimization"]["epochs"] == 1
+    assert not fake_slurm.exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("sweeps, extra, expected", [
+    (["optimization.lr=5e-4,abc"], [], "--sweep optimization.lr=5e-4,abc: override optimization.lr=abc: "
+                                        "optimization.lr must be"),
+    (["optimization.lrr=5e-4,1e-3"], [], "did you mean 'lr'"),
+    (["optimization.lr=5e-4,1e-3"], ["optimization.lr=1e-3"], "--sweep optimization.lr=5e-4,1e-3 and the override "
+                                                              "optimization.lr=1e-3 both set optimization.lr: drop one"),
+    (["optimization.lr=5e-4", "optimization.lr=1e-3"], [], "give its values in one --sweep"),
+    (["optimization.lr=5e-4,0.0005"], [], "give the same config: drop the repeated value"),
+    (["optimization.lr=5e-4,,1e-3"], [], "value 2 is empty"),
+    (["logging.folder=a,b"], [], "plain override logging.folder=DIR"),
+    (["lr=5e-4"], [], "must look like section.key=value1,value2"),
+    # Each value is fine alone; one combination is not.
+    (["data.crop_size=32,40", "mask.patch_size=8,16"], [], "is not a multiple of mask.patch_size=16 (every "
+                                                           "combination of the --sweep values runs: sweep"),
+])
+def test_bad_sweep_is_one_line_before_submission(capsys, fake_slurm, config, sweeps, extra, expected):
+    flags = [item for sweep in sweeps for item in ("--sweep", sweep)]
+    code, _, err = run(capsys, "--fname", str(config), *BASE, *flags, *extra)
+    assert expected in one_line_error(code, err)
+    assert not fake_slurm.exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (("--mail-type", "END,FINISH"), "'FINISH' is not a SLURM mail type"),
+    (("--mail-user", "me@example.org"), "without --mail-type sends no mail"),
+    (("--dependency", "after_ok:12"), "--dependency 'after_ok:12': use SLURM's form"),
+    (("--dependency", "afterok:12,afterany:13?afterok:14"), "use SLURM's form"),
+    (("--array-parallelism", "0"), "--array-parallelism 0: must be at least 1"),
+])
+def test_bad_mail_and_dependency_are_one_line(capsys, fake_slurm, config, flags, expected):
+    assert expected in one_line_error(*run(capsys, "--fname", str(config), *BASE, *flags)[::2])
+    assert not fake_slurm.exists()
+
+
+def test_sweep_submission_script_table_and_manifest(capsys, sbatch_ok, config, tmp_path):
+    argv = ["--fname", str(config), *BASE, "--folder", str(tmp_path / "s"), "--sweep", "optimization.lr=5e-4,1e-3",
+            "--sweep", "meta.seed=1,2", "--mail-type", "end,array_tasks", "--mail-user", "me@example.org",
+            "--dependency", "afterok:12:13_1", "--array-parallelism", "2", "optimization.epochs=1"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    script = sbatch_ok.read_text()
+    for line in ("#SBATCH --array=0-3%2", "#SBATCH --mail-type=END,ARRAY_TASKS", "#SBATCH --mail-user=me@example.org",
+                 "#SBATCH --dependency=afterok:12:13_1", f"#SBATCH --output={tmp_path}/s/job_%A_%a/%A_%a_0_log.out"):
+        assert line in script
+    assert out.startswith("submitted sweep as array job 4242 (ijepa-tiny): 4 run(s), 2 at a time")
+    assert "4242_3  optimization.lr=1e-3 meta.seed=2  " + str(tmp_path / "run" / "lr=1e-3,seed=2") in out
+    manifest = json.loads((tmp_path / "run" / "sweep.json").read_text())
+    assert manifest["sweep"] == {"optimization.lr": ["5e-4", "1e-3"], "meta.seed": ["1", "2"]}
+    assert manifest["overrides"] == ["optimization.epochs=1"] and manifest["config"] == str(config)
+    assert manifest["runs"][1] == {"task": 1, "name": "lr=5e-4,seed=2", "overrides": ["optimization.lr=5e-4",
+                                   "meta.seed=2"], "folder": str(tmp_path / "run" / "lr=5e-4,seed=2")}
+    assert [s["jobs"] for s in manifest["submissions"]] == [["4242_0", "4242_1", "4242_2", "4242_3"]]
+    for run_ in manifest["runs"]:
+        assert (tmp_path / "run" / run_["name"]).is_dir()
+    record = yaml.safe_load((tmp_path / "s" / "job_4242_1" / "config.yaml").read_text())
+    assert record["meta"]["seed"] == 2 and record["logging"]["folder"] == str(tmp_path / "run" / "lr=5e-4,seed=2")
+
+    # The same sweep again (e.g. after a failure) resumes every run: the manifest records both submissions.
+    assert run(capsys, *argv)[0] == 0
+    assert len(json.loads((tmp_path / "run" / "sweep.json").read_text())["submissions"]) == 2
+    # Another sweep into the same folder is refused.
+    code, _, err = run(capsys, *argv[:-1], "optimization.epochs=2")
+    assert f"{tmp_path / 'run'} holds another sweep" in one_line_error(code, err)
+
+
+def test_sweep_and_batch_launch_do_not_mix(capsys, fake_slurm, config, tmp_path):
+    listing = tmp_path / "batch.yaml"
+    listing.write_text(f"- {config}\n")
+    line = one_line_error(*run(capsys, "--fname", str(listing), "--batch-launch", *BASE,
+                               "--sweep", "optimization.lr=1e-3,2e-3")[::2])
+    assert "--sweep with --batch-launch" in line

@@ -321,7 +321,8 @@ def load_sweep(path: Path, overrides: list[str], items: list[str], base: Config)
         try:
             cfg = load_config(path, [*overrides, *point])
         except UserError as exc:
-            raise UserError(f"--sweep point {' '.join(point)}: {one_line(exc)}") from None
+            raise UserError(f"--sweep point {' '.join(point)}: {one_line(exc)} (every combination of the --sweep "
+                            "values runs: sweep these keys in separate submissions)") from None
         name = run_name(keys, values)
         cfg.logging.folder = str(Path(base.logging.folder) / name)
         run = SweepRun(point, name, cfg)
