@@ -326,8 +326,8 @@ def test_sweep_dry_run_shows_the_product_and_submits_nothing(capsys, fake_slurm,
     (["optimization.lr=5e-4,abc"], [], "--sweep optimization.lr=5e-4,abc: override optimization.lr=abc: "
                                         "optimization.lr must be"),
     (["optimization.lrr=5e-4,1e-3"], [], "did you mean 'lr'"),
-    (["optimization.lr=5e-4,1e-3"], ["optimization.lr=1e-3"], "--sweep optimization.lr=5e-4,1e-3 and the override "
-                                                              "optimization.lr=1e-3 both set optimization.lr: drop one"),
+    (["optimization.lr=5e-4,1e-3"], ["optimization.lr=1e-3"],
+     "--sweep optimization.lr=5e-4,1e-3 and the override optimization.lr=1e-3 both set optimization.lr: drop one"),
     (["optimization.lr=5e-4", "optimization.lr=1e-3"], [], "give its values in one --sweep"),
     (["optimization.lr=5e-4,0.0005"], [], "give the same config: drop the repeated value"),
     (["optimization.lr=5e-4,,1e-3"], [], "value 2 is empty"),

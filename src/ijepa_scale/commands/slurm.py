@@ -47,11 +47,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     add("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
         help="repeatable: one run per combination of the values of all --sweep flags, submitted as one job array; "
              "each run in logging.folder/<its overrides>, listed in logging.folder/sweep.json")
-    add("--array-parallelism", type=int, help="tasks of a job array (--sweep, --batch-launch) that run at once "
-                                              f"(default {ARRAY_PARALLELISM})")
-    add("--mail-type", help="sbatch --mail-type, e.g. END,FAIL (ARRAY_TASKS: one mail per array task)")
-    add("--mail-user", help="sbatch --mail-user (default: the submitting user)")
-    add("--dependency", help="sbatch --dependency, e.g. afterok:1234 (start after job 1234 succeeded)")
+    add("--array-parallelism", type=int, metavar="N",
+        help=f"tasks of a job array (--sweep, --batch-launch) that run at once (default {ARRAY_PARALLELISM})")
+    add("--mail-type", metavar="TYPE[,TYPE...]",
+        help="sbatch --mail-type, e.g. END,FAIL (ARRAY_TASKS: one mail per array task)")
+    add("--mail-user", metavar="ADDRESS", help="sbatch --mail-user (default: the submitting user)")
+    add("--dependency", metavar="TYPE:JOBID",
+        help="sbatch --dependency, e.g. afterok:1234 (start after job 1234 succeeded)")
     add("--dry-run", action="store_true", help="print the sbatch script and the resolved config; submit nothing")
     add("overrides", nargs="*", help="config overrides such as optimization.epochs=2 (applied to every config)")
     return parser

@@ -265,7 +265,8 @@ def parse_sweep(items: list[str], overrides: list[str]) -> list[tuple[str, list[
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or len(key.split(".")) not in (2, 3) or not all(key.split(".")):
-            raise UserError(f"--sweep {item}: must look like section.key=value1,value2 (e.g. optimization.lr=5e-4,1e-3)")
+            raise UserError(f"--sweep {item}: must look like section.key=value1,value2 "
+                            "(e.g. optimization.lr=5e-4,1e-3)")
         if key == "logging.folder":
             raise UserError(f"--sweep {item}: each run's logging.folder is <logging.folder>/<its overrides>; sweep "
                             "other keys and give the sweep's folder as a plain override logging.folder=DIR")
