@@ -220,6 +220,8 @@ def test_sweep_is_one_array_whose_tasks_train_requeue_and_resume(shards, tmp_pat
         assert re.search(rf"^{task}\s+{array}_{task}\s+logging.log_freq=\d\s+{re.escape(str(run))}$", proc.stdout,
                          flags=re.M), proc.stdout
     logs = {task: tmp_path / "submitit" / f"job_{array}_{task}" / f"{array}_{task}_0_log.out" for task in runs}
+    script = tmp_path / "submitit" / f"job_{array}" / f"{array}_submission.sh"
+    assert f"sbatch script: {script}" in proc.stdout and "#SBATCH --mail-type=FAIL" in script.read_text()
     wait_rows(runs[1] / "jepa_r0.csv", 3, f"{array}_1", logs[1])
     subprocess.run(["scancel", "--signal=USR2", f"{array}_1"], check=True, timeout=30)
     for task in runs:

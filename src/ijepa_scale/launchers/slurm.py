@@ -531,8 +531,10 @@ def submit(args: argparse.Namespace, command_line: str) -> int:
               f"{at_once} at a time; each {shape}")
         print(_sweep_table(runs, [job.job_id for job in jobs]))
         print(f"  sweep manifest: {manifest_path}")
+        if len(jobs) > 1:
+            print(f"  sbatch script: {jobs[0].paths.folder.parent}/job_{base}/{base}_submission.sh")
         record = jobs[0].paths.folder if len(jobs) == 1 else f"{jobs[0].paths.folder.parent}/job_{base}_<task>/"
-        print(f"  submitit files, config and git record: {record}")
+        print(f"  submitit files (rank logs), config and git record: {record}")
         print(f"  {watch}")
         return 0
     for job, cfg, label in zip(jobs, configs, labels):
