@@ -292,6 +292,14 @@ def test_sweep_values_split_at_top_level_commas_only():
     assert slurm.split_values("7") == ["7"]
 
 
+def test_sweep_values_around_spaces(capsys, fake_slurm, config):
+    code, out, err = run(capsys, "--fname", str(config), *BASE, "--dry-run", "--sweep", "optimization.lr=5e-4, 1e-3")
+    assert code == 0 and "optimization.lr=1e-3  " + str(config.parent / "run" / "lr=1e-3") in out, err
+    # `--sweep optimization.lr=5e-4 1e-3`: the shell made 1e-3 a plain override.
+    line = one_line_error(*run(capsys, "--fname", str(config), *BASE, "--sweep", "optimization.lr=5e-4", "1e-3")[::2])
+    assert "override 1e-3 must look like section.key=value; the values of a --sweep are separated by commas" in line
+
+
 def test_sweep_folder_names_are_readable_safe_and_distinct():
     assert slurm.run_name(["optimization.lr", "data.batch_size"], ("5e-4", "64")) == "lr=5e-4,batch_size=64"
     # Two swept keys with the same last part are named in full.

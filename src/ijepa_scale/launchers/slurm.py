@@ -275,8 +275,8 @@ def parse_sweep(items: list[str], overrides: list[str]) -> list[tuple[str, list[
         earlier = next((f"{k}={','.join(v)}" for k, v in axes if k == key), None)
         if earlier is not None:
             raise UserError(f"--sweep {earlier} and --sweep {item} both sweep {key}: give its values in one --sweep")
-        values = split_values(text)
-        empty = next((i for i, v in enumerate(values) if not v.strip()), None)
+        values = [value.strip() for value in split_values(text)]
+        empty = next((i for i, v in enumerate(values) if not v), None)
         if empty is not None:
             raise UserError(f"--sweep {item}: value {empty + 1} is empty (for an empty string write '')")
         axes.append((key, values))
@@ -449,6 +449,10 @@ def _sweep_table(runs: list[SweepRun], job_ids: list[str]) -> str:
 def submit(args: argparse.Namespace, command_line: str) -> int:
     options = resolve_options(args)
     files = config_files(args.fname, args.batch_launch)
+    stray = next((item for item in args.overrides if "=" not in item), None)
+    if args.sweep and stray is not None:
+        raise UserError(f"override {stray} must look like section.key=value; the values of a --sweep are separated "
+                        f"by commas without spaces (--sweep 'optimization.lr=5e-4,1e-3')")
     configs = load_job_configs(files, args.overrides)
     labels = [str(path) for path in files]
     runs: list[SweepRun] = []
