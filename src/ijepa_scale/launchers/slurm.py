@@ -1,4 +1,4 @@
-"""SLURM launcher on submitit: submission (flags, presets, checks, dry run, batch) and the job itself.
+"""SLURM launcher on submitit: submission (flags, presets, checks, dry run, batch, sweeps) and the job itself.
 
 Submission checks everything it can before sbatch: the typed config (with overrides), the
 flags and preset, and the partition (against `sinfo`). It writes the resolved config, the
@@ -13,6 +13,9 @@ submission and requeues the job. The requeued job resumes from the newest checkp
 signal a time-out when --time <= 10 min): time-limit requeues count against --max-requeues,
 preemptions do not, and a requeue at the same step as the previous one (no progress) stops
 the job instead of looping. A failed run is never requeued.
+
+A sweep (`--sweep KEY=V1,V2 ...`) is one job array of such jobs, one per combination of values,
+each in its own folder under `logging.folder`, listed in `logging.folder/sweep.json`.
 """
 
 from __future__ import annotations
@@ -431,11 +434,11 @@ def git_state(folder: Path) -> tuple[str, str]:
 
 
 def _warn_cpu_budget(configs: list[Config], labels: list[str], options: SlurmOptions) -> None:
-    for cfg, label in zip(configs, labels):
-        if cfg.data.num_workers >= options.cpus_per_task:
-            print(f"warning: {label}: data.num_workers={cfg.data.num_workers} leaves no CPU of --cpus-per-task "
-                  f"{options.cpus_per_task} for the rank itself (workers will share cores)", file=sys.stderr)
-            return
+    warnings = {f"warning: {label}: data.num_workers={cfg.data.num_workers} leaves no CPU of --cpus-per-task "
+                f"{options.cpus_per_task} for the rank itself (workers will share cores)": None
+                for cfg, label in zip(configs, labels) if cfg.data.num_workers >= options.cpus_per_task}
+    for warning in warnings:  # once each: the runs of a sweep share their label
+        print(warning, file=sys.stderr)
 
 
 def _sweep_table(runs: list[SweepRun], job_ids: list[str]) -> str:
@@ -452,7 +455,7 @@ def submit(args: argparse.Namespace, command_line: str) -> int:
     stray = next((item for item in args.overrides if "=" not in item), None)
     if args.sweep and stray is not None:
         raise UserError(f"override {stray} must look like section.key=value; the values of a --sweep are separated "
-                        f"by commas without spaces (--sweep 'optimization.lr=5e-4,1e-3')")
+                        "by commas without spaces (--sweep 'optimization.lr=5e-4,1e-3')")
     configs = load_job_configs(files, args.overrides)
     labels = [str(path) for path in files]
     runs: list[SweepRun] = []
@@ -461,7 +464,7 @@ def submit(args: argparse.Namespace, command_line: str) -> int:
             raise UserError("--sweep with --batch-launch: sweep one config (--fname) at a time")
         runs = load_sweep(files[0], args.overrides, args.sweep, configs[0])
         manifest_path = Path(configs[0].logging.folder) / "sweep.json"
-        configs, labels = [run.cfg for run in runs], [f"{files[0]} {' '.join(run.overrides)}" for run in runs]
+        configs, labels = [run.cfg for run in runs], [str(files[0])] * len(runs)
         manifest = previous_manifest(manifest_path, sweep_manifest(files[0], args.overrides, args.sweep, runs))
     check_partition(options.partition, controller_required=not args.dry_run)
     folder = Path(args.folder).expanduser().resolve() / "job_%j"
@@ -521,7 +524,6 @@ def submit(args: argparse.Namespace, command_line: str) -> int:
         (record / "git.txt").write_text(commit)
         (record / "git.diff").write_text(diff)
     base = jobs[0].job_id.split("_")[0]
-    watch = f"watch: squeue -j {base}   or   sacct -j {base} -X -o JobID,JobName,State,Elapsed,ExitCode"
     shape = (f"{options.nodes} node(s) x {options.tasks_per_node} task(s), {options.gpus_per_node or 'no'} GPU(s) "
              f"per node, {options.time} min")
     if runs:
@@ -539,7 +541,7 @@ def submit(args: argparse.Namespace, command_line: str) -> int:
             print(f"  sbatch script: {jobs[0].paths.folder.parent}/job_{base}/{base}_submission.sh")
         record = jobs[0].paths.folder if len(jobs) == 1 else f"{jobs[0].paths.folder.parent}/job_{base}_<task>/"
         print(f"  submitit files (rank logs), config and git record: {record}")
-        print(f"  {watch}")
+        print(f"  watch: squeue -j {base}   or   sacct -j {base} -X -o JobID,JobName,State,Elapsed,ExitCode")
         return 0
     for job, cfg, label in zip(jobs, configs, labels):
         print(f"submitted job {job.job_id} ({job_name}, {label}): {shape}")
