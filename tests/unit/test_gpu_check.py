@@ -115,3 +115,37 @@ def test_environment_worker_reports_versions_and_sdpa_backends():
 def test_environment_worker_on_cuda():
     info = gpu_check.probe_environment("cuda")
     assert info["gpus"] and info["cuda"] and info["nccl"] and info["cudnn"]
+
+
+FAKE_BENCH_STEP = """
+import json, sys
+args = sys.argv[1:]
+batch = int([a for a in args if a.startswith("data.batch_size=")][-1].split("=")[1])
+if batch > 64:
+    print("Traceback (most recent call last):")
+    sys.exit("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB")
+path = args[args.index("--json") + 1]
+json.dump({"images_per_s": 3.0 * batch, "step_ms": 100.0, "mfu": 0.4, "matmul_peak_tflops": 700.0,
+           "peak_memory_mb": 20480.0, "compiled_at": [[1, 3, 60000.0]], "phases_ms": {"backward": 50.0},
+           "batch_seen": batch}, open(path, "w"))
+"""
+
+
+def test_speed_rows_on_cuda_pick_the_batch_plan_fits_and_retry_half_after_out_of_memory(tmp_path, monkeypatch):
+    # The CUDA path of the speed part, with bench-step replaced by a stand-in that runs out of memory above 64.
+    monkeypatch.setattr(gpu_check, "cli", lambda *args: [sys.executable, "-c", FAKE_BENCH_STEP, *args[1:]])
+    check = GpuCheck("cuda", False, tmp_path, 1.0, "test")
+    sizes = check.speed_sizes()
+    check.speed_row(sizes, (0, "ddp", False, True, False), 2, 1, 80.0)  # ViT-H/14, compile on
+    oom, done = check.report.checks
+    assert oom.status == "INFO" and oom.result == "batch 128 was out of memory; retrying at 64"
+    assert done.status == "PASS" and done.data["batch"] == 64 and done.data["batch_seen"] == 64
+    assert done.data["batch_why"] == "largest that ran: 128 was out of memory"
+    assert done.data["compile_s"] == 60.0 and "compile 60.0 s (3 graphs)" in done.result
+    assert 0 < done.data["plan_gib"] < 37  # plan's DDP estimate at batch 64, not 128
+    # With 24 GiB, plan's estimate (plus its margin) picks a smaller batch before anything runs.
+    check.speed_row(sizes, (0, "ddp", False, False, False), 2, 1, 24.0)
+    small = check.report.checks[-1]
+    assert small.status == "PASS" and small.data["batch"] < 64 and small.data["batch_why"] == \
+        "largest plan fits in 24 GiB"
+    assert check.speed["ViT-H/14"]["row"] == "ViT-H/14 DDP-of-one"

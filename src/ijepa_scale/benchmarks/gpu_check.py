@@ -397,7 +397,7 @@ class GpuCheck:
         device = "cuda:0" if self.cuda else "cpu"
         base = ["--fname", "configs/demo_fmnist_vit_tiny.yaml", "--devices", device, f"data.shards={train}",
                 f"data.batch_size={batch}", "optimization.epochs=2", "checkpoint.every_steps=0",
-                "data.num_workers=2", "logging.log_freq=10", *model]
+                f"data.num_workers={2 if self.cuda else 1}", "logging.log_freq=10", *model]
         runs = self.out / "runs"
         cmd = [sys.executable, str(ROOT / "main.py")]
         full = runs / "uninterrupted"
@@ -462,68 +462,76 @@ class GpuCheck:
         return rows
 
     def part_speed(self) -> None:
-        from ..benchmarks.plan import GIB, estimate, mean_tokens
-        from ..config import load_config
-
         sizes = self.speed_sizes()
-        gpu_gib = self.env.get("gpus", [{}])[0].get("memory_gib", 80.0) if self.cuda else None
+        gpus = self.env.get("gpus") or [{}]
+        gpu_gib = gpus[0].get("memory_gib", 80.0)  # 80 where the environment part failed
         steps, warmup = (6, 2) if self.quick else (10, 3)
         if not self.cuda:
             self.skip("speed", "compile on and off", "not on CPU: compiling takes minutes there; --device cuda does")
-        for index, parallel, ac, compiled, official in self.speed_rows():
-            label, fname, overrides = sizes[index]
-            overrides = overrides + [f"distributed.parallel={parallel}",
-                                     f"distributed.activation_checkpointing={str(ac).lower()}",
-                                     f"distributed.compile={str(compiled).lower()}"]
-            name = f"{label} {'FSDP' if parallel == 'fsdp' else 'DDP'}-of-one{' +AC' if ac else ''}" \
-                   f"{' +compile' if compiled else ''}{' vs official' if official else ''}"
-            cfg = load_config(ROOT / fname, overrides)
-            key = f"{parallel}{'_ac' if ac else ''}"
-            k_ctx, k_tgt = mean_tokens(cfg)
-            batch, why = cfg.data.batch_size, "official" if self.cuda else "tiny CPU stand-in"
-            plan_total = estimate(cfg, cfg.meta.model_name, 1, k_ctx, k_tgt, override_dims=True)[key]
-            if self.cuda:
-                while batch > 8 and plan_total["fits"] > gpu_gib * GIB:
-                    batch //= 2
-                    why = f"largest plan fits in {gpu_gib:.0f} GiB"
-                    cfg = load_config(ROOT / fname, overrides + [f"data.batch_size={batch}"])
-                    plan_total = estimate(cfg, cfg.meta.model_name, 1, k_ctx, k_tgt, override_dims=True)[key]
-            cap = (240 if compiled else 120) if self.cuda else 60
-            for attempt in range(2):
-                out_json = self.out / "speed" / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}.json"
-                out_json.parent.mkdir(parents=True, exist_ok=True)
-                args = cli("bench-step", "--fname", str(ROOT / fname), "--device", "cuda:0" if self.cuda else "cpu",
-                           "--steps", str(steps), "--warmup", str(warmup), "--process-group", "--json",
-                           str(out_json), *(["--vs-official"] if official else []),
-                           *overrides, f"data.batch_size={batch}")
-                proc, check = self.run_check("speed", name, args, cap)
-                oom = check.status == "FAILED" and proc is not None and \
-                    re.search(r"out of memory|OutOfMemoryError", proc.output) is not None
-                if oom and attempt == 0 and batch > 8:
-                    self.report.add(check)
-                    batch //= 2
-                    why = f"largest that ran: {batch * 2} was out of memory"
-                    cfg = load_config(ROOT / fname, overrides + [f"data.batch_size={batch}"])
-                    plan_total = estimate(cfg, cfg.meta.model_name, 1, k_ctx, k_tgt, override_dims=True)[key]
-                    continue
+        for row in self.speed_rows():
+            try:
+                self.speed_row(sizes, row, steps, warmup, gpu_gib)
+            except Exception as exc:  # this row's set-up (config, plan) failed: the next rows still run
+                self.report.add(Check("speed", f"{sizes[row[0]][0]} {row[1:]}", "FAILED",
+                                      cause=f"{type(exc).__name__}: {exc}"))
+
+    def speed_row(self, sizes, row, steps: int, warmup: int, gpu_gib: float) -> None:
+        from ..benchmarks.plan import GIB, estimate, mean_tokens
+        from ..config import load_config
+
+        index, parallel, ac, compiled, official = row
+        label, fname, overrides = sizes[index]
+        overrides = overrides + [f"distributed.parallel={parallel}",
+                                 f"distributed.activation_checkpointing={str(ac).lower()}",
+                                 f"distributed.compile={str(compiled).lower()}"]
+        name = f"{label} {'FSDP' if parallel == 'fsdp' else 'DDP'}-of-one{' +AC' if ac else ''}" \
+               f"{' +compile' if compiled else ''}{' vs official' if official else ''}"
+        key = f"{parallel}{'_ac' if ac else ''}"
+        cfg = load_config(ROOT / fname, overrides)
+        k_ctx, k_tgt = mean_tokens(cfg)
+
+        def planned(batch: int) -> dict:  # plan's estimate for one GPU in this row's mode
+            at = load_config(ROOT / fname, overrides + [f"data.batch_size={batch}"])
+            return estimate(at, at.meta.model_name, 1, k_ctx, k_tgt, override_dims=True)[key]
+
+        batch, why = cfg.data.batch_size, "official" if self.cuda else "tiny CPU stand-in"
+        plan_total = planned(batch)
+        while self.cuda and batch > 8 and plan_total["fits"] > gpu_gib * GIB:
+            batch //= 2
+            why, plan_total = f"largest plan fits in {gpu_gib:.0f} GiB", planned(batch)
+        cap = (240 if compiled else 120) if self.cuda else 60
+        out_json = self.out / "speed" / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}.json"
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(2):
+            args = cli("bench-step", "--fname", str(ROOT / fname), "--device", "cuda:0" if self.cuda else "cpu",
+                       "--steps", str(steps), "--warmup", str(warmup), "--process-group", "--json", str(out_json),
+                       *(["--vs-official"] if official else []), *overrides, f"data.batch_size={batch}")
+            proc, check = self.run_check("speed", name, args, cap)
+            oom = check.status == "FAILED" and proc is not None and \
+                re.search(r"out of memory|OutOfMemoryError", proc.output) is not None
+            if not (oom and attempt == 0 and batch > 8):
                 break
-            if proc is not None and check.status == "PASS":
-                r = json.loads(out_json.read_text())
-                compile_s = sum(ms for _, _, ms in r["compiled_at"]) / 1000.0
-                peak_gib = r["peak_memory_mb"] / 1024.0
-                check.data = {**r, "batch": batch, "batch_why": why, "plan_gib": plan_total["total"] / GIB,
-                              "peak_gib": peak_gib, "compile_s": compile_s}
-                memory = "peak allocated" if self.cuda else "peak RSS growth"
-                check.result = (f"batch {batch} ({why}): {r['images_per_s']:.1f} img/s, step {r['step_ms']:.1f} ms, "
-                                f"MFU {100 * r['mfu']:.1f} % of {r['matmul_peak_tflops']:.3g} TFLOP/s; {memory} "
-                                f"{memory_text(peak_gib)}, plan {memory_text(plan_total['total'] / GIB)}")
-                if compiled:
-                    check.result += f"; compile {compile_s:.1f} s ({sum(n for _, n, _ in r['compiled_at'])} graphs)"
-                if official:
-                    check.result += f"; {r['speedup_vs_official']:.2f}x the official-style step"
-                if (parallel == "ddp" and not ac and not compiled) or label not in self.speed:
-                    self.speed[label] = dict(check.data, row=name)  # the plain DDP row where there is one
+            check.status, check.result = "INFO", f"batch {batch} was out of memory; retrying at {batch // 2}"
             self.report.add(check)
+            batch //= 2
+            why, plan_total = f"largest that ran: {batch * 2} was out of memory", planned(batch)
+        if proc is not None and check.status == "PASS":
+            r = json.loads(out_json.read_text())
+            compile_s = sum(ms for _, _, ms in r["compiled_at"]) / 1000.0
+            peak_gib = r["peak_memory_mb"] / 1024.0
+            check.data = {**r, "batch": batch, "batch_why": why, "plan_gib": plan_total["total"] / GIB,
+                          "peak_gib": peak_gib, "compile_s": compile_s}
+            memory = "peak allocated" if self.cuda else "peak RSS growth"
+            check.result = (f"batch {batch} ({why}): {r['images_per_s']:.1f} img/s, step {r['step_ms']:.1f} ms, "
+                            f"MFU {100 * r['mfu']:.1f} % of {r['matmul_peak_tflops']:.3g} TFLOP/s; {memory} "
+                            f"{memory_text(peak_gib)}, plan {memory_text(plan_total['total'] / GIB)}")
+            if compiled:
+                check.result += f"; compile {compile_s:.1f} s ({sum(n for _, n, _ in r['compiled_at'])} graphs)"
+            if official:
+                check.result += f"; {r['speedup_vs_official']:.2f}x the official-style step"
+            if (parallel == "ddp" and not ac and not compiled) or label not in self.speed:
+                self.speed[label] = dict(check.data, row=name)  # the plain DDP row where there is one
+        self.report.add(check)
 
     # ----------------------------------------------------------------- data
     def part_data(self) -> None:
@@ -645,7 +653,7 @@ def probe_environment(device_type: str) -> dict:
             with sdpa_kernel(backend):
                 F.scaled_dot_product_attention(q, q, q).float().sum().backward()
             info["sdpa"][name] = True
-        except RuntimeError:
+        except (RuntimeError, NotImplementedError):  # "No available kernel" where the backend cannot run it
             info["sdpa"][name] = False
     return info
 
