@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Checks a machine with one or more CUDA GPUs in one command, within a hard time budget (about 7.5 min,
-# --quick about 3.5): environment, NCCL, resume correctness, step speed and memory, data path. Writes
+# Checks a machine with one or more CUDA GPUs in one command, within a hard time budget (7.75 min at most,
+# --quick 3.75): environment, NCCL, resume correctness, step speed and memory, data path. Writes
 # gpu_check.json and gpu_check.md to --out (default ./gpu_check). See docs/gpu.md.
 #   bash launch/gpu_check.sh [--quick] [--out DIR] [--device cpu]
 # Uses .venv, made by launch/setup_env.sh when missing (it must hold a CUDA build of torch for --device cuda);
