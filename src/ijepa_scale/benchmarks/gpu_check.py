@@ -409,6 +409,10 @@ class GpuCheck:
             if proc is not None and check.status == "PASS":
                 steps = len(read_losses(folder))
                 check.result = f"{steps} steps logged" + (" (resumed)" if "resumed from" in proc.output else "")
+                if extra and steps != stop:
+                    check.status, check.cause = "FAILED", f"stopped after {steps} steps, not at step {stop}"
+                elif name == "train, resume" and "resumed from" not in proc.output:
+                    check.status, check.cause = "FAILED", "the run did not resume from the stopped run's checkpoint"
             self.report.add(check)
             if check.status != "PASS":
                 return
