@@ -138,7 +138,7 @@ def markdown(doc: dict) -> str:
     if speed:
         lines += ["", "## Speed and memory", "",
                   "| check | batch | img/s | step ms | target fwd / context fwd / predictor / backward / optimizer / "
-                  "EMA ms | MFU | matmul TFLOP/s | peak GiB | plan GiB | compile s |", "|---|" + "---|" * 10]
+                  "EMA ms | MFU | matmul TFLOP/s | peak GiB | plan GiB | compile s |", "|---|" + "---|" * 9]
         for c in speed:
             d = c["data"]
             phases = " / ".join(f"{v:.1f}" for v in d["phases_ms"].values())
