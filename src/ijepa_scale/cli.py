@@ -18,6 +18,7 @@ COMMANDS = {
     "bench-energy": ("ijepa_scale.commands.bench_energy", "main", "energy transformer step vs a ViT of the same width"),
     "bench-collapse": ("ijepa_scale.commands.bench_collapse", "main", "cost of the collapse metrics (ms per step)"),
     "plan": ("ijepa_scale.commands.plan", "main", "memory per GPU under DDP/FSDP, with/without checkpointing"),
+    "gpu-check": ("ijepa_scale.commands.gpu_check", "main", "check a GPU machine: NCCL, resume, speed, memory, data"),
     "eval": ("ijepa_scale.commands.eval", "main", "eval linear|knn: frozen-feature accuracy of a checkpoint"),
     "analyze": ("ijepa_scale.commands.analyze", "main", "analyze attention|corrdim|umap|gates: PNGs of a checkpoint"),
     "download": ("ijepa_scale.commands.download", "main", "fetch a released checkpoint into the verified cache (--list)"),

@@ -14,15 +14,24 @@ are built on the meta device).  Per GPU, in GiB:
   bfloat16 autocast (float32 residual stream; SDPA keeps no attention matrix), 36 D + 8 H in float32;
   with checkpointing only each block's input (4 D) plus one block's full set during recompute.
 `fits` adds 10 % and 2 GiB (CUDA context, allocator fragmentation) to the total.
+
+The time side (`--imgs-per-s-per-gpu`, `--from-bench`, `--tflops-per-gpu`): from a step rate per GPU, the
+wall time of an epoch and of the run on `--gpus` GPUs, and the loader cores per GPU that keep up at a per-core
+decode rate (`--data-rate-per-core`, `--from-bench-data`).  Checkpointing, evaluation and start-up are not
+counted.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
+from pathlib import Path
 
 import torch
 
 from ..config import Config
+from ..errors import UserError
 from ..masks import MultiBlockMaskCollator
 from ..models import build_encoder, build_predictor
 from ..models.vision_transformer import VIT_SIZES
@@ -134,3 +143,110 @@ def table(cfg: Config, gpus: int, gpu_mem_gib: float, sizes=None, unit: str = "G
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
 
+
+
+# ------------------------------------------------------------------------------------------ time
+IN1K_TRAIN_IMAGES = 1_281_167
+
+
+def time_plan(cfg: Config, gpus: int, imgs_per_s_per_gpu: float, images_per_epoch: int,
+              data_rate_per_core: float | None = None) -> dict:
+    """Wall time of one epoch and of `optimization.epochs` epochs on `gpus` GPUs that each train
+    `imgs_per_s_per_gpu`; every rank drops its last partial batch, as the loader does."""
+    batch = cfg.data.batch_size * cfg.distributed.accum_steps
+    steps = images_per_epoch // (batch * gpus)
+    if steps < 1:
+        raise UserError(f"{images_per_epoch} images per epoch fill no step of {batch} images on {gpus} GPUs: "
+                        f"lower --gpus or data.batch_size")
+    epoch_s = steps * batch / imgs_per_s_per_gpu
+    out = {"gpus": gpus, "imgs_per_s_per_gpu": imgs_per_s_per_gpu, "images_per_epoch": images_per_epoch,
+           "steps_per_epoch": steps, "epoch_s": epoch_s, "epochs": cfg.optimization.epochs,
+           "run_s": epoch_s * cfg.optimization.epochs, "gpu_hours": epoch_s * cfg.optimization.epochs * gpus / 3600}
+    if data_rate_per_core:
+        out["data_rate_per_core"] = data_rate_per_core
+        out["cores_per_gpu"] = cores_needed(imgs_per_s_per_gpu, data_rate_per_core)
+    return out
+
+
+def cores_needed(imgs_per_s: float, rate_per_core: float) -> float:
+    """Loader cores (images per CPU-second each) that feed `imgs_per_s`."""
+    return imgs_per_s / rate_per_core
+
+
+def step_rate_from_tflops(cfg: Config, tflops_per_gpu: float) -> float:
+    """Images/s per GPU at a sustained model-FLOP rate, with the config's mean mask token counts."""
+    from .step import step_flops
+
+    k_ctx, k_tgt = mean_tokens(cfg)
+    encoder, _ = _models(cfg, cfg.meta.model_name, override_dims=True)
+    per_image = step_flops(cfg, k_ctx, k_tgt, encoder=encoder) / cfg.data.batch_size
+    return tflops_per_gpu * 1e12 / per_image
+
+
+def read_json_output(path: str, what: str) -> dict:
+    """The last JSON object line of a file: a --json file, or a command's saved stdout."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read {what} output ({exc.__class__.__name__})") from None
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                break
+    raise UserError(f"{path}: no JSON line of {what} in it; save one with `ijepa-scale {what} ... --json FILE`"
+                    if what == "bench-step" else
+                    f"{path}: no JSON line of {what} in it; save its output with `ijepa-scale {what} ... > FILE`")
+
+
+def rate_from_bench_step(path: str, cfg: Config) -> tuple[float, str]:
+    """Images/s per GPU from bench-step's --json file, and a note when it measured other settings."""
+    result = read_json_output(path, "bench-step")
+    if "images_per_s" not in result:
+        raise UserError(f"{path}: not bench-step output (no images_per_s); use `ijepa-scale bench-step ... "
+                        f"--json FILE`")
+    measured = result.get("settings", {})
+    ours = settings_of(cfg)
+    differ = [f"{k} {measured[k]} (plan: {ours[k]})" for k in ours if k in measured and measured[k] != ours[k]]
+    note = f"; measured with other settings: {', '.join(differ)}" if differ else ""
+    return float(result["images_per_s"]), note
+
+
+def rate_from_bench_data(path: str) -> float:
+    """Images per CPU-second of the whole pipeline at the most workers bench-data timed."""
+    summary = read_json_output(path, "bench-data")
+    rows = [r for r in summary.get("results", []) if r.get("pipeline_img_per_cpu_s")]
+    if not rows:
+        raise UserError(f"{path}: no bench-data row with a per-core rate (pipeline_img_per_cpu_s)")
+    return float(max(rows, key=lambda r: r["workers"])["pipeline_img_per_cpu_s"])
+
+
+def settings_of(cfg: Config) -> dict:
+    """The settings a step rate depends on, as bench-step records them."""
+    return {"model": cfg.meta.model_name, "crop": cfg.data.crop_size, "patch": cfg.mask.patch_size,
+            "batch": cfg.data.batch_size, "dtype": cfg.distributed.dtype, "parallel": cfg.distributed.parallel,
+            "activation_checkpointing": cfg.distributed.activation_checkpointing,
+            "compile": cfg.distributed.compile}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def format_time_plan(t: dict, rate_source: str, data_source: str = "") -> str:
+    lines = [f"time: {t['imgs_per_s_per_gpu']:.1f} img/s per GPU ({rate_source}) x {t['gpus']} GPUs, "
+             f"{t['images_per_epoch']:,} images per epoch = {t['steps_per_epoch']:,} steps",
+             f"  epoch {_duration(t['epoch_s'])}, {t['epochs']} epochs {_duration(t['run_s'])} "
+             f"({t['gpu_hours']:,.0f} GPU-hours; checkpoints, evaluation and start-up not counted)"]
+    if "cores_per_gpu" in t:
+        lines.append(f"  data: {t['cores_per_gpu']:.2f} loader cores per GPU keep up at "
+                     f"{t['data_rate_per_core']:.0f} img/s per core ({data_source}); "
+                     f"{math.ceil(t['cores_per_gpu'] * t['gpus'])} cores for all {t['gpus']} GPUs")
+    else:
+        lines.append("  data: give --data-rate-per-core or --from-bench-data for the loader cores per GPU")
+    return "\n".join(lines)

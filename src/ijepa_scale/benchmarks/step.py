@@ -90,8 +90,10 @@ def _energy_step_flops(cfg: Config, k_ctx: int, k_tgt: int, enc) -> float:
     return target + 3 * (context + pred)
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
-    """The best rate of square matmuls in `dtype` on `device` (FLOP/s) over about `seconds`."""
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = 1.0) -> float:
+    """The best rate of square matmuls in `dtype` on `device` (FLOP/s) over about `seconds`; on CUDA 8192 wide,
+    as 1024-wide ones finish in microseconds there and measure the kernel launch."""
+    size = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     best, deadline = 0.0, time.perf_counter() + seconds
@@ -125,7 +127,7 @@ class Models:
     optimizer: torch.optim.Optimizer
 
 
-def build_models(cfg: Config, device: torch.device, official: bool = False) -> Models:
+def build_models(cfg: Config, device: torch.device, official: bool = False, wrap_alone: bool = False) -> Models:
     from ..training.optim import make_optimizer, official_param_groups
 
     torch.manual_seed(cfg.meta.seed)
@@ -143,9 +145,9 @@ def build_models(cfg: Config, device: torch.device, official: bool = False) -> M
         optimizer = torch.optim.AdamW(official_param_groups(encoder, predictor))
     else:
         plan = ParallelPlan.from_config(cfg.distributed)
-        encoder = parallelize(encoder, device, plan)
-        predictor = parallelize(predictor, device, plan)
-        target = parallelize(target, device, plan, trainable=False)
+        encoder = parallelize(encoder, device, plan, wrap_alone=wrap_alone)
+        predictor = parallelize(predictor, device, plan, wrap_alone=wrap_alone)
+        target = parallelize(target, device, plan, trainable=False, wrap_alone=wrap_alone)
         optimizer = make_optimizer(encoder, predictor)
     for group in optimizer.param_groups:
         group["lr"] = cfg.optimization.lr
@@ -256,9 +258,10 @@ def _warm_libraries(device: torch.device, cfg: Config) -> None:
 
 
 def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_official: bool = False,
-        out=sys.stdout, vs: Config | None = None) -> dict:
+        out=sys.stdout, vs: Config | None = None, wrap_alone: bool = False) -> dict:
     """`vs`: a second config (same data, mask and batch settings) whose step is timed interleaved with ours,
-    step by step on the same inputs, so load on a shared machine hits both alike."""
+    step by step on the same inputs, so load on a shared machine hits both alike.  `wrap_alone`: wrap the
+    models as distributed.parallel says in a one-rank process group (DDP-of-one, FSDP-of-one)."""
     batch = cfg.data.batch_size
     collator = MultiBlockMaskCollator(
         input_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size, enc_mask_scale=cfg.mask.enc_mask_scale,
@@ -281,9 +284,9 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
     else:
         _warm_libraries(device, cfg)  # so the RSS baseline already holds the math libraries' own buffers
     before_mb = peak_memory_mb(device)
-    ours = build_models(cfg, device)
+    ours = build_models(cfg, device, wrap_alone=wrap_alone)
     official = build_models(cfg, device, official=True) if vs_official else None
-    other = build_models(vs, device) if vs is not None else None
+    other = build_models(vs, device, wrap_alone=wrap_alone) if vs is not None else None
     other_times: dict[str, list[float]] = {}
     other_ms: list[float] = []
     scaler = torch.amp.GradScaler(device.type) if cfg.distributed.dtype == "bfloat16" else None

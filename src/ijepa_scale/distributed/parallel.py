@@ -92,7 +92,7 @@ def distributed_active() -> bool:
 
 
 def parallelize(module: torch.nn.Module, device: torch.device, plan: ParallelPlan,
-                trainable: bool = True) -> torch.nn.Module:
+                trainable: bool = True, wrap_alone: bool = False) -> torch.nn.Module:
     """Move `module` to `device` and wrap it as the plan says.
 
     Order as in torchtitan: activation checkpointing, then compile, then sharding, so FSDP's
@@ -109,7 +109,7 @@ def parallelize(module: torch.nn.Module, device: torch.device, plan: ParallelPla
         apply_activation_checkpointing(module)
     if plan.compile:
         apply_compile(module)
-    if not distributed_active():
+    if not (distributed_active() or (wrap_alone and dist.is_initialized())):
         return module
     if plan.mode == "fsdp":
         _fully_shard(module, device, plan.dtype)
