@@ -262,13 +262,16 @@ def expand_runs(sources: list[str | Path]) -> tuple[list[Path], list[str]]:
 
 
 def distinct_labels(paths: list[Path]) -> list[str]:
-    """The shortest path tails that tell the runs apart (folder names when those differ)."""
+    """Each run's folder name, with as many parent folders as it takes to tell it from the others."""
     parts = [Path(p).resolve().parts for p in paths]
-    for depth in range(1, max(len(p) for p in parts) + 1):
-        labels = ["/".join(p[-depth:]) for p in parts]
-        if len(set(labels)) == len(labels):
+    depths = [1] * len(parts)
+    while True:
+        labels = ["/".join(p[-d:]) for p, d in zip(parts, depths)]
+        clashes = [i for i, label in enumerate(labels) if labels.count(label) > 1 and depths[i] < len(parts[i])]
+        if not clashes:
             return labels
-    return [str(p) for p in paths]
+        for i in clashes:
+            depths[i] += 1
 
 
 def _last(frame: pd.DataFrame, column: str) -> float:

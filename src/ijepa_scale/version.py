@@ -3,6 +3,7 @@ params yaml and its log."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import subprocess
 from pathlib import Path
@@ -44,3 +45,16 @@ def version_line() -> str:
 def run_info() -> dict:
     """What a run records of the code that ran it (the params yaml's `ijepa_scale` entry)."""
     return {"version": __version__, "git": git_commit()}
+
+
+class VersionAction(argparse.Action):
+    """`--version` for a command's own parser (main.py, main_distributed.py): prints version_line() and exits;
+    git is only asked when the flag is given."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "print the version and git commit, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
