@@ -36,7 +36,8 @@ class RunConfig:
         code = ""
         if self.run_info:
             commit = self.run_info.get("git")
-            code = f"; written by ijepa-scale {self.run_info.get('version')} ({'git ' + commit if commit else 'no git'})"
+            commit = f"git {commit}" if commit else "no git"
+            code = f"; written by ijepa-scale {self.run_info.get('version')} ({commit})"
         return f"{self.path} ({self.kind}{code})"
 
 
@@ -99,12 +100,10 @@ def read_config(source: str | Path) -> RunConfig:
         if len(params) > 1:
             raise UserError(f"{path} holds several params yamls ({', '.join(p.name for p in params)}); pass one of "
                             f"them")
-        if params:
-            return _from_yaml(params[0], f"run folder, {params[0].name}")
-        latest = run_folder_latest(path)
+        latest = params or run_folder_latest(path)
         if len(latest) == 1:
-            found = _from_checkpoint(latest[0])
-            found.kind = f"run folder, {latest[0].name}"
+            found = _from_yaml(latest[0], "") if params else _from_checkpoint(latest[0])
+            found.path, found.kind = path, f"run folder, {latest[0].name}"
             return found
         raise UserError(f"{path} holds no {PARAMS_GLOB} and no single *-latest checkpoint: not a run folder; pass "
                         f"a run's logging.folder, a checkpoint or a YAML config")

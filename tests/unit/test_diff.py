@@ -26,8 +26,7 @@ def test_a_run_and_its_own_checkpoint_do_not_differ(runs, capsys):
     folder, _ = runs
     assert main([str(folder / "a"), str(folder / "a" / "jepa-latest.pth.tar")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"A: {folder / 'a' / 'params-ijepa.yaml'} (run folder, params-ijepa.yaml; written by " \
-                     f"{version_line()})"
+    assert out[0] == f"A: {folder / 'a'} (run folder, params-ijepa.yaml; written by {version_line()})"
     assert out[1] == f"B: {folder / 'a' / 'jepa-latest.pth.tar'} (checkpoint)" and out[2:] == ["no differences"]
 
 
@@ -98,3 +97,26 @@ def test_the_params_yaml_records_the_code_and_still_loads_as_a_config(runs):
     saved = torch.load(folder / "a" / "jepa-latest.pth.tar", weights_only=True)["config"]
     assert load_config(params).to_dict() == config_from_dict(raw).to_dict() == config_from_dict(saved).to_dict()
     assert logs[0] == version_line()  # the first line of rank 0's log
+
+
+def test_a_run_folder_without_params_and_a_dcp_folder_give_their_checkpoints_config(runs, tmp_path, capsys):
+    folder, _ = runs
+    state = torch.load(folder / "b" / "jepa-latest.pth.tar", weights_only=True)
+    (tmp_path / "run").mkdir()
+    torch.save(state, tmp_path / "run" / "jepa-latest.pth.tar")  # a run folder whose params yaml is gone
+    (tmp_path / "x.dcp").mkdir()
+    (tmp_path / "x.dcp" / ".metadata").write_bytes(b"")  # only trainer.pt is read
+    torch.save({"step": 6, "config": state["config"]}, tmp_path / "x.dcp" / "trainer.pt")
+    assert main([str(tmp_path / "run"), str(tmp_path / "x.dcp")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"A: {tmp_path / 'run'} (run folder, jepa-latest.pth.tar)", f"B: {tmp_path / 'x.dcp'} (checkpoint)",
+                   "no differences"]
+
+
+def test_another_objectives_section_is_not_used(tmp_path, capsys):
+    common = "data:\n  shards: /data/x-{0..1}.tar\nlogging:\n  folder: /runs/x\n"
+    (tmp_path / "a.yaml").write_text(common)
+    (tmp_path / "b.yaml").write_text(common + "meta:\n  objective: pkt\n")
+    assert main([str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")]) == 1
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["meta.objective", "ijepa", "pkt"] in rows and ["pkt.grouping", "(not", "used)", "image"] in rows
