@@ -1,8 +1,15 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The one place the version is written is the package itself.
+VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "src/ijepa_scale/__init__.py").read_text(),
+                    re.M).group(1)
 
 setup(
     name="ijepa-scale",
-    version="0.1.0",
+    version=VERSION,
     description="Launcher and pipeline for large-scale I-JEPA pretraining",
     package_dir={"": "src"},
     packages=find_packages("src"),

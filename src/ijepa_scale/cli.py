@@ -23,6 +23,7 @@ COMMANDS = {
     "analyze": ("ijepa_scale.commands.analyze", "main", "analyze attention|corrdim|umap|gates: PNGs of a checkpoint"),
     "download": ("ijepa_scale.commands.download", "main", "fetch a released checkpoint into the verified cache (--list)"),
     "report": ("ijepa_scale.commands.report", "main", "summary and PNG of a run's per-rank CSVs (also while it runs)"),
+    "diff": ("ijepa_scale.commands.diff", "main", "config keys that differ between two runs, checkpoints or YAMLs"),
     "show-masks": ("ijepa_scale.commands.show_masks", "main",
                    "draw the configured context/target blocks over real images"),
     "export": ("ijepa_scale.commands.export", "main", "write weights as a Hugging Face directory or official .pth.tar"),
@@ -31,7 +32,8 @@ COMMANDS = {
 
 def usage() -> str:
     lines = [f"  {name:<15} {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    return ("usage: ijepa-scale COMMAND [options]   (ijepa-scale COMMAND --help for its options)\n\ncommands:\n"
+    return ("usage: ijepa-scale COMMAND [options]   (ijepa-scale COMMAND --help for its options)\n"
+            "       ijepa-scale --version\n\ncommands:\n"
             + "\n".join(lines))
 
 
@@ -40,8 +42,13 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from .version import version_line
+
+        print(version_line())
+        return 0
     if argv[0] not in COMMANDS:
-        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        close = difflib.get_close_matches(argv[0], [*COMMANDS, "--version"], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"error: unknown command {argv[0]!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from .models.energy_transformer import MODEL_NAME as ENERGY_MODEL_NAME, EnergyCo
 from .objectives import build_objective
 
 PLACEHOLDER_PREFIX = "$replace_this"
+RUN_INFO_KEY = "ijepa_scale"  # a params yaml's record of the code that wrote it; ignored when loaded
 OBJECTIVES = ("ijepa", "pkt", "gated", "saccade")
 # Sections read only by the objective of the same name; setting one for another objective is probably a mistake.
 OBJECTIVE_SECTIONS = ("pkt", "gated", "saccade")
@@ -591,7 +592,15 @@ def _check_sections(raw: Any, where: str) -> None:
             )
 
 
+def without_run_info(raw: Any) -> Any:
+    """A raw config without the `ijepa_scale` entry (the version that wrote a params yaml; not a setting)."""
+    if isinstance(raw, dict) and RUN_INFO_KEY in raw:
+        return {key: value for key, value in raw.items() if key != RUN_INFO_KEY}
+    return raw
+
+
 def config_from_dict(raw: Any, where: str = "<config>") -> Config:
+    raw = without_run_info(raw)
     _check_sections(raw, where)
     raw = _move_renamed(raw, where)
     cfg = Config(**{s: _build_section(s, raw.get(s), where) for s in SECTIONS})
@@ -690,6 +699,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a YAML config (not UTF-8 text: a checkpoint or other binary file?)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -699,11 +710,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             f"{path} is empty: a config names at least its data (data.shards or data.root_path) and its model "
             f"(meta.model_name); on defaults alone it would train vit_base at 224 px for 100 epochs"
         )
+    raw = without_run_info(raw)
     _check_sections(raw, str(path))
     # The file's old key names are moved (and warned about) before the overrides, which then replace them.
     raw = apply_overrides(_move_renamed(raw, str(path)), overrides or [])
     return config_from_dict(raw, where=str(path))
 
 
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def dump_config(cfg: Config, run_info: dict | None = None) -> str:
+    """The resolved config as YAML; `run_info` (version.run_info()) goes first, under `ijepa_scale`."""
+    head = {RUN_INFO_KEY: run_info} if run_info else {}
+    return yaml.safe_dump({**head, **cfg.to_dict()}, sort_keys=False)

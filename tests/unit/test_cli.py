@@ -1,3 +1,5 @@
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,9 +75,49 @@ def test_unknown_command_says_so(capsys):
 
 
 @pytest.mark.parametrize("command", ["train", "make-shards", "fashion-mnist", "bench-masks", "bench-data", "eval",
-                                     "download", "export", "report", "show-masks"])
+                                     "download", "export", "report", "diff", "show-masks"])
 def test_every_subcommand_usage_names_itself(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: ijepa-scale {command} ")
+
+
+VERSION_LINE = re.compile(r"^ijepa-scale (\d+\.\d+\.\d+) \((git [0-9a-f]{7,}(-dirty)?|no git)\)$")
+
+
+def test_version_names_the_package_version_and_the_commit(capsys):
+    import ijepa_scale
+
+    assert main(["--version"]) == 0
+    match = VERSION_LINE.match(capsys.readouterr().out.strip())
+    assert match and match.group(1) == ijepa_scale.__version__
+    assert main(["--versoin"]) == 2 and "did you mean '--version'?" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--version"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 0 and VERSION_LINE.match(proc.stdout.strip()), proc.stderr
+    from ijepa_scale.commands.slurm import parse_args as parse_slurm_args  # main_distributed.py's parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_slurm_args(["--version"])
+    assert exit_info.value.code == 0 and VERSION_LINE.match(capsys.readouterr().out.strip())
+    # setup.py reads the same one version.
+    proc = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == ijepa_scale.__version__
+
+
+@pytest.mark.parametrize("where", ["git missing", "not a checkout"])
+def test_version_without_git_says_so(where, tmp_path, monkeypatch, capsys):
+    from ijepa_scale import version
+
+    if where == "git missing":
+        monkeypatch.setenv("PATH", str(tmp_path))
+    else:
+        monkeypatch.setattr(version, "PACKAGE_DIR", tmp_path)
+    version.git_commit.cache_clear()
+    try:
+        assert main(["--version"]) == 0
+        assert capsys.readouterr().out.endswith(" (no git)\n") and version.run_info()["git"] is None
+    finally:
+        version.git_commit.cache_clear()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from ijepa_scale.metrics import COLUMNS, CSVMetrics
 from ijepa_scale.commands.report import main
-from ijepa_scale.run_report import report
+from ijepa_scale.run_report import compare, report
+from tests.helpers.runs import train_tiny_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -69,3 +73,70 @@ def test_official_csv_format(tmp_path):
 def test_folder_without_csv_is_a_one_line_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no per-rank CSV" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ several runs
+@pytest.fixture(scope="module")
+def sweep(shards, tmp_path_factory):
+    """A sweep-like folder of two real runs of different lengths and learning rates, one with k-NN
+    evaluations, and a task that has not started yet."""
+    folder = tmp_path_factory.mktemp("sweep")
+    train_tiny_run(shards, folder / "lr1e-3", epochs=3)
+    train_tiny_run(shards, folder / "lr4e-3", epochs=2, knn=True, lr=0.004)
+    (folder / "lr8e-3").mkdir()
+    return folder
+
+
+def test_several_runs_one_table_one_png_and_the_differing_keys(sweep, tmp_path, capsys):
+    out = tmp_path / "cmp.png"
+    assert main([str(sweep / "lr1e-3"), str(sweep / "lr4e-3"), "--log-y", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith("lr")}
+    assert rows["lr1e-3"][1:5] == ["1", "18", "18", "3"] and rows["lr4e-3"][1:5] == ["1", "12", "12", "2"]
+    assert rows["lr1e-3"][9] == "-" and 0.0 <= float(rows["lr4e-3"][9]) <= 1.0  # k-NN only where evaluated
+    start = lines.index("config keys that differ (5):")  # evaluation.every_steps and its shards, then:
+    assert lines[start + 5].split() == ["optimization.epochs", "3", "2"]
+    assert lines[start + 6].split() == ["optimization.lr", "0.001", "0.004"]
+    assert "(logging.folder differs too, as for any two runs; not listed)" in lines
+    assert lines[-1] == f"wrote {out}" and out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 50_000
+
+
+def test_the_legend_names_up_to_three_differing_settings(sweep, tmp_path):
+    copy = shutil.copytree(sweep / "lr1e-3", tmp_path / "lr2e-3")
+    params = copy / "params-ijepa.yaml"
+    params.write_text(params.read_text().replace("lr: 0.001", "lr: 0.002"))
+    _, _, result = compare([sweep / "lr1e-3", copy], tmp_path / "cmp.png")
+    assert result["legend"] == ["lr1e-3 (lr=0.001)", "lr2e-3 (lr=0.002)"]
+    assert compare([sweep / "lr1e-3", sweep / "lr4e-3"], tmp_path / "cmp.png")[2]["legend"] == ["lr1e-3", "lr4e-3"]
+
+
+def test_a_sweep_folder_stands_for_its_runs_and_a_run_given_twice_counts_once(sweep, capsys):
+    assert main([str(sweep), str(sweep / "lr4e-3")]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {sweep} holds 2 runs (lr1e-3, lr4e-3); comparing them" in out
+    assert f"note: {sweep}: lr8e-3 hold(s) no per-rank CSV yet; left out" in out
+    assert f"note: {sweep / 'lr4e-3'} is given twice; compared once" in out
+    assert "2 runs:" in out and (sweep / "compare.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_one_run_reads_as_before(sweep):
+    text, png, _ = report(sweep / "lr1e-3")
+    assert compare([sweep / "lr1e-3"], log_y=True)[0] == text and text.startswith(f"run: {sweep / 'lr1e-3'} (1 ")
+
+
+def test_a_folder_without_csv_among_runs_is_a_one_line_error(sweep, capsys):
+    assert main([str(sweep / "lr1e-3"), str(sweep / "lr8e-3")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {sweep / 'lr8e-3'} holds no per-rank CSV")
+
+
+def test_runs_without_a_config_or_in_the_official_format_are_overlaid(sweep, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs in different folders: compare.png goes to the current one
+    write_run(tmp_path / "a" / "run", step_ms=(100.0, 110.0))
+    (tmp_path / "b" / "run").mkdir(parents=True)
+    (tmp_path / "b" / "run" / "IN1K-logs-rank.0.csv").write_text(
+        "epoch,itr,loss,mask-A,mask-B,time (ms)\n" + "".join(f"1,{i},{1 / (i + 1)},90,30,900\n" for i in range(5)))
+    text, png, result = compare([sweep / "lr1e-3", tmp_path / "a" / "run", tmp_path / "b" / "run"])
+    assert result["labels"] == ["lr1e-3", "a/run", "b/run"] and png == Path.cwd() / "compare.png"
+    assert "config keys that differ: not compared (fewer than two runs have a params yaml)" in text
+    assert f"note: config of {tmp_path / 'a' / 'run'} not compared" in text and png.read_bytes()[:8] == PNG_MAGIC

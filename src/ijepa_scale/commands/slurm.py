@@ -10,6 +10,7 @@ from typing import Optional
 
 from ..errors import UserError
 from ..launchers.slurm import ARRAY_PARALLELISM, submit
+from ..version import VersionAction
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,6 +24,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         prog=prog, description="Submit I-JEPA pretraining to SLURM (submitit); requeues itself on time limits "
                                "and preemption. Flags override --preset, which overrides the defaults shown.")
     add = parser.add_argument
+    add("--version", action=VersionAction)
     add("--fname", default="configs.yaml", help="YAML config (with --batch-launch: a YAML list of configs)")
     add("--folder", default="logs/submitit", help="submitit's folder: per-job stdout/stderr, pickles, the "
                                                   "submission record (default %(default)s)")

@@ -34,6 +34,7 @@ from .counters import Counters
 from .optim import make_optimizer, set_hyperparameters
 from .progress import TensorBoardLog, format_eta, max_memory_mb, slow_notice
 from .rng import GlobalRNG, rng_state, set_rng_state
+from ..version import run_info, version_line
 
 logger = logging.getLogger("ijepa_scale")
 
@@ -72,6 +73,7 @@ class Trainer:
         self.folder = Path(cfg.logging.folder)
         if env.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
+            logger.info("%s", version_line())
         dist_utils.barrier()
 
         # The objective says which networks are trained, which follow by EMA and what a batch carries.
@@ -150,7 +152,7 @@ class Trainer:
         cfg, env, resumed = self.cfg, self.env, self.resume_file is not None
         if env.is_main and not self.complete:
             # Written once the run is known to go ahead, so a refused run leaves the old one in place.
-            (self.folder / "params-ijepa.yaml").write_text(dump_config(cfg))
+            (self.folder / "params-ijepa.yaml").write_text(dump_config(cfg, run_info()))
         self.metrics = CSVMetrics(self.folder / f"{cfg.logging.write_tag}_r{env.rank}.csv",
                                   resume_step=self.step if resumed else None,
                                   extra_columns=self.metric_names + (EVAL_COLUMN,))
