@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+TRACKERS = {"wandb": ["wandb>=0.31"], "mlflow": ["mlflow-skinny>=3.18,<4"]}  # mlflow-skinny: no server, no SQL store
+
 setup(
     name="ijepa-scale",
     version="0.1.0",
@@ -26,9 +28,10 @@ setup(
         "gcs": ["gcsfs"],
         "hf": ["transformers"],
         "tensorboard": ["tensorboard"],
+        **TRACKERS,
         "umap": ["umap-learn"],
         "dev": ["pytest", "pytest-timeout", "scikit-image", "scikit-learn", "transformers", "tensorboard", "s3fs",
-                "moto[server]"],
+                "moto[server]", *TRACKERS["wandb"], *TRACKERS["mlflow"]],
     },
     entry_points={"console_scripts": ["ijepa-scale=ijepa_scale.cli:main"]},
 )
