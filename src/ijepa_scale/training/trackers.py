@@ -203,6 +203,11 @@ class Trackers:
                 entry["logged_through"] = before.get("logged_through", 0) if same else 0
             self.state[tracker.name] = entry
             self.trackers.append(tracker)
+            if entry.get("run_id") == before.get("run_id") and before:
+                logger.info("%s: continuing run %s after step %d", tracker.name, entry["run_id"],
+                            entry["logged_through"])
+            elif entry.get("run_id"):
+                logger.info("%s: new run %s", tracker.name, entry["run_id"])
         if self.trackers:
             self._write_state()
             if resumed_step:
@@ -241,7 +246,7 @@ class Trackers:
         try:
             return call()
         except Exception as exc:  # a tracker never stops training
-            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            cause = " ".join(str(exc).split())
             logger.warning("%s tracker failed while %s (%s%s); training goes on without it", tracker.name, doing,
                            type(exc).__name__, f": {cause[:300]}" if cause else "")
             if tracker in self.trackers:
