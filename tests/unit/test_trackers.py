@@ -112,7 +112,8 @@ def test_a_raising_tracker_warns_once_and_the_others_go_on(tmp_path, caplog):
     assert good.steps[0][1] == {"train/loss": 1.0, "train/time_ms": 3.5}  # None and the step itself are not sent
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
-        "dead tracker failed while starting (ConnectionError: server said no); training goes on without it",
+        "dead tracker failed while starting (ConnectionError: server said no second line); training goes on "
+        "without it",
         "failing tracker failed while logging step 2 (RuntimeError: disk quota exceeded); training goes on "
         "without it"]
     assert good.closed and not bad.closed
@@ -204,3 +205,30 @@ def test_an_unreachable_mlflow_server_is_one_warning_and_training_goes_on(shards
     assert len(warnings) == 1 and warnings[0].startswith("mlflow tracker failed while starting (")
     assert warnings[0].endswith("training goes on without it") and "127.0.0.1:9" in warnings[0]
     assert time.perf_counter() - began < 60
+
+
+def test_a_deleted_mlflow_run_is_replaced_by_a_new_one_that_gets_the_csv(tmp_path, monkeypatch, caplog):
+    from ijepa_scale.training.trackers import MlflowTracker
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    caplog.set_level(logging.INFO, "ijepa_scale")
+    cfg = config_from_dict(apply_overrides({**BASE, "logging": {"folder": str(tmp_path)}},
+                                           ["logging.mlflow.enabled=true"]))
+    groups = {"loss": "train", "time (ms)": "train"}
+    trackers = Trackers([MlflowTracker(cfg)], tmp_path, groups, tmp_path / "m.csv", None)
+    for step in (1, 2, 3):
+        trackers.log({"step": step, "loss": 1.0 / step, "time (ms)": 1.0})
+    trackers.close()
+    store = (tmp_path / "mlruns").as_uri()  # the default: a file store in logging.folder
+    old = json.loads((tmp_path / STATE_FILE).read_text())["mlflow"]["run_id"]
+    MlflowClient(store).delete_run(old)
+    write_csv(tmp_path / "m.csv", range(1, 4))
+    trackers = Trackers([MlflowTracker(cfg)], tmp_path, groups, tmp_path / "m.csv", resumed_step=3)
+    trackers.log({"step": 4, "loss": 0.25, "time (ms)": 1.0})
+    trackers.close()
+    new = json.loads((tmp_path / STATE_FILE).read_text())["mlflow"]["run_id"]
+    assert new != old and f"mlflow: run {old} is no longer in {store}; starting a new run" in caplog.text
+    history = MlflowClient(store).get_metric_history(new, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
+    assert [m.value for m in MlflowClient(store).get_metric_history(new, "train/time_ms")][:3] == [10.5, 20.5, 30.5]

@@ -102,6 +102,7 @@ class WandbTracker(Tracker):
 
         s = self.settings
         run_id = saved.get("run_id")
+        Path(s.dir or self.folder).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=s.project, entity=s.entity, name=s.run_name or self.folder.resolve().name, tags=s.tags or None,
             dir=str(Path(s.dir or self.folder)), mode=s.mode, id=run_id, resume="allow" if run_id else None,
@@ -145,7 +146,8 @@ class MlflowTracker(Tracker):
         self.run_id = saved.get("run_id") if saved.get("tracking_uri") == self.uri else None
         existing: dict[str, str] = {}
         if self.run_id is not None:
-            existing = self.client.get_run(self.run_id).data.params
+            existing = self._params_of_saved_run()
+        if self.run_id is not None:
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             s = self.settings
@@ -156,6 +158,22 @@ class MlflowTracker(Tracker):
             self.run_id = run.info.run_id
         self._log_params(existing)
         return {"run_id": self.run_id, "tracking_uri": self.uri}
+
+    def _params_of_saved_run(self) -> dict[str, str]:
+        """The saved run's params; a run deleted from the store is forgotten (self.run_id = None)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(self.run_id)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            run = None
+        if run is None or run.info.lifecycle_stage == "deleted":
+            logger.warning("mlflow: run %s is no longer in %s; starting a new run", self.run_id, self.uri)
+            self.run_id = None
+            return {}
+        return run.data.params
 
     def _log_params(self, existing: dict[str, str]) -> None:
         from mlflow.entities import Param
