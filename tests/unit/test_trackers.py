@@ -232,3 +232,14 @@ def test_a_deleted_mlflow_run_is_replaced_by_a_new_one_that_gets_the_csv(tmp_pat
     history = MlflowClient(store).get_metric_history(new, "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
     assert [m.value for m in MlflowClient(store).get_metric_history(new, "train/time_ms")][:3] == [10.5, 20.5, 30.5]
+
+
+def test_a_tracker_left_out_of_one_session_keeps_its_run_for_the_next(tmp_path):
+    groups = {"loss": "train"}
+    write_csv(tmp_path / "m.csv", range(1, 3))
+    Trackers([Recording()], tmp_path, groups, tmp_path / "m.csv", None).log({"step": 1, "loss": 1.0})
+    Trackers([Failing()], tmp_path, groups, tmp_path / "m.csv", resumed_step=1).log({"step": 2, "loss": 0.5})
+    back = Recording()
+    Trackers([back], tmp_path, groups, tmp_path / "m.csv", resumed_step=2)
+    assert json.loads((tmp_path / STATE_FILE).read_text())["recording"] == {"run_id": "r1", "logged_through": 2}
+    assert [s for s, _ in back.steps] == [2]  # caught up from the CSV, step 1 not sent again

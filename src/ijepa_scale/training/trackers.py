@@ -209,7 +209,7 @@ class Trackers:
         """`groups`: CSV column -> group of its scalar name; `resumed_step`: None for a new run."""
         self.groups, self.state_path = groups, folder / STATE_FILE
         saved = self._read_state() if resumed_step is not None else {}
-        self.state: dict[str, dict] = {}
+        self.state: dict[str, dict] = dict(saved)  # a tracker left out this time keeps its run for a later resume
         self.trackers: list[Tracker] = []
         for tracker in trackers:
             before = saved.get(tracker.name, {})
