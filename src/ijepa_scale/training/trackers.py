@@ -284,7 +284,11 @@ class Trackers:
         behind = [t for t in self.trackers if self.state[t.name]["logged_through"] < through]
         if not behind:
             return
-        rows = list(_csv_rows(csv_path))
+        try:
+            rows = list(_csv_rows(csv_path))
+        except OSError as exc:
+            logger.warning("cannot read %s to send the trackers its earlier steps (%s)", csv_path, exc)
+            return
         for tracker in behind:
             mark = self.state[tracker.name]["logged_through"]
             missing = [(step, self._scalars(row)) for step, row in rows if mark < step <= through]
