@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import logging
 import os
 import types
@@ -76,6 +77,71 @@ class DataConfig:
         _choice(self, "on_error", ("skip", "fail"))
 
 
+def _require_package(module: str, key: str, install: str) -> None:
+    """A one-line error at load when `key` is on but `module` is not installed."""
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{key}=true needs the {module} package: pip install {install}, or set {key}=false")
+
+
+@dataclass
+class WandbConfig:
+    SECTION = "logging.wandb"
+
+    enabled: bool = False
+    """Rank 0 logs the CSV's metrics and the resolved config to a Weights & Biases run."""
+    project: Optional[str] = None
+    """W&B project (null: WANDB_PROJECT, else W&B's default)."""
+    entity: Optional[str] = None
+    """W&B user or team (null: WANDB_ENTITY, else the account's default)."""
+    run_name: Optional[str] = None
+    """Display name of the run (null: the name of logging.folder)."""
+    tags: list[str] = field(default_factory=list)
+    mode: Optional[str] = None
+    """online or offline (null: WANDB_MODE, else online); offline runs are written under dir for `wandb sync`."""
+    dir: Optional[str] = None
+    """Where W&B keeps its files (its `wandb/` folder); null: logging.folder."""
+
+    def validate(self) -> None:
+        if self.mode is not None:
+            _choice(self, "mode", ("online", "offline"))
+        for tag in self.tags:
+            if not tag or len(tag) > 64:
+                raise ConfigError(f"logging.wandb.tags: {tag!r} must be 1 to 64 characters (a W&B limit)")
+        if self.enabled:
+            _require_package("wandb", "logging.wandb.enabled", "wandb (or pip install -e '.[wandb]')")
+
+
+# Stores of MLflow's SQL backend: they need SQLAlchemy, which the full mlflow package brings and mlflow-skinny not.
+MLFLOW_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+@dataclass
+class MlflowConfig:
+    SECTION = "logging.mlflow"
+
+    enabled: bool = False
+    """Rank 0 logs the CSV's metrics and the resolved config (as params) to an MLflow run."""
+    tracking_uri: Optional[str] = None
+    """Tracking server (http://host:5000), database or folder; null: MLFLOW_TRACKING_URI, else the file store
+    {logging.folder}/mlruns."""
+    experiment: str = "ijepa-scale"
+    """Experiment name (created if missing)."""
+    run_name: Optional[str] = None
+    """Run name (null: the name of logging.folder)."""
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.experiment:
+            raise ConfigError("logging.mlflow.experiment must not be empty")
+        if self.enabled:
+            _require_package("mlflow", "logging.mlflow.enabled", "mlflow-skinny (or pip install -e '.[mlflow]')")
+            uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+            scheme = uri.partition(":")[0].partition("+")[0]
+            if scheme in MLFLOW_DATABASE_SCHEMES and importlib.util.find_spec("sqlalchemy") is None:
+                raise ConfigError(f"logging.mlflow.tracking_uri={uri} is a database store, which needs the full "
+                                  f"mlflow package: pip install mlflow (mlflow-skinny has no database store)")
+
+
 @dataclass
 class LoggingConfig:
     SECTION = "logging"
@@ -89,17 +155,17 @@ class LoggingConfig:
     """Keep a `{tag}-ep{N}.pth.tar` every checkpoint_freq epochs (latest is written every epoch)."""
     tensorboard: bool = False
     """Rank 0 also writes TensorBoard event files to {folder}/tensorboard (needs `pip install tensorboard`)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def validate(self) -> None:
         _positive(self, "log_freq", "checkpoint_freq")
         if not self.write_tag or "/" in self.write_tag:
             raise ConfigError(f"logging.write_tag={self.write_tag!r} must be a non-empty file-name prefix")
         if self.tensorboard:
-            import importlib.util
-
-            if importlib.util.find_spec("tensorboard") is None:
-                raise ConfigError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard "
-                                  "(or pip install -e '.[tensorboard]'), or set logging.tensorboard=false")
+            _require_package("tensorboard", "logging.tensorboard", "tensorboard (or pip install -e '.[tensorboard]')")
+        self.wandb.validate()
+        self.mlflow.validate()
 
 
 @dataclass
@@ -460,6 +526,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        return _coerce_mapping(value, tp, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list of {_type_name(args[0])}, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of name: {_type_name(args[1])}, got {value!r}")
@@ -489,6 +561,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     else:
         raise AssertionError(f"unsupported annotation {tp!r} for {key}")
     raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _coerce_mapping(value: Any, tp: Any, key: str) -> Any:
+    """A sub-section (e.g. logging.wandb) from its mapping; null keeps every default."""
+    if value is None:
+        return tp()
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    types_ = _section_types(tp)
+    unknown = [k for k in value if k not in types_]
+    if unknown:
+        raise ConfigError(f"{key}: unknown key '{unknown[0]}' (did you mean '{_closest(str(unknown[0]), types_)}'?)")
+    return tp(**{k: _coerce(v, types_[k], f"{key}.{k}") for k, v in value.items()})
 
 
 def _section_types(section_cls) -> dict[str, Any]:
@@ -631,12 +716,18 @@ def _override_path(item: str, parts: list[str]) -> tuple[tuple, Any, bool]:
     if tp is None:
         raise ConfigError(f"override {item}: unknown key '{name}' in {section}; did you mean "
                           f"'{_suggest(section, name).removeprefix(section + '.')}'?")
-    if typing.get_origin(tp) is dict:
-        if len(path) == 2:
-            return path, tp, renamed
-        return path, typing.get_args(tp)[1], renamed
-    if len(path) == 3:
-        raise ConfigError(f"override {item}: {_dotted(path[:2])} is not a mapping; use {_dotted(path[:2])}=value")
+    for depth in range(2, len(path)):  # into a mapping (collapse.thresholds) or a sub-section (logging.wandb)
+        if typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        elif dataclasses.is_dataclass(tp):
+            inner = _section_types(tp)
+            if path[depth] not in inner:
+                raise ConfigError(f"override {item}: unknown key '{path[depth]}' in {_dotted(path[:depth])}; did you "
+                                  f"mean '{_closest(path[depth], inner)}'?")
+            tp = inner[path[depth]]
+        else:
+            where = _dotted(path[:depth])
+            raise ConfigError(f"override {item}: {where} is not a mapping; use {where}=value")
     return path, tp, renamed
 
 
@@ -676,7 +767,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.split(".")
-        if not sep or len(parts) not in (2, 3) or not all(parts):
+        if not sep or len(parts) not in (2, 3, 4) or not all(parts):
             raise ConfigError(f"override {item} must look like section.key=value (e.g. optimization.epochs=2)")
         path, tp, renamed = _override_path(item, parts)
         earlier = set_by.get(path)

@@ -30,7 +30,7 @@ def test_event_files_hold_the_csv_values(shards, tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/wd", "train/momentum", "train/grad_norm", "train/img_per_s",
-            "masks/mask-A", "masks/mask-B"} <= tags
+            "masks/mask-A", "masks/mask-B", "train/time_ms", "train/epoch", "train/max_mem_mb"} <= tags
     csv = pd.read_csv(tmp_path / "jepa_r0.csv")
     loss = events.Scalars("train/loss")
     assert [e.step for e in loss] == csv["step"].tolist() == list(range(1, 7))

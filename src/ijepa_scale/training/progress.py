@@ -1,4 +1,4 @@
-"""Telling a person how a run goes: slow-wait notices, ETAs, memory, TensorBoard scalars."""
+"""Telling a person how a run goes: slow-wait notices, ETAs, memory."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import math
 import resource
 import threading
 import time
-from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -52,32 +50,6 @@ class slow_notice:
     def __exit__(self, *exc):
         self.stop()
         return False
-
-
-class TensorBoardLog:
-    """Rank 0's scalars as TensorBoard event files in `{folder}/tensorboard`, tagged `{group}/{name}`."""
-
-    TRAIN = ("loss", "lr", "wd", "momentum", "grad_norm", "img_per_s", "data_ms", "time (ms)")
-
-    def __init__(self, folder: Path, purge_step: Optional[int], groups: dict[str, tuple[str, ...]]):
-        """`groups`: further scalar names by group; those in group "train" join TRAIN."""
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.groups = {"train": self.TRAIN}
-        for group, names in groups.items():
-            self.groups[group] = self.groups.get(group, ()) + tuple(names)
-        self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"), purge_step=purge_step)
-
-    def log(self, metrics: dict) -> None:
-        step = metrics["step"]
-        for group, names in self.groups.items():
-            for name in names:
-                value = metrics.get(name)
-                if value is not None and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(f"{group}/{name.replace(' ', '_')}", value, step)
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def format_eta(seconds: float) -> str:

@@ -32,9 +32,10 @@ from ..schedules import build_schedules
 from .collapse import CollapseMonitor
 from .counters import Counters
 from .optim import make_optimizer, set_hyperparameters
-from .progress import TensorBoardLog, format_eta, max_memory_mb, slow_notice
+from .progress import format_eta, max_memory_mb, slow_notice
 from .rng import GlobalRNG, rng_state, set_rng_state
 from ..version import run_info, version_line
+from .trackers import Trackers
 
 logger = logging.getLogger("ijepa_scale")
 
@@ -156,11 +157,13 @@ class Trainer:
         self.metrics = CSVMetrics(self.folder / f"{cfg.logging.write_tag}_r{env.rank}.csv",
                                   resume_step=self.step if resumed else None,
                                   extra_columns=self.metric_names + (EVAL_COLUMN,))
-        self.tensorboard = None
-        if env.is_main and cfg.logging.tensorboard:
-            groups = {"train": self.metric_names, self.batches.metric_group: self.batches.metric_names,
-                      "eval": (EVAL_COLUMN,)}
-            self.tensorboard = TensorBoardLog(self.folder, self.step + 1 if resumed else None, groups)
+        self.trackers = None
+        if env.is_main and not self.complete:
+            groups = {column: self.batches.metric_group if column in self.batches.metric_names
+                      else "eval" if column == EVAL_COLUMN else "train"
+                      for column in self.metrics.columns if column != "step"}
+            self.trackers = Trackers.from_config(cfg, self.folder, groups, self.metrics.path,
+                                                 self.step if resumed else None)
         if env.is_main:
             logger.info("data: %s; %d steps per epoch of %d x %d images", source.describe(),
                         self.steps_per_epoch, env.world_size, cfg.data.batch_size)
@@ -451,7 +454,7 @@ class Trainer:
         return True
 
     def _log_step(self, metrics: dict, data_ms: float, step_s: float) -> None:
-        """Throughput and memory, the periodic k-NN, the CSV row, TensorBoard, the progress line and the
+        """Throughput and memory, the periodic k-NN, the CSV row and the trackers, the progress line and the
         collapse monitor, for the step just trained."""
         global_batch = self.env.world_size * self.cfg.data.batch_size
         metrics.update(data_ms=round(data_ms, 3), img_per_s=round(global_batch / step_s, 3),
@@ -459,9 +462,10 @@ class Trainer:
         knn = self.evaluate_knn() if self._eval_due(metrics["epoch"], self._at_epoch_end) else None
         metrics[EVAL_COLUMN] = knn if self.env.is_main else None
         # Fixed columns this objective does not report are written empty.
-        self.metrics.log(**{column: metrics.get(column) for column in self.metrics.columns})
-        if self.tensorboard is not None:
-            self.tensorboard.log(metrics)
+        row = {column: metrics.get(column) for column in self.metrics.columns}
+        self.metrics.log(**row)
+        if self.trackers is not None:
+            self.trackers.log(row)
         if self._session["timed_from"] is None:  # the first step includes start-up: ETA from the next
             self._session["timed_from"] = (time.perf_counter(), self.step)
         progress_line = self.step % self.cfg.logging.log_freq == 0 or self.step == 1
@@ -574,5 +578,5 @@ class Trainer:
         self.checkpoints.wait()
         self.stream.close()
         self.metrics.close()
-        if getattr(self, "tensorboard", None) is not None:
-            self.tensorboard.close()
+        if getattr(self, "trackers", None) is not None:
+            self.trackers.close()
