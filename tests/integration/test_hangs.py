@@ -223,3 +223,32 @@ def test_torchrun_restarts_a_lost_or_stopped_worker_and_the_run_resumes_exactly(
     for key in ("encoder", "predictor", "target_encoder"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after the restart"
+
+
+FAIL_RANK_1 = '''
+from ijepa_scale.training import trainer
+
+def train_step(self, batch, _step=trainer.Trainer.train_step):
+    if self.env.rank == 1 and self.step == 3:
+        raise ValueError("injected: mat1 and mat2 shapes cannot be multiplied (3x4 and 5x6)")
+    return _step(self, batch)
+
+trainer.Trainer.train_step = train_step
+'''
+
+
+def test_an_error_on_one_rank_is_that_error_not_a_lost_rank(shards, tmp_path):
+    # Rank 1 raises mid-epoch (through sitecustomize, in every process of the run); rank 0's collective then
+    # breaks with a closed connection, which must be taken for the follow-up it is: exit 1, not 75 (resumable).
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_RANK_1)
+    config = hang_config(shards, tmp_path)
+    env = dict(child_env(), PYTHONPATH=os.pathsep.join([child_env()["PYTHONPATH"], str(tmp_path / "inject")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--fname", str(config), "--devices", "cpu", "cpu"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "error: rank 1 failed first: ValueError: injected" in proc.stderr, proc.stderr[-3000:]
+    assert "was lost" not in proc.stderr
+    assert not (tmp_path / "run" / "heartbeat" / "hang.txt").exists()
+    failed = json.loads((tmp_path / "run" / "heartbeat" / "failed-rank1.json").read_text())
+    assert failed["step"] == 3 and "injected" in failed["error"]

@@ -174,7 +174,11 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
                     pass
             if watchdog is not None and is_peer_lost(exc):
                 # Ends this process (HANG_EXIT), unless a peer failed with an error first: then that is the cause.
-                exc.peer_failure = watchdog.peer_lost(exc)
+                first = watchdog.peer_lost(exc)
+                try:
+                    exc.peer_failure = first
+                except AttributeError:
+                    pass
             heartbeat.fail(f"{type(exc).__name__}: {one_line(exc)[:300]}")
             raise
         finally:
