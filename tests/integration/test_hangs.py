@@ -195,6 +195,7 @@ def test_torchrun_restarts_a_lost_or_stopped_worker_and_the_run_resumes_exactly(
     try:
         pid, hit_at = stop_rank_after_steps(None, run, signum=signum,
                                             alive=lambda: all(a.poll() is None for a in agents))
+        hit_wall = time.time()
         hit_step = len(read_csv(run, 1))
         codes = [agent.wait(timeout=150) for agent in agents]
         took = time.monotonic() - hit_at
@@ -211,8 +212,10 @@ def test_torchrun_restarts_a_lost_or_stopped_worker_and_the_run_resumes_exactly(
     assert 2 <= resumed_at <= hit_step + 1 and resumed_at < ELASTIC_STEPS
     assert ("was lost: rank 0 saw" if signum == signal.SIGKILL else "stopped making progress") in logs, logs[-5000:]
     restarted = re.search(r"\[rank 0\] (\d\d:\d\d:\d\d) INFO resumed from", logs).group(1)
-    print(f"{signal.Signals(signum).name} to the end of the restarted run: {took:.1f} s; stopped at step "
-          f"{hit_step}, resumed at step {resumed_at} (rank 0's resume logged at {restarted})")
+    hms = time.strftime("%Y-%m-%d ", time.localtime(hit_wall)) + restarted
+    restart_s = time.mktime(time.strptime(hms, "%Y-%m-%d %H:%M:%S")) - hit_wall
+    print(f"{signal.Signals(signum).name} to the restarted workers' resume: {restart_s:.0f} s (+-1), to the end of "
+          f"the run: {took:.1f} s; stopped at step {hit_step}, resumed at step {resumed_at}")
     for rank in (0, 1):
         got, want = read_csv(run, rank), read_csv(reference, rank)
         assert got["step"].tolist() == list(range(1, ELASTIC_STEPS + 1)), f"rank {rank}"
