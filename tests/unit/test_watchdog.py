@@ -86,12 +86,13 @@ def test_a_rank_without_progress_reports_names_the_silent_peer_kills_it_and_exit
 def test_progress_keeps_the_watchdog_quiet(tmp_path):
     hb = Heartbeat(tmp_path, rank=0, world_size=1)
     exited = []
-    dog = Watchdog(hb, timeout_s=0.5, startup_s=0.5, grace_s=0.1, exit_fn=exited.append).start()
-    for step in range(1, 15):
+    # 1.5 s: a loaded machine (the whole unit suite beside other work) can stall this thread for 0.5 s.
+    dog = Watchdog(hb, timeout_s=1.5, startup_s=1.5, grace_s=0.1, exit_fn=exited.append).start()
+    for step in range(1, 41):
         hb.beat("compute", step=step)
         threading.Event().wait(0.05)
     hb.beat("done")
-    threading.Event().wait(0.7)
+    threading.Event().wait(1.7)
     dog.stop()
     assert exited == []
 
