@@ -100,22 +100,36 @@ def runs(nodes, tmp_path_factory):
         print(f"\nmain.py references: {time.time() - started:.0f} s")
         states = {job: wait_done(job, logs[job], timeout=240) for job in (full_id, pre_id, four_id)}
         print(f"SLURM jobs done {time.time() - signalled:.0f} s after the USR2")
-        # Then a job whose rank 1 (on the second node) is stopped a few steps in.
+        # Then two jobs at once: rank 1 (on the second node) stopped a few steps in, and killed.
         hung_config = write_config(base / "hung.yaml", tiny_config(
             shards, base / "hung", **two, distributed__hang_timeout_s=HANG_S, distributed__startup_timeout_s=120,
             checkpoint__every_steps=2))
-        _, ids = submit("--fname", hung_config, "--folder", folder, "--nodes", "2", "--tasks-per-node", "1")
-        jobs += ids
-        hung_id = ids[0]
-        logs[hung_id] = folder / f"job_{hung_id}" / f"{hung_id}_0_log.out"
-        wait_rows(base / "hung" / "jepa_r0.csv", 3, hung_id, logs[hung_id], timeout=240)
-        pid = json.loads((base / "hung" / "heartbeat" / "rank1.json").read_text())["pid"]
-        os.kill(pid, signal.SIGSTOP)  # the node namespaces share this machine's process ids
-        stopped = time.time()
-        states[hung_id] = wait_done(hung_id, logs[hung_id], timeout=300)
-        print(f"hung job: SIGSTOP to COMPLETED after its requeue {time.time() - stopped:.0f} s")
+        hit, hit_at, rank1 = {}, {}, {}
+        for name in ("hung", "lost"):
+            _, ids = submit("--fname", hung_config, "--folder", folder, "--nodes", "2", "--tasks-per-node", "1",
+                            f"logging.folder={base / name}")
+            jobs += ids
+            hit[name] = ids[0]
+            logs[ids[0]] = folder / f"job_{ids[0]}" / f"{ids[0]}_0_log.out"
+        for name, signum in (("hung", signal.SIGSTOP), ("lost", signal.SIGKILL)):
+            wait_rows(base / name / "jepa_r0.csv", 3, hit[name], logs[hit[name]], timeout=240)
+            rank1[name] = json.loads((base / name / "heartbeat" / "rank1.json").read_text())
+            os.kill(rank1[name]["pid"], signum)  # the node namespaces share this machine's process ids
+            hit_at[name] = time.time()
+        requeued_at = None
+        while requeued_at is None and time.time() - hit_at["lost"] < 120:
+            if "REQUEUED" in sacct_states(hit["lost"], duplicates=True):
+                requeued_at = time.time()
+            time.sleep(0.2)
+        for name in ("hung", "lost"):
+            states[hit[name]] = wait_done(hit[name], logs[hit[name]], timeout=300)
+            hit[f"{name}_done_s"] = time.time() - hit_at[name]
+        hit["lost_requeued_s"] = None if requeued_at is None else requeued_at - hit_at["lost"]
+        print(f"hung job: SIGSTOP to COMPLETED after its requeue {hit['hung_done_s']:.0f} s; lost job: SIGKILL to "
+              f"REQUEUED {hit['lost_requeued_s'] or float('nan'):.1f} s, to COMPLETED {hit['lost_done_s']:.0f} s")
         yield dict(base=base, folder=folder, full=(full_id, full_proc), pre=pre_id, four=(four_id, four_proc),
-                   hung=hung_id, states=states, logs=logs, signalled=signalled, local=local)
+                   hung=hit["hung"], lost=hit["lost"], hit=hit, rank1=rank1, states=states, logs=logs,
+                   signalled=signalled, local=local)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -136,6 +150,29 @@ def test_a_stopped_rank_on_the_second_node_requeues_the_job_which_resumes_exactl
                      r"making progress", log), log[-3000:]
     assert "requeued to resume from the checkpoint of step" in log
     assert_same_losses(runs["base"] / "hung", runs["local"]["local2"], 2)
+
+
+def test_a_killed_task_on_the_second_node_requeues_the_job_which_resumes_exactly(runs):
+    job, killed = runs["lost"], runs["rank1"]["lost"]
+    log = runs["logs"][job].read_text()
+    assert runs["states"][job] == "COMPLETED", log[-3000:]
+    assert sacct_states(job, duplicates=True) == ["REQUEUED", "COMPLETED"]
+    assert killed["host"] == "ijepa-n2"
+    lost = re.search(rf"lost rank: rank 1 \(step (\d+), [a-z ]+, ijepa-n2 pid {killed['pid']}\) was lost: rank 0 "
+                     r"saw '[^']*Connection (closed|reset) by peer[^']*' in a collective; requeued to resume from the "
+                     r"checkpoint of step (\d+) \(hang or lost rank 1 of at most \d+\)", log)
+    assert lost is not None, log[-3000:]
+    resumed = int(re.search(r"resumed from \S+jepa-latest.pth.tar at step (\d+)", log).group(1))
+    assert resumed == int(lost.group(3)) and int(lost.group(1)) - resumed <= 2  # checkpoint.every_steps=2
+    assert runs["hit"]["lost_requeued_s"] < 30, runs["hit"]  # at once, not after the hang timeout
+    assert_same_losses(runs["base"] / "lost", runs["base"] / "full", 2, STEPS)
+    a, b = weights(runs["base"] / "full"), weights(runs["base"] / "lost")
+    for key in ("encoder", "predictor", "target_encoder"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after the requeue"
+    print(f"2-node lost task: SIGKILL at step {lost.group(1)}, resumed at step {resumed} (steps lost: "
+          f"{int(lost.group(1)) - resumed}); SIGKILL to REQUEUED {runs['hit']['lost_requeued_s']:.1f} s, "
+          f"to COMPLETED {runs['hit']['lost_done_s']:.0f} s")
 
 
 def task_hosts(folder: Path, job: str, tasks: int) -> list[str]:

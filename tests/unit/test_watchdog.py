@@ -6,9 +6,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 from ijepa_scale.distributed.watchdog import (HANG_EXIT, Heartbeat, Watchdog, allowance_s, describe_hang,
-                                              hang_count, read_hang_line, should_retry_after_hang)
+                                              hang_count, is_peer_lost, peer_error_summary, read_hang_line,
+                                              should_retry_after_hang)
+
+GLOO_CLOSED = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "
+                           "by peer [10.77.0.12]:41234. This is typically caused by a remote worker crashing. GLHF!")
 
 
 def test_start_up_first_step_and_first_checkpoint_get_the_longer_allowance():
@@ -81,12 +86,13 @@ def test_a_rank_without_progress_reports_names_the_silent_peer_kills_it_and_exit
 def test_progress_keeps_the_watchdog_quiet(tmp_path):
     hb = Heartbeat(tmp_path, rank=0, world_size=1)
     exited = []
-    dog = Watchdog(hb, timeout_s=0.5, startup_s=0.5, grace_s=0.1, exit_fn=exited.append).start()
-    for step in range(1, 15):
+    # 1.5 s: a loaded machine (the whole unit suite beside other work) can stall this thread for 0.5 s.
+    dog = Watchdog(hb, timeout_s=1.5, startup_s=1.5, grace_s=0.1, exit_fn=exited.append).start()
+    for step in range(1, 41):
         hb.beat("compute", step=step)
         threading.Event().wait(0.05)
     hb.beat("done")
-    threading.Event().wait(0.7)
+    threading.Event().wait(1.7)
     dog.stop()
     assert exited == []
 
@@ -97,3 +103,78 @@ def test_a_second_hang_at_the_same_checkpoint_is_not_retried(tmp_path):
     assert should_retry_after_hang(tmp_path, committed_step=80) is False  # none since the last hang
     assert should_retry_after_hang(tmp_path, committed_step=None) is True
     assert hang_count(tmp_path) == 4
+
+
+def test_a_peer_lost_is_told_from_other_errors():
+    assert is_peer_lost(GLOO_CLOSED)
+    assert is_peer_lost(RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:9117: Connection "
+                                     "reset by peer"))
+    nccl = type("DistBackendError", (RuntimeError,), {})("NCCL error: remote process exited or there was a network "
+                                                         "error, NCCL version 2.21.5")
+    assert is_peer_lost(nccl)
+    assert is_peer_lost(type("DistNetworkError", (RuntimeError,), {})("failed to recv, got 0 bytes"))
+    assert not is_peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied (3x4 and 5x6)"))
+    assert not is_peer_lost(ValueError("Connection reset by peer"))  # a data source's, not a collective's
+    assert not is_peer_lost(OSError(28, "No space left on device"))
+    assert peer_error_summary(GLOO_CLOSED) == "Connection closed by peer [10.77.0.12]:41234"
+
+
+def test_the_line_names_a_lost_rank():
+    beats = {0: {"step": 9, "phase": "collective", "host": "a", "pid": 1},
+             1: {"step": 9, "phase": "compute", "host": "b", "pid": 2}}
+    line = describe_hang({0: {"phase": "collective"}}, beats, 2, 0.5, lost="Connection closed by peer", by=0)
+    assert line == ("rank 1 (step 9, compute, b pid 2) was lost: rank 0 saw 'Connection closed by peer' in a "
+                    "collective")
+    everyone = describe_hang({0: {}, 1: {}}, beats, 2, 0.5, lost="Connection reset by peer", by=1)
+    assert "yet every rank is still there" in everyone
+
+
+def _two_ranks(tmp_path, dead_pid):
+    lost = Heartbeat(tmp_path, rank=1, world_size=2)
+    lost.beat("compute", step=9)
+    lost.path.write_text(json.dumps({**json.loads(lost.path.read_text()), "pid": dead_pid}))
+    live = Heartbeat(tmp_path, rank=0, world_size=2)
+    live.beat("collective", step=9)
+    return live
+
+
+def test_a_lost_peer_on_this_host_ends_the_rank_at_once_named_as_lost(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = _two_ranks(tmp_path, gone.pid)
+    exited, hooked = [], []
+    dog = Watchdog(live, timeout_s=60, startup_s=60, grace_s=30, exit_fn=exited.append, on_hang=hooked.append,
+                   log_stream=open(os.devnull, "w"))
+    started = time.monotonic()
+    assert dog.peer_lost(GLOO_CLOSED) is None
+    assert time.monotonic() - started < 10  # no waiting the 30 s grace for a rank whose process is gone
+    assert exited == [HANG_EXIT]
+    assert hooked == [read_hang_line(tmp_path)]
+    assert hooked[0].startswith("rank 1 (step 9, compute, ") and "was lost: rank 0 saw 'Connection closed" in hooked[0]
+    assert json.loads((tmp_path / "heartbeat" / "giving-up").read_text())["rank"] == 0
+
+
+def test_a_peer_that_failed_with_an_error_is_the_cause_not_a_lost_rank(tmp_path):
+    live = _two_ranks(tmp_path, os.getpid())
+    failed = Heartbeat(tmp_path, rank=1, world_size=2)
+    failed.beat("compute", step=9)
+    failed.fail("RuntimeError: mat1 and mat2 shapes cannot be multiplied")
+    exited, hooked = [], []
+    dog = Watchdog(live, timeout_s=60, startup_s=60, grace_s=5, exit_fn=exited.append, on_hang=hooked.append)
+    report = dog.peer_lost(GLOO_CLOSED)
+    assert report["rank"] == 1 and "shapes cannot be multiplied" in report["error"]
+    assert exited == [] and hooked == [] and read_hang_line(tmp_path) is None
+
+
+def test_a_rank_that_still_makes_progress_follows_a_peer_that_gave_up(tmp_path):
+    hb = Heartbeat(tmp_path, rank=1, world_size=2)
+    hb.beat("compute", step=1)
+    hb.beat("compute", step=2)
+    (hb.dir / "giving-up").write_text(json.dumps({"rank": 0, "lost": "Connection reset by peer"}))
+    done, exited = threading.Event(), []
+    dog = Watchdog(hb, timeout_s=60, startup_s=60, grace_s=0.2, exit_fn=lambda code: (exited.append(code), done.set()),
+                   log_stream=open(os.devnull, "w")).start()
+    assert done.wait(10)
+    dog.stop()
+    assert exited == [HANG_EXIT]
+    assert json.loads((hb.dir / "hang-rank1.json").read_text())["rank"] == 1  # its report: alive, not lost

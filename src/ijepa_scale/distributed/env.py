@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import secrets
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -72,16 +74,57 @@ def init_distributed(rank: int, world_size: int, device: torch.device, local_ran
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = group_store(rank, world_size, timeout) if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" \
+            else None
         dist.init_process_group(
             backend=backend,
-            init_method="env://",
+            init_method=None if store is not None else "env://",
+            store=store,
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
     return DistEnv(rank=rank, world_size=world_size, local_rank=rank if local_rank is None else local_rank,
                    device=device)
+
+
+GROUP_STORE_KEY = "ijepa_scale/group_store"
+
+
+def group_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """A store of this worker group's own, under torchrun's shared store (MASTER_ADDR:MASTER_PORT).
+
+    torchrun's agents keep one store for the whole job; after an elastic restart it still holds the previous
+    worker group's gloo/NCCL addresses under the same keys, and a restarted rank may read a dead peer's
+    address (`connectFullMesh ... Connection refused`). The group cannot agree on a fresh key prefix through
+    that store either (any value there may be the previous group's), so rank 0 serves a new store and announces
+    its port with a random token there; the other ranks take an announcement only once the store at that port
+    answers with the same token, so the previous group's (a dead port, or one reused) is never mistaken for it.
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    shared = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    if rank == 0:
+        token = secrets.token_hex(8)
+        own = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+        own.set("token", token)
+        shared.set(GROUP_STORE_KEY, f"{own.port} {token}")
+        return own
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        own_port, token = shared.get(GROUP_STORE_KEY).decode().split()
+        try:
+            socket.create_connection((host, int(own_port)), timeout=2).close()  # a dead port, quietly
+            own = dist.TCPStore(host, int(own_port), is_master=False, timeout=datetime.timedelta(seconds=2))
+            if own.get("token").decode() == token:
+                own.set_timeout(timeout)
+                return own
+        except (OSError, RuntimeError, ValueError):
+            pass  # the previous group's store (gone, or its port now someone else's): wait for rank 0's
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 announced no store of this worker group within {timeout} on {host}:{port}")
+        time.sleep(0.5)
 
 
 def destroy() -> None:

@@ -20,9 +20,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..distributed import env as dist_utils
-from ..distributed.watchdog import Heartbeat, Watchdog
+from ..distributed.watchdog import Heartbeat, Watchdog, is_peer_lost
 from ..config import Config
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..procutil import STOP_SIGNALS, unblock_stop_signals
 
 logger = logging.getLogger("ijepa_scale")
@@ -104,8 +104,10 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
     SIGINT or SIGTERM at least that many seconds after the first raises KeyboardInterrupt.
 
     A watchdog (distributed.hang_timeout_s) ends this process with HANG_EXIT when it completes no step
-    for too long, after logging its stacks; the first rank to report a hang calls `on_hang(line)` (the
-    SLURM launcher requeues the job there) and SIGKILLs the silent ranks on its host.
+    for too long, after logging its stacks, or when a collective fails because a peer was lost (its process
+    killed, its node or link gone); the first rank to report it calls `on_hang(line)` (the SLURM launcher
+    requeues the job there) and SIGKILLs the silent ranks on its host. A rank that raises anything else
+    files that error first, so its peers' broken collectives are not taken for a lost rank.
 
     Errors propagate: UserError (the user's mistake, one line, exit 2), RunFailure (a known
     failure such as a full disk, one line, exit 1), anything else (exit 1). The exception
@@ -170,6 +172,14 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
                     exc.failed_at = time.time()
                 except AttributeError:
                     pass
+            if watchdog is not None and is_peer_lost(exc):
+                # Ends this process (HANG_EXIT), unless a peer failed with an error first: then that is the cause.
+                first = watchdog.peer_lost(exc)
+                try:
+                    exc.peer_failure = first
+                except AttributeError:
+                    pass
+            heartbeat.fail(f"{type(exc).__name__}: {one_line(exc)[:300]}")
             raise
         finally:
             if trainer is not None:

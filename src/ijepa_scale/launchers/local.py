@@ -229,8 +229,8 @@ def launch(cfg: Config, devices: list[str] | None) -> int:
         raise
     if code == USER_ERROR_EXIT:
         remove_if_left_empty(created, log_file(cfg))
-    elif code == HANG_EXIT:
-        line = read_hang_line(cfg.logging.folder) or "a rank stopped making progress"
+    elif code == HANG_EXIT:  # a hang, or a lost rank (named in the line)
+        line = read_hang_line(cfg.logging.folder) or "a rank stopped making progress or was lost"
         print(f"error: {line}; every rank was ended and the newest checkpoint is kept: run the same command to "
               f"resume (distributed.hang_timeout_s={cfg.distributed.hang_timeout_s:g})", file=sys.stderr, flush=True)
     return code
@@ -382,7 +382,8 @@ class _Ranks:
             # crash reports can race the launcher's notice of the death, so the death wins.
             first = min(deaths, key=lambda f: f.at)
         if first.kind == "death":
-            print(f"error: {first.message}; the other ranks were stopped", file=sys.stderr, flush=True)
+            resume = "; the newest checkpoint is kept: run the same command to resume" if self.saves_on_stop else ""
+            print(f"error: {first.message}; the other ranks were stopped{resume}", file=sys.stderr, flush=True)
             return FAILURE_EXIT, None
         print(format_failure(first), file=sys.stderr, flush=True)
         return exit_code(first), None
@@ -392,5 +393,5 @@ class _Ranks:
         if code < 0:
             name = signal.Signals(-code).name
             hint = " (out of memory?)" if name == "SIGKILL" else ""
-            return f"rank {rank} was killed by {name}{hint} (exited with code {code})"
+            return f"rank {rank} was lost: killed by {name}{hint} (exited with code {code})"
         return f"rank {rank} exited with code {code}"

@@ -12,7 +12,9 @@ submission and requeues the job. The requeued job resumes from the newest checkp
 `logging.folder`, found when it starts. Requeue bookkeeping is ours (submitit calls every
 signal a time-out when --time <= 10 min): time-limit requeues count against --max-requeues,
 preemptions do not, and a requeue at the same step as the previous one (no progress) stops
-the job instead of looping. A failed run is never requeued.
+the job instead of looping. A hang or a lost rank (a task killed, a node or link gone) requeues the job the
+same way (`after_hang`), counted against --max-requeues and never twice without a newer checkpoint. A failed
+run (an error raised on some rank) is never requeued.
 
 A sweep (`--sweep KEY=V1,V2 ...`) is one job array of such jobs, one per combination of values,
 each in its own folder under `logging.folder`, listed in `logging.folder/sweep.json`.
@@ -665,6 +667,9 @@ class SlurmTrainingJob:
         except Exception as exc:
             if rank == 0:
                 cause = one_line(exc) if isinstance(exc, RunFailure) else f"{type(exc).__name__}: {exc}"
+                if getattr(exc, "peer_failure", None):  # this rank's collective broke because that rank failed
+                    peer = exc.peer_failure
+                    cause = f"rank {peer['rank']} failed first (step {peer['step']}, {peer['host']}): {peer['error']}"
                 _say(f"failed: {cause}\nnot requeued: a failed run stops the job (the newest checkpoint in "
                      f"{self.cfg.logging.folder} is kept; resubmit to resume)")
             raise
@@ -691,26 +696,34 @@ class SlurmTrainingJob:
         return summary
 
     def after_hang(self, job_id: str, line: str) -> None:
-        """Called by the one rank that reports a hang (its watchdog then ends it): requeue the job, which ends
-        every task on every node, the stopped ones included; or cancel it when the run hangs again without
-        having committed a newer checkpoint, or after --max-requeues hangs."""
+        """Called by the one rank that reports a hang or a lost rank (its watchdog then ends it): requeue the
+        job, which ends every task on every node, the stopped ones included; or cancel it when the run ends
+        this way again without having committed a newer checkpoint (a rank that crashes at the same step
+        every time is a bug, not bad luck), or after --max-requeues such ends."""
         from ..checkpoint.files import CheckpointFiles
         from ..distributed.watchdog import hang_count, should_retry_after_hang
 
+        kind = "hang" if line.startswith("no step completed") else "lost rank"
         committed = CheckpointFiles(self.cfg.logging.folder, self.cfg.logging.write_tag).latest_step()
         retry = should_retry_after_hang(self.cfg.logging.folder, committed)
         hangs = hang_count(self.cfg.logging.folder)
         if retry and hangs <= self.options.max_requeues:
-            _say(f"hang: {line}; requeued to resume from the checkpoint of step {committed} "
-                 f"(hang {hangs} of at most {self.options.max_requeues})")
+            _say(f"{kind}: {line}; requeued to resume from the checkpoint of step {committed} "
+                 f"(hang or lost rank {hangs} of at most {self.options.max_requeues})")
             command = ["scontrol", "requeue", job_id]
         else:
-            why = ("no newer checkpoint since the previous hang" if not retry
-                   else f"{hangs} hangs: --max-requeues exhausted")
-            _say(f"hang: {line}; not requeued ({why}); the newest checkpoint (step {committed}) is kept: "
+            why = ("no newer checkpoint since the previous hang or lost rank" if not retry
+                   else f"{hangs} hangs or lost ranks: --max-requeues exhausted")
+            _say(f"{kind}: {line}; not requeued ({why}); the newest checkpoint (step {committed}) is kept: "
                  f"resubmit to resume")
             command = ["scancel", job_id]
-        subprocess.run(command, capture_output=True, text=True, timeout=60)
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+            problem = None if out.returncode == 0 else (out.stderr.strip() or f"exit status {out.returncode}")
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            problem = str(exc)
+        if problem is not None:  # e.g. this node lost its link to the controller too
+            _say(f"{' '.join(command)} failed: {problem}")
 
     @staticmethod
     def _wait_for_requeue() -> None:
