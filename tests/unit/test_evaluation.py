@@ -243,9 +243,9 @@ def test_baseline_and_few_shot_rows_from_one_read(tmp_path):
     make_photo_shards(tmp_path, sizes=[12, 12], num_classes=3, size=(40, 30))
     source = open_shards(str(tmp_path / "train-{000000..000001}.tar"))
     torch.manual_seed(0)
-    encoder = build_encoder("vit_tiny", img_size=16, patch_size=8, embed_dim=12, depth=1, num_heads=2)
+    encoder = build_encoder("vit_tiny", img_size=8, patch_size=4, embed_dim=12, depth=1, num_heads=2)
     result = evaluate_encoders({"enc": encoder, "raw pixels": RAW_PIXELS}, source, source, ("linear", "knn"),
-                               crop_size=16, shots=(1, 2), seeds=3, batch_size=8)
+                               crop_size=8, shots=(1, 2), seeds=3, batch_size=8)
     assert list(result["rows"]) == ["enc", "raw pixels"]
     for rows in result["rows"].values():
         assert [(r["method"], r["shots"]) for r in rows] == [("linear", ""), ("knn", ""), ("linear", 1), ("knn", 1),
@@ -257,7 +257,7 @@ def test_baseline_and_few_shot_rows_from_one_read(tmp_path):
     # The raw pixels of the same images score the same under k-NN with a bank of the query set itself.
     assert result["rows"]["raw pixels"][1]["accuracy"] == 1.0
     with pytest.raises(Exception, match="--shots 9: class"):
-        evaluate_encoders({"enc": encoder}, source, source, ("knn",), crop_size=16, shots=(9,), batch_size=8)
+        evaluate_encoders({"enc": encoder}, source, source, ("knn",), crop_size=8, shots=(9,), batch_size=8)
 
 
 def test_an_older_csv_gains_the_new_columns(tmp_path):

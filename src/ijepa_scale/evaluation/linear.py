@@ -42,6 +42,9 @@ def feature_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # L-BFGS iterations per fit: 300 stopped short of the optimum on 60,000 x 192 features (the demo's probe
 # read 83.5 % after 300 and 84.0 % after 1,000 or 3,000).
 MAX_ITER = 1000
+# A few-shot fit (at most a few thousand rows) converges within this unless its rows are separable and
+# its L2 weak; then L-BFGS only creeps toward a larger weight norm, which cross-validation does not pick.
+SHOT_MAX_ITER = 200
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = MAX_ITER,
@@ -194,7 +197,7 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[torch.
 
 
 def few_shot_probe(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int,
-                   shots: int, stats: tuple, seed: int = 0, max_iter: int = MAX_ITER) -> dict:
+                   shots: int, stats: tuple, seed: int = 0, max_iter: int = SHOT_MAX_ITER) -> dict:
     """The probe fitted on the labelled shots `x`, `y` (`shots` per class), scored on the validation features.
 
     `stats`: the (mean, std) used to standardise; the caller takes them from all training features,
