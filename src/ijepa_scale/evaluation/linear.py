@@ -117,7 +117,7 @@ def select_l2(score: Callable, grid=L2_GRID, step: float = L2_STEP, bounds=L2_BO
         run(new)
     at_bound = best in (min(scores), max(scores)) and len(scores) > 1
     return {"l2": best, "scores": dict(sorted(scores.items(), reverse=True)), "grid": (min(scores), max(scores)),
-            "at_bound": at_bound, "widened": widened}
+            "at_bound": at_bound, "widened": widened, "state": states[best]}
 
 
 def describe_selection(selection: dict) -> str:
@@ -164,7 +164,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
                 ", ".join(f"{l2:g}: {acc:.4f}" for l2, acc in selection["scores"].items()), best,
                 describe_selection(selection))
     all_x, val_x = standardise(train_x, val_x)
-    weight, bias = fit_logistic(all_x, train_y, num_classes, best, max_iter=max_iter, on_eval=tick)
+    # Warm-started from the chosen fit: standardised by nearly the same statistics, it is close.
+    weight, bias = fit_logistic(all_x, train_y, num_classes, best, max_iter=max_iter, init=selection.pop("state"),
+                                on_eval=tick)
     fits[0] += 1
     return {"accuracy": accuracy(weight, bias, val_x, val_y), "l2": best, "holdout": selection["scores"],
             "selection": selection}
@@ -227,6 +229,7 @@ def few_shot_probe(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y:
             return correct / len(y), states
 
         selection = select_l2(score, SHOT_L2_GRID)
+        selection.pop("state")
         best = selection["l2"]
     weight, bias = fit_logistic(x, y, num_classes, best, max_iter=max_iter)
     return {"accuracy": accuracy(weight, bias, val_x, val_y), "l2": best, "selection": selection}
