@@ -111,19 +111,24 @@ def evaluate_encoders(encoders: dict, train_source, val_source, methods=("knn",)
     jobs += [(name, method, n, seed) for n in shots for name in encoders for method in methods
              for seed in range(seeds)]
     whole_val = {name: gather_features(val[name]) for name in encoders} if jobs else {}
-    mine = assign_jobs(jobs, {name: train[name].features.shape for name in encoders}, n_val, num_classes,
-                       world_size)[rank]
+    shapes = {name: train[name].features.shape for name in encoders}
+    mine = assign_jobs(jobs, shapes, n_val, num_classes, world_size)[rank]
+    # Progress in percent of the estimated cost: one raw-pixel probe can outweigh dozens of few-shot draws.
+    costs = [job_cost(job, shapes, n_val, num_classes) for job in mine]
+    scale = 100.0 / max(sum(costs), 1e-9)
     done = {}
-    progress = Progress("probes" if world_size == 1 else f"probes (rank 0's {len(mine)} of {len(jobs)})",
-                        len(mine), max(progress_every_s, 5.0), enabled=rank == 0 and bool(mine), unit="job")
+    progress = Progress("probes" if world_size == 1 else f"probes (rank 0's {len(mine)} of {len(jobs)} jobs)",
+                        100.0, max(progress_every_s, 5.0), enabled=rank == 0 and bool(mine), unit="%")
     for i, job in enumerate(mine):
         name, method, n, seed = job
-        label = f"{method}{f' {n}-shot seed {seed}' if n else ''}{f', {name}' if name else ''}"
+        label = f"job {i + 1}: {method}{f' {n}-shot seed {seed}' if n else ''}{f', {name}' if name else ''}"
+        before = sum(costs[:i]) * scale
         began = time.perf_counter()
         done[job] = run_job(job, train[name], whole_val[name], num_classes,
-                            lambda fraction, i=i, label=label: progress.update(i + fraction, note=label))
+                            lambda fraction, b=before, c=costs[i] * scale, label=label:
+                            progress.update(b + fraction * c, note=label))
         done[job]["seconds"] = time.perf_counter() - began
-        progress.update(float(i + 1), note=label)
+        progress.update(before + costs[i] * scale, note=label)
     for part in dist_utils.all_gather_objects(done):
         done.update(part)
     rows = {}
@@ -146,17 +151,10 @@ def evaluate_encoders(encoders: dict, train_source, val_source, methods=("knn",)
 
 
 def assign_jobs(jobs: list, shapes: dict, n_val: int, num_classes: int, world_size: int) -> list[list]:
-    """Jobs per rank, the most expensive first to the least loaded rank (by a rough cost estimate);
-    the same split on every rank."""
+    """Jobs per rank, the most expensive first to the least loaded rank (by `job_cost`); the same split
+    on every rank."""
     def cost(job):
-        name, method, n, _ = job
-        rows, dim = shapes[name]
-        if method == "knn":
-            return n_val * n * num_classes * dim / 100
-        if n == 0:
-            return 8 * (rows * dim + 2e5)
-        fits = 6 * min(n, CV_FOLDS) + 1 if n > 1 else 1
-        return fits * (n * num_classes * dim + 2e5)
+        return job_cost(job, shapes, n_val, num_classes)
 
     load, out = [0.0] * world_size, [[] for _ in range(world_size)]
     for index in sorted(range(len(jobs)), key=lambda i: (-cost(jobs[i]), i)):
@@ -164,6 +162,18 @@ def assign_jobs(jobs: list, shapes: dict, n_val: int, num_classes: int, world_si
         load[target] += cost(jobs[index])
         out[target].append(jobs[index])
     return out
+
+
+def job_cost(job, shapes: dict, n_val: int, num_classes: int) -> float:
+    """A rough estimate of a job's time: multiply-adds per fit times fits, plus a per-fit overhead."""
+    name, method, n, _ = job
+    rows, dim = shapes[name]
+    if method == "knn":
+        return n_val * n * num_classes * dim / 100
+    if n == 0:
+        return 8 * (rows * dim + 2e5)
+    fits = 6 * min(n, CV_FOLDS) + 1 if n > 1 else 1
+    return fits * (n * num_classes * dim + 2e5)
 
 
 def run_job(job, train: FeatureSet, val: FeatureSet, num_classes: int, progress) -> dict:

@@ -123,10 +123,15 @@ class Progress:
             self.last = now
             rate = done / max(now - self.start, 1e-9)
             eta = (self.total - done) / rate if rate > 0 else math.inf
-            count = f"{done:d}/{self.total:d}" if isinstance(done, int) else f"{done:.1f}/{self.total:g}"
+            share = f"{100.0 * done / max(1, self.total):.0f}%"
+            if self.unit == "%":  # the count is the share
+                count = share
+            else:
+                count = f"{done}/{self.total}" if isinstance(done, int) else f"{done:.1f}/{self.total:g}"
+                count += f" ({share})"
             speed = f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"
-            logger.info("%s: %s (%.0f%%) %s %s/s, ETA %.0f s%s", self.desc, count, 100.0 * done / max(1, self.total),
-                        speed, self.unit, eta, f" ({note})" if note else "")
+            logger.info("%s: %s %s %s/s, ETA %.0f s%s", self.desc, count, speed, self.unit, eta,
+                        f" ({note})" if note else "")
 
 
 RAW_PIXELS = None  # in extract_feature_sets: the images themselves (uint8, flattened), see raw_pixel_features
