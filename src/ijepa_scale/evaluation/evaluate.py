@@ -366,7 +366,8 @@ def run_evaluation(checkpoint: Path, key: str, methods, train_source, val_source
     encoder, img_size = build_eval_encoder(checkpoint, key, state=state)
     encoders = {key: encoder.to(device)}
     if random_init:
-        encoders[f"{key} (random init)"] = build_eval_encoder(checkpoint, key, random_init=True, state=state)[0].to(device)
+        twin, _ = build_eval_encoder(checkpoint, key, random_init=True, state=state)
+        encoders[f"{key} (random init)"] = twin.to(device)
     if raw_pixels:
         encoders[RAW_PIXELS_KEY] = RAW_PIXELS
     del state
