@@ -1,4 +1,5 @@
-"""`ijepa-scale eval` on 2 gloo ranks, and periodic k-NN during a 2-rank run that stops and resumes."""
+"""`ijepa-scale eval` on 2 gloo ranks (also few-shot and baseline rows on Fashion-MNIST), and periodic k-NN
+during a 2-rank run that stops and resumes."""
 
 import os
 import subprocess
@@ -8,6 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
+from ijepa_scale.config import config_from_dict
+from ijepa_scale.data import fashion_mnist
+from ijepa_scale.models import build_encoder
 from tests.helpers.photos import make_photo_shards
 from tests.integration.common import ROOT, make_shards, read_csv, run_main, tiny_config, write_config
 
@@ -83,3 +87,38 @@ def test_eval_command_on_two_ranks(data, evaluated_run):
     # The periodic k-NN at the last step saw the same features as the command's 2-rank k-NN.
     last_knn = read_csv(run, 0)["knn_acc"].dropna().iloc[-1]
     assert rows.loc[1, "accuracy"] == pytest.approx(last_knn, abs=1e-6)
+
+
+@pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEFAULT_SOURCE_DIR),
+                    reason="needs the Debian package dataset-fashion-mnist (launch/setup_env.sh installs it)")
+def test_few_shot_and_baseline_rows_on_fashion_mnist(tmp_path):
+    fashion_mnist.make_fashion_mnist_shards(tmp_path / "data", split="train", num_shards=2, per_class=12)
+    fashion_mnist.make_fashion_mnist_shards(tmp_path / "data", split="test", num_shards=1, per_class=10)
+    cfg = config_from_dict({"data": {"shards": "x.tar", "crop_size": 28}, "mask": {"patch_size": 7},
+                            "meta": {"model_name": "vit_tiny", "embed_dim": 32, "depth": 1, "num_heads": 2}})
+    torch.manual_seed(3)
+    encoder = build_encoder("vit_tiny", img_size=28, patch_size=7, embed_dim=32, depth=1, num_heads=2)
+    (tmp_path / "run").mkdir()
+    torch.save({"target_encoder": encoder.state_dict(), "step": 5, "config": cfg.to_dict()},
+               tmp_path / "run" / "jepa-latest.pth.tar")
+    proc = run_eval("both", "--checkpoint", str(tmp_path / "run"), "--devices", "cpu", "cpu",
+                    "--train-shards", str(tmp_path / "data" / "fmnist-train-{000000..000001}.tar"),
+                    "--val-shards", str(tmp_path / "data" / "fmnist-test-000000.tar"),
+                    "--shots", "1,4", "--seeds", "3", "--baselines", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "appended 18 row(s)" in proc.stdout and "probes (rank 0's" in proc.stderr
+    rows = pd.read_csv(tmp_path / "run" / "eval.csv", keep_default_na=False)
+    keys = ["target_encoder", "target_encoder (random init)", "raw pixels"]
+    assert rows["key"].tolist() == [k for k in keys for _ in range(6)]
+    assert rows["shots"].astype(str).tolist() == ["", "", "1", "1", "4", "4"] * 3
+    assert rows["method"].tolist() == ["linear", "knn"] * 9
+    assert (rows["n_val"] == 100).all() and rows["n_train"].tolist() == [120, 120, 10, 10, 40, 40] * 3
+    shot_rows = rows[rows["shots"] != ""]
+    assert (shot_rows["seeds"] == "3").all() and (shot_rows["accuracy_std"].astype(float) >= 0).all()
+    assert rows["accuracy"].between(0, 1).all()
+    linear_all = rows[(rows["shots"] == "") & (rows["method"] == "linear")]
+    assert (linear_all["l2_grid"] != "").all() and (linear_all["l2"] != "").all()
+    # Fashion-MNIST's raw pixels are far above chance (10 %) even from 4 labelled images per class.
+    raw = rows[rows["key"] == "raw pixels"].set_index(["method", "shots"])["accuracy"]
+    assert raw[("knn", "")] > 0.5 and raw[("linear", "4")] > 0.4
+    assert (rows.loc[rows["key"] == "raw pixels", "pool"] == "").all()

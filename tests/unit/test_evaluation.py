@@ -8,9 +8,12 @@ import torch
 from PIL import Image
 
 from ijepa_scale.data.sources import open_shards
-from ijepa_scale.evaluation.features import eval_image, extract_features, gather_features, pooled_features, rank_range
+from ijepa_scale.evaluation.evaluate import assign_jobs, evaluate_encoders
+from ijepa_scale.evaluation.features import (RAW_PIXELS, FeatureSet, eval_image, extract_features, gather_features,
+                                             pooled_features, rank_range, raw_pixel_features)
 from ijepa_scale.evaluation.knn import knn_accuracy, knn_predict
-from ijepa_scale.evaluation.linear import fit_logistic, linear_probe
+from ijepa_scale.evaluation.linear import (ONE_SHOT_L2, few_shot_probe, feature_stats, fit_logistic, linear_probe,
+                                           sample_shots, select_l2, stratified_folds)
 from ijepa_scale.evaluation.table import CSV_COLUMNS, append_rows, format_table
 from ijepa_scale.models import build_encoder
 from tests.helpers.photos import encode, make_photo_shards
@@ -61,7 +64,7 @@ def test_linear_probe_chooses_l2_on_held_out_features_and_scores_val():
     x, y = blobs(60, 5, 20, spread=2.5, seed=3)
     vx, vy = blobs(20, 5, 20, spread=2.5, seed=3)
     result = linear_probe(x, y, vx, vy, num_classes=5, l2_grid=(1.0, 1e-2, 1e-4))
-    assert set(result["holdout"]) == {1.0, 1e-2, 1e-4}
+    assert {1.0, 1e-2, 1e-4} <= set(result["holdout"])  # the grid may widen, never shrink
     assert result["l2"] == max(result["holdout"], key=lambda l2: (result["holdout"][l2], l2))
     assert result["accuracy"] > 0.9
     # Labels unrelated to the features: close to chance.
@@ -154,3 +157,118 @@ def test_report_table_and_csv(tmp_path):
     append_rows(path, [row])
     assert path.read_text().splitlines()[0] == ",".join(CSV_COLUMNS)
     assert len(list(tmp_path.glob("eval.previous-*.csv"))) == 1
+
+
+@pytest.mark.parametrize("peak,best,at_bound", [(1e-8, 1e-8, False), (1e2, 1e2, False), (1e-12, 1e-9, True)])
+def test_l2_grid_widens_past_an_edge_until_the_best_is_inside(peak, best, at_bound):
+    seen = []
+
+    def score(l2, init):
+        seen.append((l2, init))
+        return -abs(np.log10(l2) - np.log10(peak)), l2  # the state is the L2 itself
+
+    result = select_l2(score, grid=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6), bounds=(1e-9, 1e3))
+    assert result["l2"] == pytest.approx(best) and result["at_bound"] == at_bound
+    lo, hi = result["grid"]
+    if not at_bound:
+        assert lo < result["l2"] < hi  # inside, one step past the peak
+    assert result["widened"] == len(seen) - 6 > 0
+    # Each fit after the first warm-starts from the nearest L2 scored before it.
+    assert seen[0][1] is None and all(init is not None for _, init in seen[1:])
+    assert seen[1][1] == seen[0][0]
+
+
+def test_l2_grid_does_not_widen_when_the_best_is_inside():
+    result = select_l2(lambda l2, init: (-abs(np.log10(l2) + 3), None), grid=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5))
+    assert result["l2"] == pytest.approx(1e-3) and result["widened"] == 0 and not result["at_bound"]
+
+
+def test_linear_probe_widens_to_a_strong_l2_on_an_overfitting_problem():
+    # Few noisy samples in many dimensions: the held-out accuracy wants more regularisation than 1e-4.
+    x, y = blobs(15, 3, 60, spread=12.0, seed=5)
+    vx, vy = blobs(30, 3, 60, spread=12.0, seed=5)
+    result = linear_probe(x, y, vx, vy, num_classes=3, l2_grid=(1e-4, 1e-5, 1e-6))
+    assert result["selection"]["widened"] > 0 and result["l2"] > 1e-4
+    assert min(result["holdout"]) < result["l2"] < max(result["holdout"])
+
+
+def test_shot_sampling_is_exact_per_class_and_deterministic_per_seed():
+    labels = torch.arange(4).repeat(25)[torch.randperm(100, generator=torch.Generator().manual_seed(0))]
+    a = sample_shots(labels, 3, seed=0, num_classes=4)
+    assert torch.bincount(labels[a], minlength=4).tolist() == [3, 3, 3, 3] and len(set(a.tolist())) == 12
+    assert torch.equal(a, sample_shots(labels, 3, seed=0, num_classes=4))
+    draws = {tuple(sample_shots(labels, 3, seed=s, num_classes=4).tolist()) for s in range(5)}
+    assert len(draws) == 5
+    with pytest.raises(ValueError, match="class 0 has only 25"):
+        sample_shots(labels, 26, seed=0, num_classes=4)
+    folds = stratified_folds(labels[a], 3, seed=0)
+    assert sorted(torch.cat(folds).tolist()) == list(range(12))
+    assert all(sorted(labels[a][f].tolist()) == [0, 1, 2, 3] for f in folds)  # every class in every fold
+
+
+def test_few_shot_probe_cross_validates_inside_the_shots():
+    x, y = blobs(200, 4, 20, spread=1.5, seed=6)
+    vx, vy = blobs(50, 4, 20, spread=1.5, seed=6)
+    stats = feature_stats(x)
+    one = few_shot_probe(x[sample_shots(y, 1, 0, 4)], y[sample_shots(y, 1, 0, 4)], vx, vy, 4, 1, stats)
+    assert one["l2"] == ONE_SHOT_L2 and one["selection"] is None and one["accuracy"] > 0.5
+    index = sample_shots(y, 10, 0, 4)
+    ten = few_shot_probe(x[index], y[index], vx, vy, 4, 10, stats, seed=0)
+    assert ten["selection"] is not None and ten["l2"] == ten["selection"]["l2"] and ten["accuracy"] > 0.8
+
+
+def test_jobs_are_shared_out_once_each():
+    jobs = [("a", "linear", 0, 0)] + [(n, m, s, k) for n in "ab" for m in ("linear", "knn") for s in (1, 10)
+                                      for k in range(3)]
+    parts = assign_jobs(jobs, {"a": (1000, 32), "b": (1000, 784)}, 500, 10, 2)
+    assert sorted(sum(parts, [])) == sorted(jobs) and all(parts)
+    # The costliest (784 wide, 10 shots, cross-validated) go first, one to each rank.
+    assert parts[0][0] == ("b", "linear", 10, 0) and parts[1][0] == ("b", "linear", 10, 1)
+    assert parts == assign_jobs(jobs, {"a": (1000, 32), "b": (1000, 784)}, 500, 10, 2)  # the same on every rank
+    assert sorted(assign_jobs(jobs, {"a": (1000, 32), "b": (1000, 784)}, 500, 10, 1)[0]) == sorted(jobs)
+
+
+def test_raw_pixels_keep_one_channel_of_grey_images():
+    grey = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8).expand(5, 3, 4, 4)
+    colour = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.zeros(5, dtype=torch.long)
+    train, val = raw_pixel_features(FeatureSet(grey.flatten(1), labels, 0), FeatureSet(grey.flatten(1), labels, 0), 4)
+    assert train.features.shape == (5, 16) and train.features.dtype == torch.float32
+    train, val = raw_pixel_features(FeatureSet(grey.flatten(1), labels, 0), FeatureSet(colour.flatten(1), labels, 0),
+                                    4)
+    assert train.features.shape == val.features.shape == (5, 48)
+
+
+def test_baseline_and_few_shot_rows_from_one_read(tmp_path):
+    make_photo_shards(tmp_path, sizes=[12, 12], num_classes=3, size=(40, 30))
+    source = open_shards(str(tmp_path / "train-{000000..000001}.tar"))
+    torch.manual_seed(0)
+    encoder = build_encoder("vit_tiny", img_size=8, patch_size=4, embed_dim=12, depth=1, num_heads=2)
+    result = evaluate_encoders({"enc": encoder, "raw pixels": RAW_PIXELS}, source, source, ("linear", "knn"),
+                               crop_size=8, shots=(1, 2), seeds=3, batch_size=8)
+    assert list(result["rows"]) == ["enc", "raw pixels"]
+    for rows in result["rows"].values():
+        assert [(r["method"], r["shots"]) for r in rows] == [("linear", ""), ("knn", ""), ("linear", 1), ("knn", 1),
+                                                             ("linear", 2), ("knn", 2)]
+        assert all(0 <= r["accuracy"] <= 1 for r in rows)
+        assert rows[2]["seeds"] == 3 and rows[2]["n_train"] == 3 and rows[2]["l2"] == f"{ONE_SHOT_L2:g}"
+        assert rows[4]["l2_grid"] and isinstance(rows[4]["accuracy_std"], float)
+        assert rows[0]["l2"] and rows[0]["n_train"] == 24
+    # The raw pixels of the same images score the same under k-NN with a bank of the query set itself.
+    assert result["rows"]["raw pixels"][1]["accuracy"] == 1.0
+    with pytest.raises(Exception, match="--shots 9: class"):
+        evaluate_encoders({"enc": encoder}, source, source, ("knn",), crop_size=8, shots=(9,), batch_size=8)
+
+
+def test_an_older_csv_gains_the_new_columns(tmp_path):
+    path = tmp_path / "eval.csv"
+    old = CSV_COLUMNS[:9]
+    path.write_text(",".join(old) + "\n" + "run/x.pth.tar,7,target_encoder,mean,knn,0.5,10,5,1.0\n")
+    append_rows(path, [{"checkpoint": "run/x.pth.tar", "step": 8, "key": "raw pixels", "pool": "", "method": "knn",
+                        "accuracy": 0.6, "n_train": 10, "n_val": 5, "seconds": 1.0, "shots": 2, "seeds": 3,
+                        "accuracy_std": 0.1, "l2": "", "l2_grid": ""}])
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(CSV_COLUMNS) and [r["step"] for r in rows] == ["7", "8"]
+    assert rows[0]["shots"] == "" and rows[1]["shots"] == "2"
+    assert not list(tmp_path.glob("eval.previous-*"))

@@ -124,3 +124,36 @@ def test_bad_input_is_one_line_and_exit_2(case, message, shards, ours, tmp_path,
     # Progress lines may come first (the labels are checked once the features exist); the error is one line.
     assert err[-1].startswith("error:") and message in err[-1], err
     assert sum("error" in line for line in err) == 1, err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--shots", "0"], "every N must be > 0"),
+    (["--shots", "1,ten"], "expected labelled images per class as N[,N...]"),
+    (["--seeds", "0"], "--seeds must be > 0"),
+])
+def test_bad_shot_flags_are_usage_errors(flags, message, shards, ours, capsys):
+    train, val = shards
+    with pytest.raises(SystemExit) as exc:
+        main(["linear", "--checkpoint", str(ours[0]), "--train-shards", train, "--val-shards", val, *flags])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_more_shots_than_a_class_has_is_one_line(shards, ours, capsys):
+    train, val = shards
+    assert main(["knn", "--checkpoint", str(ours[0]), "--train-shards", train, "--val-shards", val,
+                 "--shots", "2,11"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --shots 11: class") and "use at most 10 shots" in err[-1], err
+
+
+def test_shots_and_baselines_rows(shards, ours, tmp_path, capsys):
+    train, val = shards
+    out = tmp_path / "e.csv"
+    assert main(["knn", "--checkpoint", str(ours[0]), "--train-shards", train, "--val-shards", val, "--shots", "3,1",
+                 "--seeds", "2", "--baselines", "--csv", str(out)]) == 0
+    rows = pd.read_csv(out, keep_default_na=False)
+    assert rows["key"].tolist() == [k for k in ("target_encoder", "target_encoder (random init)", "raw pixels")
+                                    for _ in range(3)]
+    assert rows["shots"].astype(str).tolist() == ["", "1", "3"] * 3 and (rows["method"] == "knn").all()
+    assert rows["seeds"].astype(str).tolist() == ["", "2", "2"] * 3
+    assert "raw pixels" in capsys.readouterr().out

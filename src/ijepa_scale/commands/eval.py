@@ -3,8 +3,9 @@
     ijepa-scale eval knn --checkpoint logs/demo_fmnist --train-shards 'data/fmnist/fmnist-train-{000000..000007}.tar' \\
         --val-shards 'data/fmnist/fmnist-test-{000000..000001}.tar' --devices cpu cpu
 
-One rank per listed device (or one rank per process under torchrun). Results print as a table and
-are appended to `eval.csv` beside the checkpoint.
+One rank per listed device (or one rank per process under torchrun). `--shots 1,10,100` adds few-shot
+rows, `--baselines` rows for the raw pixels and random weights. Results print as a table and are
+appended to `eval.csv` beside the checkpoint.
 """
 
 from __future__ import annotations
@@ -15,10 +16,22 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError, one_line
-from ..evaluation.evaluate import KEYS, METHODS
+from ..evaluation.evaluate import DEFAULT_SEEDS, KEYS, METHODS
 from ..evaluation.features import POOLS
 
 USER_ERROR_EXIT = 2
+
+
+def shot_list(text: str) -> tuple[int, ...]:
+    """'1,10,100' -> (1, 10, 100): positive, each once, in order."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected labelled images per class as N[,N...], e.g. 1,10,100; "
+                                         f"got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"every N must be > 0, got {text!r}")
+    return tuple(sorted(set(values)))
 
 
 def parse_args(argv=None):
@@ -34,6 +47,13 @@ def parse_args(argv=None):
     parser.add_argument("--devices", nargs="+", default=None, help="one rank per device, e.g. cpu cpu (default cpu)")
     parser.add_argument("--random-init", action="store_true",
                         help="also evaluate the same architecture with random weights (a reference row)")
+    parser.add_argument("--baselines", action="store_true",
+                        help="reference rows under the same protocols: the raw pixels and the same architecture "
+                             "with random weights (implies --random-init)")
+    parser.add_argument("--shots", type=shot_list, default=(), metavar="N[,N...]",
+                        help="also fit on N labelled images per class, e.g. 1,10,100 (mean and std over --seeds draws)")
+    parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                        help=f"few-shot draws per N (default {DEFAULT_SEEDS})")
     parser.add_argument("--crop-size", type=int, default=None, help="image size (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=1, help="data workers per rank")
@@ -43,6 +63,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if args.seeds <= 0:
+        parser.error(f"--seeds must be > 0, got {args.seeds}")
     if args.num_workers < 0:
         parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
     return args
@@ -64,12 +86,11 @@ def evaluate_rank(rank: int, world_size: int, device_name: str, *, local_rank: i
     dist_utils.init_distributed(rank, world_size, device, local_rank)
     try:
         methods = METHODS if args.method == "both" else (args.method,)
-        rows = []
-        for random_init in ((False, True) if args.random_init else (False,)):
-            rows += run_evaluation(checkpoint, args.key, methods, *sources, pool=args.pool, random_init=random_init,
-                                   crop_size=args.crop_size, batch_size=args.batch_size,
-                                   num_workers=args.num_workers, device=device, rank=rank, world_size=world_size)
-        return rows
+        return run_evaluation(checkpoint, args.key, methods, *sources, pool=args.pool,
+                              random_init=args.random_init or args.baselines, raw_pixels=args.baselines,
+                              shots=args.shots, seeds=args.seeds, crop_size=args.crop_size,
+                              batch_size=args.batch_size, num_workers=args.num_workers, device=device, rank=rank,
+                              world_size=world_size)
     finally:
         dist_utils.destroy()
 

@@ -13,13 +13,15 @@ from ..distributed import env as dist_utils
 from ..checkpoint import safe_load
 from ..data.sources import open_shards
 from ..errors import UserError
-from .features import extract_features, gather_features
+from .features import RAW_PIXELS, FeatureSet, Progress, extract_feature_sets, gather_features, raw_pixel_features
 from .knn import knn_predict
-from .linear import linear_probe
+from .linear import CV_FOLDS, feature_stats, few_shot_probe, linear_probe, sample_shots
 
 logger = logging.getLogger("ijepa_scale")
 
 METHODS = ("linear", "knn")
+DEFAULT_SEEDS = 5  # few-shot draws per N
+RAW_PIXELS_KEY = "raw pixels"
 KEYS = ("target_encoder", "encoder", "gated", "all_open")
 # Gated I-JEPA runs are also evaluated as the original did: predictor tokens behind hard gates (gated) or
 # without gates (all_open).
@@ -38,10 +40,30 @@ def evaluate(encoder: torch.nn.Module, train_source, val_source, methods=("knn",
              pool: str = "mean", batch_size: int = 256, num_workers: int = 0,
              device: torch.device = torch.device("cpu"), rank: int = 0, world_size: int = 1,
              progress_every_s: float = 5.0) -> dict:
-    """Accuracy per method (the same on every rank), plus n_train, n_val and seconds per method.
+    """Accuracy per method (the same on every rank), plus n_train, n_val and seconds per method."""
+    result = evaluate_encoders({"": encoder}, train_source, val_source, methods, crop_size=crop_size, pool=pool,
+                               batch_size=batch_size, num_workers=num_workers, device=device, rank=rank,
+                               world_size=world_size, progress_every_s=progress_every_s)
+    for row in result.pop("rows")[""]:
+        result[row["method"]] = row["accuracy"]
+        result[f"{row['method']}_seconds"] = row["seconds"]
+    return result
 
-    Train features are gathered on every rank; k-NN scores each rank's own val features and sums
-    the correct counts; the linear probe is fitted on rank 0 and its accuracy broadcast.
+
+def evaluate_encoders(encoders: dict, train_source, val_source, methods=("knn",), *, crop_size: int,
+                      pool: str = "mean", shots=(), seeds: int = DEFAULT_SEEDS, batch_size: int = 256,
+                      num_workers: int = 0, device: torch.device = torch.device("cpu"), rank: int = 0,
+                      world_size: int = 1, progress_every_s: float = 5.0) -> dict:
+    """Every protocol for every encoder ({name: module, or features.RAW_PIXELS}) from one read of the shards.
+
+    Protocols: each of `methods` on all training labels, and, for each N in `shots`, the same methods
+    fitted on N training images per class, repeated over `seeds` draws. Returns {n_train, n_val, skipped,
+    extract_seconds, rows: {name: [row]}} with a row {method, shots, seeds, accuracy, accuracy_std, l2,
+    l2_grid, n_train, seconds} per protocol, the same on every rank.
+
+    Train features are gathered on every rank. Full-label k-NN scores each rank's own val features and
+    sums the correct counts; the probes and few-shot draws are shared out among the ranks (they run on
+    every rank's copy of the features) and their results gathered.
     """
     for method in methods:
         if method not in METHODS:
@@ -49,40 +71,149 @@ def evaluate(encoder: torch.nn.Module, train_source, val_source, methods=("knn",
     start = time.perf_counter()
     common = dict(crop_size=crop_size, pool=pool, batch_size=batch_size, num_workers=num_workers, device=device,
                   rank=rank, world_size=world_size, progress_every_s=progress_every_s)
-    train = extract_features(encoder, train_source, desc="train features", **common)
-    val = extract_features(encoder, val_source, desc="val features", gather=False, **common)
+    train = extract_feature_sets(encoders, train_source, desc="train features", **common)
+    val = extract_feature_sets(encoders, val_source, desc="val features", gather=False, **common)
+    for name, encoder in encoders.items():
+        if encoder is RAW_PIXELS:
+            train[name], val[name] = raw_pixel_features(train[name], val[name], crop_size)
     extract_s = time.perf_counter() - start
+    first = next(iter(encoders))
+    train_labels, local_labels = train[first].labels, val[first].labels
     # Every rank needs the class count and the val size: gathered from each rank's val labels.
-    local = (len(val.labels), int(val.labels.min()) if len(val.labels) else 0,
-             int(val.labels.max()) if len(val.labels) else -1)
+    local = (len(local_labels), int(local_labels.min()) if len(local_labels) else 0,
+             int(local_labels.max()) if len(local_labels) else -1)
     stats = dist_utils.all_gather_objects(local)
     n_val = sum(s[0] for s in stats)
-    if n_val == 0 or len(train.labels) == 0:
+    if n_val == 0 or len(train_labels) == 0:
         raise UserError("no readable sample in the evaluation shards")
-    lowest = min([int(train.labels.min())] + [s[1] for s in stats if s[0]])
+    lowest = min([int(train_labels.min())] + [s[1] for s in stats if s[0]])
     if lowest < 0:
         raise UserError("the evaluation shards have samples without a class label (.cls member); "
                         "make them with `ijepa-scale make-shards` or `ijepa-scale fashion-mnist`")
-    num_classes = max([int(train.labels.max())] + [s[2] for s in stats]) + 1
-    result = {"n_train": len(train.labels), "n_val": n_val, "skipped": train.skipped, "extract_seconds": extract_s}
-    for method in methods:
-        began = time.perf_counter()
-        if method == "knn":
+    num_classes = max([int(train_labels.max())] + [s[2] for s in stats]) + 1
+    counts = torch.bincount(train_labels, minlength=num_classes)
+    for n in shots:
+        if n > int(counts.min()):
+            raise UserError(f"--shots {n}: class {int(counts.argmin())} has only {int(counts.min())} training "
+                            f"image(s) in --train-shards; use at most {int(counts.min())} shots")
+    # Full-label k-NN: every rank scores its own val features.
+    knn_full = {}
+    if "knn" in methods:
+        for name in encoders:
+            began = time.perf_counter()
             correct = torch.zeros(1, dtype=torch.float64)
-            if len(val.labels):
-                predicted = knn_predict(train.features, train.labels, val.features, num_classes)
-                correct[0] = float((predicted == val.labels).sum())
-            accuracy = float(dist_utils.all_reduce_sum(correct).item()) / result["n_val"]
-        else:
-            everything = gather_features(val)
-            accuracy = None
-            if rank == 0:
-                accuracy = linear_probe(train.features, train.labels, everything.features, everything.labels,
-                                        num_classes)["accuracy"]
-            accuracy = dist_utils.broadcast_object(accuracy)
-        result[method] = accuracy
-        result[f"{method}_seconds"] = time.perf_counter() - began + extract_s
-    return result
+            if len(val[name].labels):
+                predicted = knn_predict(train[name].features, train[name].labels, val[name].features, num_classes)
+                correct[0] = float((predicted == val[name].labels).sum())
+            knn_full[name] = (float(dist_utils.all_reduce_sum(correct).item()) / n_val, time.perf_counter() - began)
+    # Everything else: jobs shared out among the ranks, on the gathered val features.
+    jobs = [(name, "linear", 0, 0) for name in encoders if "linear" in methods]
+    jobs += [(name, method, n, seed) for n in shots for name in encoders for method in methods
+             for seed in range(seeds)]
+    whole_val = {name: gather_features(val[name]) for name in encoders} if jobs else {}
+    shapes = {name: train[name].features.shape for name in encoders}
+    mine = assign_jobs(jobs, shapes, n_val, num_classes, world_size)[rank]
+    # Progress in percent of the estimated cost: one raw-pixel probe can outweigh dozens of few-shot draws.
+    costs = [job_cost(job, shapes, n_val, num_classes) for job in mine]
+    scale = 100.0 / max(sum(costs), 1e-9)
+    done = {}
+    progress = Progress("probes" if world_size == 1 else f"probes (rank 0's {len(mine)} of {len(jobs)} jobs)",
+                        100.0, max(progress_every_s, 5.0), enabled=rank == 0 and bool(mine), unit="%")
+    for i, job in enumerate(mine):
+        name, method, n, seed = job
+        label = f"job {i + 1}: {method}{f' {n}-shot seed {seed}' if n else ''}{f', {name}' if name else ''}"
+        before = sum(costs[:i]) * scale
+        began = time.perf_counter()
+        done[job] = run_job(job, train[name], whole_val[name], num_classes,
+                            lambda fraction, b=before, c=costs[i] * scale, label=label:
+                            progress.update(b + fraction * c, note=label))
+        done[job]["seconds"] = time.perf_counter() - began
+        progress.update(before + costs[i] * scale, note=label)
+    for part in dist_utils.all_gather_objects(done):
+        done.update(part)
+    rows = {}
+    for name in encoders:
+        rows[name] = []
+        for method in methods:
+            if method == "knn":
+                accuracy, seconds = knn_full[name]
+                rows[name].append(_row(method, 0, [{"accuracy": accuracy, "seconds": seconds}], len(train_labels)))
+            else:
+                rows[name].append(_row(method, 0, [done[(name, method, 0, 0)]], len(train_labels)))
+        for n in shots:
+            for method in methods:
+                rows[name].append(_row(method, n, [done[(name, method, n, s)] for s in range(seeds)],
+                                       n * num_classes))
+        for row in rows[name]:
+            row["seconds"] += extract_s
+    return {"n_train": len(train_labels), "n_val": n_val, "skipped": train[first].skipped,
+            "extract_seconds": extract_s, "rows": rows}
+
+
+def assign_jobs(jobs: list, shapes: dict, n_val: int, num_classes: int, world_size: int) -> list[list]:
+    """Jobs per rank, the most expensive first to the least loaded rank (by `job_cost`); the same split
+    on every rank."""
+    def cost(job):
+        return job_cost(job, shapes, n_val, num_classes)
+
+    load, out = [0.0] * world_size, [[] for _ in range(world_size)]
+    for index in sorted(range(len(jobs)), key=lambda i: (-cost(jobs[i]), i)):
+        target = min(range(world_size), key=lambda r: (load[r], r))
+        load[target] += cost(jobs[index])
+        out[target].append(jobs[index])
+    return out
+
+
+def job_cost(job, shapes: dict, n_val: int, num_classes: int) -> float:
+    """A rough estimate of a job's time: multiply-adds per fit times fits, plus a per-fit overhead."""
+    name, method, n, _ = job
+    rows, dim = shapes[name]
+    if method == "knn":
+        return n_val * n * num_classes * dim / 100
+    if n == 0:
+        return 8 * (rows * dim + 2e5)
+    fits = 6 * min(n, CV_FOLDS) + 1 if n > 1 else 1
+    return fits * (n * num_classes * dim + 2e5)
+
+
+def run_job(job, train: FeatureSet, val: FeatureSet, num_classes: int, progress) -> dict:
+    """One probe: (name, method, shots (0: all labels), seed) -> {accuracy, l2, selection}."""
+    name, method, n, seed = job
+    if n == 0:
+        probe = linear_probe(train.features, train.labels, val.features, val.labels, num_classes,
+                             desc=f"linear probe{f', {name}' if name else ''}", progress=progress)
+        return {"accuracy": probe["accuracy"], "l2": probe["l2"], "selection": probe["selection"]}
+    index = sample_shots(train.labels, n, seed, num_classes)
+    x, y = train.features[index], train.labels[index]
+    if method == "knn":
+        predicted = knn_predict(x, y, val.features, num_classes)
+        return {"accuracy": float((predicted == val.labels).float().mean()), "l2": None, "selection": None}
+    # Standardised by all training features: that takes no label.
+    return few_shot_probe(x, y, val.features, val.labels, num_classes, n, feature_stats(train.features.float()),
+                          seed=seed)
+
+
+def _row(method: str, shots: int, results: list[dict], n_train: int) -> dict:
+    accuracies = torch.tensor([r["accuracy"] for r in results], dtype=torch.float64)
+    l2s = sorted({r["l2"] for r in results if r.get("l2") is not None}, reverse=True)
+    selections = [r["selection"] for r in results if r.get("selection")]
+    grid = ""
+    if selections:
+        lo = min(s["grid"][0] for s in selections)
+        hi = max(s["grid"][1] for s in selections)
+        widened = sum(1 for s in selections if s["widened"])
+        grid = f"{lo:g}..{hi:g}"
+        if widened:
+            grid += ", widened" if len(selections) == 1 else f", widened in {widened} of {len(selections)}"
+        if any(s["at_bound"] for s in selections):
+            grid += ", best at the bound"
+    elif l2s:
+        grid = "fixed"
+    return {"method": method, "shots": shots or "", "seeds": len(results) if shots else "",
+            "accuracy": float(accuracies.mean()),
+            "accuracy_std": float(accuracies.std()) if len(accuracies) > 1 else "",
+            "l2": "/".join(f"{v:g}" for v in l2s), "l2_grid": grid, "n_train": n_train,
+            "seconds": sum(r["seconds"] for r in results)}
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -226,24 +357,36 @@ def _gated_features(state: dict, mode: str, random_init: bool) -> tuple[torch.nn
 
 def run_evaluation(checkpoint: Path, key: str, methods, train_source, val_source, *, pool: str,
                    random_init: bool, crop_size: Optional[int], batch_size: int, num_workers: int,
-                   device: torch.device, rank: int, world_size: int) -> list[dict]:
+                   device: torch.device, rank: int, world_size: int, raw_pixels: bool = False, shots=(),
+                   seeds: int = DEFAULT_SEEDS) -> list[dict]:
+    """Result rows (table.CSV_COLUMNS) of `key`, plus its random-weight twin (`random_init`) and the raw
+    pixels (`raw_pixels`), each under every requested protocol; one read of the shards serves them all."""
     state = read_checkpoint(checkpoint)
     info = describe_checkpoint(checkpoint, key, state)
-    encoder, img_size = build_eval_encoder(checkpoint, key, random_init=random_init, state=state)
-    encoder.to(device)
+    encoder, img_size = build_eval_encoder(checkpoint, key, state=state)
+    encoders = {key: encoder.to(device)}
+    if random_init:
+        twin, _ = build_eval_encoder(checkpoint, key, random_init=True, state=state)
+        encoders[f"{key} (random init)"] = twin.to(device)
+    if raw_pixels:
+        encoders[RAW_PIXELS_KEY] = RAW_PIXELS
+    del state
     if rank == 0:
-        logger.info("evaluating %s%s of %s (step %s), pool %s, %d train / %d val images",
-                    key, " (random init)" if random_init else "", checkpoint, info["step"], pool,
-                    train_source.num_samples, val_source.num_samples)
+        logger.info("evaluating %s of %s (step %s), pool %s, %d train / %d val images", ", ".join(encoders),
+                    checkpoint, info["step"], pool, train_source.num_samples, val_source.num_samples)
     try:
-        result = evaluate(encoder, train_source, val_source, methods, crop_size=crop_size or img_size, pool=pool,
-                          batch_size=batch_size, num_workers=num_workers, device=device, rank=rank,
-                          world_size=world_size)
+        result = evaluate_encoders(encoders, train_source, val_source, methods, crop_size=crop_size or img_size,
+                                   pool=pool, shots=shots, seeds=seeds, batch_size=batch_size,
+                                   num_workers=num_workers, device=device, rank=rank, world_size=world_size)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    return [
-        {"checkpoint": str(checkpoint), "step": info["step"], "key": f"{key} (random init)" if random_init else key,
-         "pool": pool, "method": method, "accuracy": round(result[method], 6), "n_train": result["n_train"],
-         "n_val": result["n_val"], "seconds": round(result[f"{method}_seconds"], 1)}
-        for method in methods
-    ]
+    rows = []
+    for name, encoder in encoders.items():
+        for row in result["rows"][name]:
+            raw = encoder is RAW_PIXELS
+            rows.append({"checkpoint": str(checkpoint), "step": "" if raw else info["step"], "key": name,
+                         "pool": "" if raw else pool, **row, "accuracy": round(row["accuracy"], 6),
+                         "accuracy_std": row["accuracy_std"] if row["accuracy_std"] == ""
+                         else round(row["accuracy_std"], 6),
+                         "n_val": result["n_val"], "seconds": round(row["seconds"], 1)})
+    return rows

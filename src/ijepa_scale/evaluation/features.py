@@ -108,22 +108,33 @@ def pooled_features(encoder: torch.nn.Module, images: torch.Tensor, pool: str = 
 
 
 class Progress:
-    """Rank 0's progress line for a known total: count, rate and ETA, at most every `every_s` seconds."""
+    """Rank 0's progress line for a known total: count, rate and ETA, at most every `every_s` seconds.
+    `total` may grow while it runs; `unit` names what is counted."""
 
-    def __init__(self, desc: str, total: int, every_s: float = 5.0, enabled: bool = True):
-        self.desc, self.total, self.every_s, self.enabled = desc, total, every_s, enabled
+    def __init__(self, desc: str, total: float, every_s: float = 5.0, enabled: bool = True, unit: str = "img"):
+        self.desc, self.total, self.every_s, self.enabled, self.unit = desc, total, every_s, enabled, unit
         self.start = self.last = time.perf_counter()
         self.done = 0
 
-    def update(self, done: int) -> None:
+    def update(self, done: float, note: str = "") -> None:
         self.done = done
         now = time.perf_counter()
         if self.enabled and (now - self.last >= self.every_s or done >= self.total):
             self.last = now
             rate = done / max(now - self.start, 1e-9)
             eta = (self.total - done) / rate if rate > 0 else math.inf
-            logger.info("%s: %d/%d (%.0f%%) %.0f img/s, ETA %.0f s", self.desc, done, self.total,
-                        100.0 * done / max(1, self.total), rate, eta)
+            share = f"{100.0 * done / max(1, self.total):.0f}%"
+            if self.unit == "%":  # the count is the share
+                count = share
+            else:
+                count = f"{done}/{self.total}" if isinstance(done, int) else f"{done:.1f}/{self.total:g}"
+                count += f" ({share})"
+            speed = f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"
+            logger.info("%s: %s %s %s/s, ETA %.0f s%s", self.desc, count, speed, self.unit, eta,
+                        f" ({note})" if note else "")
+
+
+RAW_PIXELS = None  # in extract_feature_sets: the images themselves (uint8, flattened), see raw_pixel_features
 
 
 def extract_features(encoder: torch.nn.Module, source, *, crop_size: int, pool: str = "mean", batch_size: int = 256,
@@ -131,6 +142,17 @@ def extract_features(encoder: torch.nn.Module, source, *, crop_size: int, pool: 
                      world_size: int = 1, desc: str = "features", gather: bool = True,
                      progress_every_s: float = 5.0) -> FeatureSet:
     """Features of this rank's part of `source` (or of the whole source on every rank if `gather`)."""
+    return extract_feature_sets({"": encoder}, source, crop_size=crop_size, pool=pool, batch_size=batch_size,
+                                num_workers=num_workers, device=device, rank=rank, world_size=world_size, desc=desc,
+                                gather=gather, progress_every_s=progress_every_s)[""]
+
+
+def extract_feature_sets(encoders: dict, source, *, crop_size: int, pool: str = "mean", batch_size: int = 256,
+                         num_workers: int = 0, device: torch.device = torch.device("cpu"), rank: int = 0,
+                         world_size: int = 1, desc: str = "features", gather: bool = True,
+                         progress_every_s: float = 5.0) -> dict[str, FeatureSet]:
+    """{name: features} of every encoder in `encoders` ({name: module, or RAW_PIXELS}), from one read of
+    this rank's part of `source` (or of the whole source on every rank if `gather`)."""
     start, stop = rank_range(source.num_samples, rank, world_size)
     loader = DataLoader(
         _SliceDataset(source, start, stop, batch_size, crop_size), batch_size=None, num_workers=num_workers,
@@ -140,9 +162,12 @@ def extract_features(encoder: torch.nn.Module, source, *, crop_size: int, pool: 
         multiprocessing_context="fork" if num_workers > 0 else None,
     )
     progress = Progress(desc, source.num_samples, progress_every_s, enabled=rank == 0)
-    was_training = encoder.training
-    encoder.eval()
-    features, labels, skipped = [], [], 0
+    modules = {name: m for name, m in encoders.items() if m is not RAW_PIXELS}
+    was_training = {name: m.training for name, m in modules.items()}
+    for m in modules.values():
+        m.eval()
+    features = {name: [] for name in encoders}
+    labels, skipped = [], 0
     seen = 0
     try:
         for images, batch_labels, errors in loader:
@@ -151,29 +176,56 @@ def extract_features(encoder: torch.nn.Module, source, *, crop_size: int, pool: 
             skipped += len(errors)
             seen += len(images) + len(errors)
             if len(images):
-                x = normalize(images.to(device))
-                features.append(pooled_features(encoder, x, pool).float().cpu())
+                x = normalize(images.to(device)) if modules else None
+                for name, encoder in encoders.items():
+                    out = images.flatten(1) if encoder is RAW_PIXELS else pooled_features(encoder, x, pool).float()
+                    features[name].append(out.cpu())
                 labels.append(batch_labels)
             progress.update(min(source.num_samples, seen * world_size))
     finally:
-        encoder.train(was_training)
-    local = FeatureSet(
-        torch.cat(features) if features else torch.zeros(0, 0),
-        torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
-        skipped,
-    )
-    result = gather_features(local) if gather else local
+        for name, m in modules.items():
+            m.train(was_training[name])
+    all_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    result = {}
+    for name in encoders:
+        local = FeatureSet(torch.cat(features[name]) if features[name] else torch.zeros(0, 0), all_labels, skipped)
+        result[name] = gather_features(local) if gather else local
     if progress.done < source.num_samples:  # rank 0's estimate fell short: say when this rank is done
         progress.update(source.num_samples)
     return result
+
+
+def raw_pixel_features(train: FeatureSet, val: FeatureSet, crop_size: int) -> tuple[FeatureSet, FeatureSet]:
+    """RAW_PIXELS sets -> the normalised input the encoders see, flattened, as float32. When every image
+    of both sets is grey (three equal channels, on every rank) only the first channel is kept: the other
+    two are affine copies of it and would only make the probe slower."""
+    def channels(fs):
+        return fs.features.view(len(fs.features), 3, crop_size, crop_size)
+
+    grey = all(dist_utils.all_gather_objects(all(
+        bool((channels(fs)[:, 0] == channels(fs)[:, 1]).all() and (channels(fs)[:, 0] == channels(fs)[:, 2]).all())
+        for fs in (train, val) if len(fs.features))))
+    out = []
+    for fs in (train, val):
+        if len(fs.features) == 0:
+            width = (1 if grey else 3) * crop_size * crop_size
+            out.append(FeatureSet(torch.zeros(0, width), fs.labels, fs.skipped))
+            continue
+        parts = []
+        for chunk in channels(fs).split(8192):  # bounds the float copy of all three channels
+            x = normalize(chunk)
+            parts.append((x[:, :1] if grey else x).flatten(1))
+        out.append(FeatureSet(torch.cat(parts), fs.labels, fs.skipped))
+    return out[0], out[1]
 
 
 def gather_features(local: FeatureSet) -> FeatureSet:
     """Every rank's features, concatenated in rank order, on every rank."""
     parts = dist_utils.all_gather_objects((local.features, local.labels, local.skipped))
     width = max(f.shape[1] for f, _, _ in parts)
+    dtype = next((f.dtype for f, _, _ in parts if len(f)), torch.float32)
     return FeatureSet(
-        torch.cat([f if len(f) else torch.zeros(0, width) for f, _, _ in parts]),
+        torch.cat([f if len(f) else torch.zeros(0, width, dtype=dtype) for f, _, _ in parts]),
         torch.cat([y for _, y, _ in parts]),
         sum(s for _, _, s in parts),
     )
