@@ -361,7 +361,11 @@ class _Ranks:
                     killed_here.add(rank)
                     process.kill()
         if hung and not self.aborted:
-            return HANG_EXIT, None  # launch() says which rank stopped making progress
+            # launch() prints the watchdogs' line; a rank killed from outside is named here as what it is.
+            for death in deaths:
+                if death.rank not in killed_here:
+                    print(f"note: {death.message}", file=sys.stderr, flush=True)
+            return HANG_EXIT, None
         # A rank that died without a report (killed from outside) and the reported failures compete on
         # time; a rank this launcher killed is a consequence, never the cause.
         deaths = [d for d in deaths if d.rank not in killed_here and not any(f.rank == d.rank for f in failures)]
