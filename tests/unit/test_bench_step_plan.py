@@ -64,3 +64,20 @@ def test_plan_command_prints_every_size_and_refuses_bad_arguments(tmp_path, caps
     assert all(name in text for name in ("vit_tiny", "vit_huge", "vit_giant"))
     assert plan_command.main(["--fname", str(config), "--gpus", "0"]) == 2
     assert "--gpus 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_step_prints_the_dtype_split_of_a_profiled_step(dtype):
+    cfg = tiny_cfg()
+    cfg.distributed.dtype = dtype
+    out = io.StringIO()
+    result = step.run(cfg, torch.device("cpu"), steps=1, warmup=0, out=out)
+    split = result["dtype_split"]
+    assert sum(split["share"].values()) == pytest.approx(1.0)
+    if dtype == "float32":
+        assert split["share"]["low"] == 0 and split["casts"] == 0 and split["share"]["float32"] > 0.5
+        assert "dtype split (op time, 3 profiled steps): float32" in out.getvalue()
+    else:
+        # Autocast casts weights and activations; every matmul and the patch convolution run in bfloat16.
+        assert split["share"]["low"] > 0.3 and split["casts"] > 0 and split["low_flop_share"] > 0.9
+        assert "bfloat16" in out.getvalue().splitlines()[4] and "casts" in out.getvalue()
