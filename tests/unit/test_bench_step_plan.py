@@ -76,7 +76,7 @@ def test_bench_step_prints_the_dtype_split_of_a_profiled_step(dtype):
     assert sum(split["share"].values()) == pytest.approx(1.0)
     if dtype == "float32":
         assert split["share"]["low"] == 0 and split["casts"] == 0 and split["share"]["float32"] > 0.5
-        assert "dtype split (op time, 3 profiled steps): float32" in out.getvalue()
+        assert "dtype split (op time, median of 3 profiled steps): float32" in out.getvalue()
     else:
         # Autocast casts weights and activations; every matmul and the patch convolution run in bfloat16.
         assert split["share"]["low"] > 0.3 and split["casts"] > 0 and split["low_flop_share"] > 0.9

@@ -236,22 +236,34 @@ FLOAT_DTYPES = ("float", "double")
 
 
 def dtype_split(run_step, device: torch.device, steps: int = 3) -> dict:
-    """Run `run_step` `steps` times under torch.profiler and split the self time of its aten ops (on CUDA: of their
-    kernels) by the dtype they compute in: "low" (any bfloat16/float16 input), "float32" (float inputs only),
-    "cast" (a copy between a low-precision dtype and float32/64) and "other" (integer, index and allocation ops).
-    Also: the number of casts, the share of the FLOPs torch counts (matmuls, convolutions) done in low
-    precision, and the ms of the largest float32 ops by name; times and counts are per step."""
+    """Run `run_step` `steps` times, each under torch.profiler, and split the self time of its aten ops (on CUDA:
+    of their kernels) by the dtype they compute in: "low" (any bfloat16/float16 input), "float32" (float inputs
+    only), "cast" (a copy between a low-precision dtype and float32/64) and "other" (integer, index and
+    allocation ops).  Also: the number of casts, the share of the FLOPs torch counts (matmuls, convolutions)
+    done in low precision, and the ms of the largest float32 ops by name.  Each value is the median over the
+    steps, so a step slowed by other processes on a shared machine does not skew it."""
+    profiled = [_profile_by_dtype(run_step, device) for _ in range(steps)]
+    ms = {kind: statistics.median(p["ms"][kind] for p in profiled) for kind in profiled[0]["ms"]}
+    total = sum(ms.values()) or 1.0
+    names = {name for p in profiled for name in p["float32_ms"]}
+    float32_ms = {name: statistics.median(p["float32_ms"].get(name, 0.0) for p in profiled) for name in names}
+    return {"share": {kind: value / total for kind, value in ms.items()}, "ms": ms,
+            "casts": int(statistics.median(p["casts"] for p in profiled)),
+            "low_flop_share": statistics.median(p["low_flop_share"] for p in profiled),
+            "float32_top_ms": dict(sorted(float32_ms.items(), key=lambda item: -item[1])[:3])}
+
+
+def _profile_by_dtype(run_step, device: torch.device) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities, record_shapes=True, with_flops=True) as prof:
-        for _ in range(steps):
-            run_step()
+        run_step()
         _sync(device)
-    us = {"low": 0.0, "float32": 0.0, "cast": 0.0, "other": 0.0}
+    ms = {"low": 0.0, "float32": 0.0, "cast": 0.0, "other": 0.0}
     casts, low_flops, all_flops = 0, 0, 0
-    float32_ops: dict[str, float] = {}
+    float32_ms: dict[str, float] = {}
     for event in prof.events():
         if not event.name.startswith("aten::"):
             continue
@@ -263,20 +275,16 @@ def dtype_split(run_step, device: torch.device, steps: int = 3) -> dict:
             kind = "low"
         else:
             kind = "float32" if floats else "other"
-        time_us = event.self_device_time_total if cuda else event.self_cpu_time_total
-        us[kind] += time_us
+        event_ms = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
+        ms[kind] += event_ms
         if kind == "float32":
             name = event.name.removeprefix("aten::")
-            float32_ops[name] = float32_ops.get(name, 0.0) + time_us
+            float32_ms[name] = float32_ms.get(name, 0.0) + event_ms
         if event.flops:
             all_flops += event.flops
             low_flops += event.flops if kind == "low" else 0
-    total = sum(us.values()) or 1.0
-    top = sorted(float32_ops.items(), key=lambda item: -item[1])[:3]
-    return {"share": {kind: value / total for kind, value in us.items()},
-            "ms": {kind: value / 1e3 / steps for kind, value in us.items()}, "casts": casts // steps,
-            "low_flop_share": low_flops / all_flops if all_flops else 0.0,
-            "float32_top_ms": {name: value / 1e3 / steps for name, value in top}}
+    return {"ms": ms, "casts": casts, "low_flop_share": low_flops / all_flops if all_flops else 0.0,
+            "float32_ms": float32_ms}
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -443,7 +451,7 @@ def _format_split(dtype_name: str, split: dict) -> str:
     if dtype_name != "float32":
         parts.append(f"casts {100 * share['cast']:.0f} % ({split['casts']} casts, {ms['cast']:.1f} ms)")
     parts.append(f"other {100 * share['other']:.0f} %")
-    line = "  dtype split (op time, 3 profiled steps): " + " / ".join(parts)
+    line = "  dtype split (op time, median of 3 profiled steps): " + " / ".join(parts)
     if dtype_name != "float32":
         line += f"; matmul/conv FLOPs in {dtype_name} {100 * split['low_flop_share']:.0f} %"
     top = ", ".join(f"{name} {value:.1f}" for name, value in split["float32_top_ms"].items())
