@@ -28,7 +28,8 @@ fi
 folder=logs/demo_fmnist
 for arg in "$@"; do [[ "$arg" == logging.folder=* ]] && folder=${arg#logging.folder=} && folder=${folder%/}; done
 .venv/bin/python main.py --fname configs/demo_fmnist_vit_tiny.yaml --devices ${DEVICES:-cpu cpu} "${dtype[@]}" "$@"
-shards="--train-shards 'data/fmnist/fmnist-train-{000000..000007}.tar' --val-shards 'data/fmnist/fmnist-test-{000000..000001}.tar'"
+shards="--train-shards 'data/fmnist/fmnist-train-{000000..000007}.tar'"
+shards+=" --val-shards 'data/fmnist/fmnist-test-{000000..000001}.tar'"
 echo
 echo "Next, the linear probe of the pretrained encoder against random weights (about 6 min on 2 cores):"
 echo "  .venv/bin/ijepa-scale eval linear --checkpoint $folder --devices cpu cpu --random-init $shards"
