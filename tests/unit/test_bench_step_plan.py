@@ -126,3 +126,20 @@ def test_plan_time_side_refuses_bad_inputs_in_one_line(tmp_path, capsys, monkeyp
     assert plan_command.main(["--fname", str(config), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_step_prints_the_dtype_split_of_a_profiled_step(dtype):
+    cfg = tiny_cfg()
+    cfg.distributed.dtype = dtype
+    out = io.StringIO()
+    result = step.run(cfg, torch.device("cpu"), steps=1, warmup=0, out=out)
+    split = result["dtype_split"]
+    assert sum(split["share"].values()) == pytest.approx(1.0)
+    if dtype == "float32":
+        assert split["share"]["low"] == 0 and split["casts"] == 0 and split["share"]["float32"] > 0.5
+        assert "dtype split (op time, median of 3 profiled steps): float32" in out.getvalue()
+    else:
+        # Autocast casts weights and activations; every matmul and the patch convolution run in bfloat16.
+        assert split["share"]["low"] > 0.3 and split["casts"] > 0 and split["low_flop_share"] > 0.9
+        assert "bfloat16" in out.getvalue().splitlines()[4] and "casts" in out.getvalue()

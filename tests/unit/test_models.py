@@ -479,3 +479,33 @@ def test_predictor_output_lines_up_with_target_layout():
         queries = pred.mask_token[0] + pred.predictor_pos_embed[0][target_idx]
         expected = pred.predictor_proj(pred.predictor_norm(queries))
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_low_precision_attention_on_cpu_is_explicit_and_matches_sdpa(monkeypatch):
+    """bfloat16 on CPU bypasses SDPA (its fused kernel's backward is several times slower there) and computes
+    the same attention, forward and backward, to bfloat16 precision; float32 keeps SDPA."""
+    from ijepa_scale.models import vision_transformer as vt
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(4, 3, 13, 16, generator=gen) for _ in range(3))
+    grad = torch.randn(4, 3, 13, 16, generator=gen)
+    ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*ref_inputs).backward(grad)
+    low_inputs = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    out = vt.explicit_attention(*low_inputs)
+    out.backward(grad.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), F.scaled_dot_product_attention(q, k, v), atol=3e-2, rtol=3e-2)
+    for low, ref in zip(low_inputs, ref_inputs):
+        torch.testing.assert_close(low.grad.float(), ref.grad, atol=5e-2, rtol=5e-2)
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(vt.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(a[0].dtype) or sdpa(*a))
+    attn = vt.Attention(48, num_heads=3)
+    x = torch.randn(2, 5, 48, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attn(x)
+    assert calls == [] and low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), attn(x), atol=3e-2, rtol=3e-2)
+    assert calls == [torch.float32]

@@ -4,7 +4,8 @@
 
 Prints images/s, ms per step split into target forward / context forward / predictor (with the loss
 and collapse metrics) / backward / optimizer (grad norm, step, zero_grad) / EMA, peak memory, and the
-model FLOPs utilisation against a matmul rate measured on the same device in the same run.
+model FLOPs utilisation against a matmul rate measured on the same device in the same run, and the dtype
+split of three more steps run under torch.profiler (op time in the low-precision dtype, float32 and casts).
 `--vs-official` also times, interleaved with ours on the same images, masks and sizes, a plain eager
 step written from the official train.py (explicit softmax attention, AdamW's default implementation,
 a GradScaler under bfloat16, a Python loop for the EMA, the loss read back every step) and prints the
@@ -231,6 +232,63 @@ def official_step(models: Models, images, masks_enc, masks_pred, dtype_name: str
     return float(loss.detach())
 
 
+# ------------------------------------------------------------------------------------------ dtype split
+LOW_PRECISION_DTYPES = ("c10::BFloat16", "c10::Half")
+FLOAT_DTYPES = ("float", "double")
+
+
+def dtype_split(run_step, device: torch.device, steps: int = 3) -> dict:
+    """Run `run_step` `steps` times, each under torch.profiler, and split the self time of its aten ops (on CUDA:
+    of their kernels) by the dtype they compute in: "low" (any bfloat16/float16 input), "float32" (float inputs
+    only), "cast" (a copy between a low-precision dtype and float32/64) and "other" (integer, index and
+    allocation ops).  Also: the number of casts, the share of the FLOPs torch counts (matmuls, convolutions)
+    done in low precision, and the ms of the largest float32 ops by name.  Each value is the median over the
+    steps, so a step slowed by other processes on a shared machine does not skew it."""
+    profiled = [_profile_by_dtype(run_step, device) for _ in range(steps)]
+    ms = {kind: statistics.median(p["ms"][kind] for p in profiled) for kind in profiled[0]["ms"]}
+    total = sum(ms.values()) or 1.0
+    names = {name for p in profiled for name in p["float32_ms"]}
+    float32_ms = {name: statistics.median(p["float32_ms"].get(name, 0.0) for p in profiled) for name in names}
+    return {"share": {kind: value / total for kind, value in ms.items()}, "ms": ms,
+            "casts": int(statistics.median(p["casts"] for p in profiled)),
+            "low_flop_share": statistics.median(p["low_flop_share"] for p in profiled),
+            "float32_top_ms": dict(sorted(float32_ms.items(), key=lambda item: -item[1])[:3])}
+
+
+def _profile_by_dtype(run_step, device: torch.device) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True, with_flops=True) as prof:
+        run_step()
+        _sync(device)
+    ms = {"low": 0.0, "float32": 0.0, "cast": 0.0, "other": 0.0}
+    casts, low_flops, all_flops = 0, 0, 0
+    float32_ms: dict[str, float] = {}
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        floats = [d for d in (event.input_dtypes or []) if d in LOW_PRECISION_DTYPES + FLOAT_DTYPES]
+        if event.name == "aten::copy_" and sum(d in LOW_PRECISION_DTYPES for d in floats[:2]) == 1:
+            kind = "cast"
+            casts += 1
+        elif any(d in LOW_PRECISION_DTYPES for d in floats):
+            kind = "low"
+        else:
+            kind = "float32" if floats else "other"
+        event_ms = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
+        ms[kind] += event_ms
+        if kind == "float32":
+            name = event.name.removeprefix("aten::")
+            float32_ms[name] = float32_ms.get(name, 0.0) + event_ms
+        if event.flops:
+            all_flops += event.flops
+            low_flops += event.flops if kind == "low" else 0
+    return {"ms": ms, "casts": casts, "low_flop_share": low_flops / all_flops if all_flops else 0.0,
+            "float32_ms": float32_ms}
+
+
 # ------------------------------------------------------------------------------------------ run
 def _compiled_graphs() -> int:
     """Graphs torch.compile has made in this process so far (0 without compile)."""
@@ -323,6 +381,8 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
                 for name, values in step_times.items():
                     other_times.setdefault(name, []).extend(values)
     peak_mb = peak_memory_mb(device) - (before_mb if device.type != "cuda" else 0.0)
+    images, masks_enc, masks_pred = inputs[-1]
+    split = dtype_split(lambda: our_step(ours, images, masks_enc, masks_pred, cfg, device, momentum, {}), device)
 
     dtype = DTYPES[cfg.distributed.dtype]
     peak = matmul_peak_flops(device, dtype)
@@ -334,6 +394,7 @@ def run(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 3, vs_
         "peak_memory_mb": peak_mb, "model_tflop_per_step": flops / 1e12,
         "matmul_peak_tflops": peak / 1e12, "mfu": flops / (step_ms / 1000.0) / peak,
         "k_ctx": k_ctx, "k_tgt": k_tgt, "compiled_at": compiled_at, "length_changes": length_changes,
+        "dtype_split": split,
     }
     if official is not None:
         result["official_step_ms"] = statistics.median(official_ms)
@@ -366,6 +427,7 @@ def format_result(cfg: Config, device: torch.device, r: dict, steps: int) -> str
         "  " + "  ".join(f"{name} {ms:.1f}" for name, ms in r["phases_ms"].items()) + " (ms)",
         f"  model {r['model_tflop_per_step'] * 1e3:.2f} GFLOP/step, matmul peak {r['matmul_peak_tflops']:.3f} "
         f"TFLOP/s, MFU {100 * r['mfu']:.1f} %",
+        _format_split(cfg.distributed.dtype, r["dtype_split"]),
     ]
     if cfg.distributed.compile:
         compiled = r["compiled_at"]
@@ -381,3 +443,19 @@ def format_result(cfg: Config, device: torch.device, r: dict, steps: int) -> str
                      f"{r['speedup_vs_official']:.2f}x as fast")
     return "\n".join(lines)
 
+
+
+def _format_split(dtype_name: str, split: dict) -> str:
+    share, ms = split["share"], split["ms"]
+    parts = []
+    if dtype_name != "float32":
+        parts.append(f"{dtype_name} {100 * share['low']:.0f} %")
+    parts.append(f"float32 {100 * share['float32']:.0f} %")
+    if dtype_name != "float32":
+        parts.append(f"casts {100 * share['cast']:.0f} % ({split['casts']} casts, {ms['cast']:.1f} ms)")
+    parts.append(f"other {100 * share['other']:.0f} %")
+    line = "  dtype split (op time, median of 3 profiled steps): " + " / ".join(parts)
+    if dtype_name != "float32":
+        line += f"; matmul/conv FLOPs in {dtype_name} {100 * split['low_flop_share']:.0f} %"
+    top = ", ".join(f"{name} {value:.1f}" for name, value in split["float32_top_ms"].items())
+    return line + (f"; float32 ops: {top} ms" if top else "")

@@ -6,7 +6,8 @@ load with ``strict=True`` once the DDP ``module.`` prefix is stripped (see
 computed function or the state dict:
 
 * attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels
-  where available) and returns no attention map;
+  where available; bfloat16/float16 on CPU computes it explicitly, see :func:`explicit_attention`)
+  and returns no attention map;
 * the constructors apply the *effective* official initialisation in one pass (see
   :func:`init_weights_as_official`);
 * inputs whose patch grid differs from the training grid get a bicubically resized position
@@ -119,8 +120,21 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v with the score matrix materialised, as the official code computes it.
+
+    Used for bfloat16/float16 on CPU, where SDPA's fused kernel has a slow backward (5-10x its float32 time
+    at 16-64 tokens, measured in docs/benchmarks.md) while these batched matmuls run on the bf16 units."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return scores.softmax(dim=-1) @ v
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection, computed with SDPA."""
+    """Multi-head self-attention with a fused qkv projection, computed with SDPA (explicitly for low precision
+    on CPU)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -137,7 +151,10 @@ class Attention(nn.Module):
         # official layout for released weights to mean the same thing.
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)  # default scale = head_dim ** -0.5
+        if q.device.type == "cpu" and q.dtype in LOW_PRECISION:
+            out = explicit_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # default scale = head_dim ** -0.5
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
