@@ -31,5 +31,6 @@ for arg in "$@"; do [[ "$arg" == logging.folder=* ]] && folder=${arg#logging.fol
 shards="--train-shards 'data/fmnist/fmnist-train-{000000..000007}.tar'"
 shards+=" --val-shards 'data/fmnist/fmnist-test-{000000..000001}.tar'"
 echo
-echo "Next, the linear probe of the pretrained encoder against random weights (about 6 min on 2 cores):"
-echo "  .venv/bin/ijepa-scale eval linear --checkpoint $folder --devices cpu cpu --random-init $shards"
+echo "Next, score the encoder: linear probe and k-NN with all labels and 1/10/100 per class, beside raw pixels"
+echo "and random weights (about 9 min on 2 cores):"
+echo "  .venv/bin/ijepa-scale eval both --checkpoint $folder --devices cpu cpu --shots 1,10,100 --baselines $shards"
