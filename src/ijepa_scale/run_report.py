@@ -194,9 +194,18 @@ def plot(frames: dict[int, pd.DataFrame], out: Path, title: str, log_y: bool = F
     ax.plot(main["step"], main["mask-B"], lw=0.8, label="target (mask-B)")
     ax.set_title("mask sizes (patches kept per block)")
     ax.legend(fontsize=8)
+    return _save_figure(fig, axes, title, out)
+
+
+def _save_figure(fig, axes, title: str, out: Path, integer_steps: bool = False) -> Path:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     for row in axes:
         for a in row:
             a.set_xlabel("step")
+            if integer_steps:
+                a.xaxis.set_major_locator(MaxNLocator(integer=True))
             a.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
@@ -382,8 +391,6 @@ def plot_runs(runs: list[dict[int, pd.DataFrame]], labels: list[str], out: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from matplotlib.ticker import MaxNLocator
-
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     mains = [frames[min(frames)] for frames in runs]
@@ -425,15 +432,5 @@ def plot_runs(runs: list[dict[int, pd.DataFrame]], labels: list[str], out: Path,
     overlay(axes[1][0], "knn_acc", "k-NN accuracy (periodic evaluation)", marker="o")
     overlay(axes[1][1], "eff_rank", "effective rank of the target features")
     overlay(axes[1][2], "target_std", "target feature std")
-    for row in axes:
-        for a in row:
-            a.set_xlabel("step")
-            a.xaxis.set_major_locator(MaxNLocator(integer=True))
-            a.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, axes, title, out, integer_steps=True)
 
