@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -57,6 +58,17 @@ def main(argv=None) -> int:
     saved, sys.argv[0:1] = sys.argv[0:1], [f"ijepa-scale {argv[0]}"]
     try:
         result = getattr(importlib.import_module(module), function)(argv[1:])
+    except KeyboardInterrupt:
+        print(f"ijepa-scale {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly as other Unix tools do. stdout is pointed at
+        # /dev/null so that flushing it at exit does not raise a second time.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is no file (captured)
+            pass
+        return 141
     finally:
         sys.argv[0:1] = saved
     return int(result or 0)

@@ -121,3 +121,37 @@ def test_version_without_git_says_so(where, tmp_path, monkeypatch, capsys):
         assert capsys.readouterr().out.endswith(" (no git)\n") and version.run_info()["git"] is None
     finally:
         version.git_commit.cache_clear()
+
+
+def _interrupted(argv):
+    raise KeyboardInterrupt
+
+
+def _reader_gone(argv):
+    raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("function, code, message", [
+    ("_interrupted", 130, "ijepa-scale fake: interrupted\n"),
+    ("_reader_gone", 141, ""),
+])
+def test_ctrl_c_and_a_closed_pipe_end_a_command_without_a_traceback(function, code, message, monkeypatch, capsys):
+    monkeypatch.setitem(COMMANDS, "fake", (__name__, function, "raises"))
+    assert main(["fake"]) == code
+    assert capsys.readouterr().err == message
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    # `ijepa-scale ... | head -1`: more output than a pipe holds, and the reader leaves after one line.
+    script = ("import sys; from ijepa_scale import cli; cli.COMMANDS['fake'] = ('tests.unit.test_cli', '_print_much', '');"
+              " sys.exit(cli.main(['fake']))")
+    proc = subprocess.run(f"{sys.executable} -c \"{script}\" | head -1", shell=True, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.stdout == "line 0\n"
+    assert proc.stderr == ""
+
+
+def _print_much(argv):
+    for i in range(200_000):
+        print(f"line {i}")
