@@ -386,6 +386,7 @@ def test_sweep_submission_script_table_and_manifest(capsys, sbatch_ok, config, t
         assert (tmp_path / "run" / run_["name"]).is_dir()
     record = yaml.safe_load((tmp_path / "s" / "job_4242_1" / "config.yaml").read_text())
     assert record["meta"]["seed"] == 2 and record["logging"]["folder"] == str(tmp_path / "run" / "lr=5e-4,seed=2")
+    assert record["ijepa_scale"]["version"]  # which code submitted it
 
     # The same sweep again (e.g. after a failure) resumes every run: the manifest records both submissions.
     assert run(capsys, *argv)[0] == 0

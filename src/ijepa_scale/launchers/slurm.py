@@ -47,6 +47,7 @@ import yaml
 
 from ..config import Config, dump_config, load_config
 from ..errors import RunFailure, UserError, one_line
+from ..version import run_info
 from ..fileutil import atomic_write
 
 # Your own presets in ./launch/slurm (relative to the current folder), then those shipped with the package.
@@ -521,7 +522,7 @@ def submit(args: argparse.Namespace, command_line: str) -> int:
     for job, cfg in zip(jobs, configs):
         record = job.paths.folder
         record.mkdir(parents=True, exist_ok=True)
-        (record / "config.yaml").write_text(dump_config(cfg))
+        (record / "config.yaml").write_text(dump_config(cfg, run_info()))
         (record / "command.txt").write_text(command_line + "\n")
         (record / "git.txt").write_text(commit)
         (record / "git.diff").write_text(diff)
