@@ -9,6 +9,7 @@ group.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import secrets
 import socket
@@ -19,7 +20,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 
 
 @dataclass(frozen=True)
@@ -127,9 +128,20 @@ def group_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist
         time.sleep(0.5)
 
 
-def destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def destroy(synchronize: bool = False) -> None:
+    """Leave the process group. `synchronize`: pass a barrier first, for ranks that all got here without an
+    error. Without it a rank that finishes the last collective early and closes its gloo connections while
+    a peer is still completing that collective can abort the peer (SIGABRT, "terminate called without an
+    active exception")."""
+    if not dist.is_initialized():
+        return
+    if synchronize and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except Exception as exc:  # the group is torn down regardless; the peer's own error says why
+            logging.getLogger("ijepa_scale").warning("leaving the process group without the final barrier: %s",
+                                                     one_line(exc))
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

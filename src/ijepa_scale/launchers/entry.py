@@ -150,11 +150,13 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
                                 on_hang=on_hang).start()
         env = dist_utils.init_distributed(rank, world_size, device, local_rank,
                                           timeout_s=cfg.distributed.collective_timeout_s)
+        left_together = False  # every rank returned from train(): they pass a barrier before leaving the group
         try:
             trainer = Trainer(cfg, env, heartbeat=heartbeat)
             for signum in pending:
                 trainer.request_stop(signum)
             completed = trainer.train()
+            left_together = True
             result = RunResult(
                 completed=completed,
                 step=trainer.step,
@@ -184,7 +186,7 @@ def run_rank(cfg: Config, rank: int, world_size: int, device_name: str, *, local
         finally:
             if trainer is not None:
                 trainer.close()
-            dist_utils.destroy()
+            dist_utils.destroy(synchronize=left_together)
     finally:
         if watchdog is not None:
             watchdog.stop()
