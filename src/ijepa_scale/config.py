@@ -295,6 +295,10 @@ class DistributedConfig:
     dtype: Optional[str] = None
     """Autocast dtype: bfloat16, float16 or float32; unset, it is set at load from meta.use_bfloat16
     (bfloat16 if true, else float32)."""
+    target_dtype: Optional[str] = None
+    """Autocast dtype of the EMA networks' forward (I-JEPA's target encoder, the teacher of every objective),
+    which computes the regression targets; unset, distributed.dtype. float32 beside a bfloat16 step keeps the
+    targets in full precision for the cost of one forward pass in float32."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (less memory, about 1/3 more compute)."""
     compile: bool = False
@@ -318,10 +322,15 @@ class DistributedConfig:
         _positive(self, "collective_timeout_s")
         if self.dtype is not None:
             _choice(self, "dtype", ("bfloat16", "float16", "float32"))
+        if self.target_dtype is not None:
+            _choice(self, "target_dtype", ("bfloat16", "float16", "float32"))
         _positive(self, "accum_steps")
         if self.parallel == "fsdp" and self.dtype == "float16":
             raise ConfigError("distributed.parallel=fsdp does not support distributed.dtype=float16 (its GradScaler "
                               "needs unsharded gradients); use distributed.dtype=bfloat16")
+        if self.parallel == "fsdp" and self.target_dtype == "float16":
+            raise ConfigError("distributed.parallel=fsdp does not support distributed.target_dtype=float16; use "
+                              "bfloat16 or float32")
 
 
 @dataclass

@@ -22,6 +22,12 @@ VARIANTS = [
      "overrides": {"distributed.parallel": "fsdp", "distributed.activation_checkpointing": True}},
     {"name": "fsdp_bf16", "batch": 8, "accum": 1,
      "overrides": {"distributed.parallel": "fsdp", "distributed.dtype": "bfloat16"}},
+    {"name": "ddp_bf16", "batch": 8, "accum": 1, "overrides": {"distributed.dtype": "bfloat16"}},
+    {"name": "ddp_bf16_tgt32", "batch": 8, "accum": 1,
+     "overrides": {"distributed.dtype": "bfloat16", "distributed.target_dtype": "float32"}},
+    {"name": "fsdp_bf16_tgt32", "batch": 8, "accum": 1,
+     "overrides": {"distributed.parallel": "fsdp", "distributed.dtype": "bfloat16",
+                   "distributed.target_dtype": "float32"}},
 ]
 
 
@@ -67,3 +73,12 @@ def test_fsdp_bfloat16_mixed_precision_stays_close_to_float32(results):
     assert bf16 == pytest.approx(fp32, rel=0.05)
     # Master weights stay float32 under the policy.
     assert all(t.dtype == torch.float32 for t in results["fsdp_bf16"]["encoder"].values())
+
+
+def test_float32_targets_beside_a_bfloat16_step(results):
+    """distributed.target_dtype=float32: the first loss has float32 targets (a different value from all-bfloat16),
+    and FSDP computes the same as DDP."""
+    plain, tgt32, fsdp_tgt32 = (results[n]["losses"] for n in ("ddp_bf16", "ddp_bf16_tgt32", "fsdp_bf16_tgt32"))
+    assert tgt32[0] != plain[0]
+    assert tgt32 == pytest.approx(plain, rel=0.05)
+    assert fsdp_tgt32 == pytest.approx(tgt32, rel=0.01)

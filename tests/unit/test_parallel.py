@@ -18,6 +18,29 @@ def test_parallel_settings_are_validated():
         config_from_dict({"distributed": {"parallel": "fsdp", "dtype": "float16"}, "data": {"shards": "x.tar"}})
     with pytest.raises(ConfigError, match="accum_steps"):
         config_from_dict({"distributed": {"accum_steps": 0}, "data": {"shards": "x.tar"}})
+    with pytest.raises(ConfigError, match="distributed.target_dtype='fp32'"):
+        config_from_dict({"distributed": {"target_dtype": "fp32"}, "data": {"shards": "x.tar"}})
+
+
+def test_target_dtype_runs_the_frozen_network_in_its_own_precision():
+    images = torch.randn(4, 3, 32, 32)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        reference = tiny_encoder()(images)  # float32
+        plan = ParallelPlan(dtype="bfloat16", target_dtype="float32")
+        online = parallelize(tiny_encoder(), cpu, plan)
+        frozen = parallelize(tiny_encoder(), cpu, plan, trainable=False)
+        same = parallelize(tiny_encoder(), cpu, ParallelPlan(dtype="bfloat16"), trainable=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            online_out, same_out, target = online(images), same(images), frozen(images)
+        assert torch.equal(target, reference)  # exactly the float32 forward inside the step's autocast
+        assert not torch.equal(online_out, reference) and not torch.equal(same_out, reference)
+        assert list(frozen.state_dict()) == list(tiny_encoder().state_dict())
+        # The other way round: a float32 step with bfloat16 targets.
+        low = parallelize(tiny_encoder(), cpu, ParallelPlan(dtype="float32", target_dtype="bfloat16"),
+                          trainable=False)
+        assert not torch.equal(low(images), reference)
+        assert torch.allclose(low(images), reference, atol=0.1)
 
 
 def test_activation_checkpointing_gives_the_same_gradients_and_keeps_parameter_names():

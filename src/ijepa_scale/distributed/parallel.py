@@ -31,11 +31,17 @@ class ParallelPlan:
     dtype: str = "float32"
     activation_checkpointing: bool = False
     compile: bool = False
+    target_dtype: Optional[str] = None  # the frozen (EMA) networks' forward; None = dtype
 
     @classmethod
     def from_config(cls, distributed) -> "ParallelPlan":
         return cls(mode=distributed.parallel, dtype=distributed.dtype,
-                   activation_checkpointing=distributed.activation_checkpointing, compile=distributed.compile)
+                   activation_checkpointing=distributed.activation_checkpointing, compile=distributed.compile,
+                   target_dtype=distributed.target_dtype)
+
+    @property
+    def frozen_dtype(self) -> str:
+        return self.target_dtype or self.dtype
 
 
 def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -61,6 +67,22 @@ def apply_activation_checkpointing(module: torch.nn.Module) -> None:
     forward, not a wrapper module, so checkpoints and state dicts look the same either way)."""
     for block in transformer_blocks(module):
         block.forward = functools.partial(_checkpointed_forward, block.forward)
+
+
+def _forward_in_precision(forward, device_type: str, dtype_name: str, *args, **kwargs):
+    # float32 switches off the autocast that the step runs under; other dtypes replace its dtype.
+    if DTYPES[dtype_name] == torch.float32:
+        context = torch.autocast(device_type, enabled=False)
+    else:
+        context = torch.autocast(device_type, dtype=DTYPES[dtype_name])
+    with context:
+        return forward(*args, **kwargs)
+
+
+def apply_forward_precision(module: torch.nn.Module, device: torch.device, dtype_name: str) -> None:
+    """Run `module`'s forward in `dtype_name` whatever the caller's autocast (an instance forward, so the state
+    dict is unchanged)."""
+    module.forward = functools.partial(_forward_in_precision, module.forward, device.type, dtype_name)
 
 
 def apply_compile(module: torch.nn.Module) -> None:
@@ -109,10 +131,12 @@ def parallelize(module: torch.nn.Module, device: torch.device, plan: ParallelPla
         apply_activation_checkpointing(module)
     if plan.compile:
         apply_compile(module)
+    if not trainable and plan.frozen_dtype != plan.dtype:
+        apply_forward_precision(module, device, plan.frozen_dtype)
     if not (distributed_active() or (wrap_alone and dist.is_initialized())):
         return module
     if plan.mode == "fsdp":
-        _fully_shard(module, device, plan.dtype)
+        _fully_shard(module, device, plan.dtype if trainable else plan.frozen_dtype)
         if not trainable:
             # FSDP keeps the root's parameters gathered after forward (for the backward that a frozen
             # module never has); reshard so the EMA sees the same shards as the encoder.
