@@ -86,8 +86,7 @@ def worker(rank, out_file):
                                  [m[half] for m in masks_pred])
         if rank == 0:
             torch.save(results, out_file)
-        # A rank that tears its group down while the other is still in its last collective can abort in gloo.
-        torch.distributed.barrier()
+        dist_utils.destroy(synchronize=True)
     finally:
         dist_utils.destroy()
 

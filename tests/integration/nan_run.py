@@ -38,11 +38,13 @@ def worker(rank, cfg, bad_rank, bad_steps):
     objective = NaNOnSteps(cfg.optimization.loss, rank, bad_rank, bad_steps)
     trainer = Trainer(cfg, env, objective=objective)
     objective.trainer = trainer
+    together = False
     try:
         trainer.train()
+        together = True
     finally:
         trainer.close()
-        dist_utils.destroy()
+        dist_utils.destroy(synchronize=together)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def worker(rank, shards, out_dir, out_file, variants):
             trainer.close()
         if rank == 0:
             torch.save(results, out_file)
+        dist_utils.destroy(synchronize=True)
     finally:
         dist_utils.destroy()
 

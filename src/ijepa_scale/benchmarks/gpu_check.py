@@ -713,10 +713,13 @@ def _process_group_rank(rank: int, world_size: int, device_name: str, *, local_r
         dist.all_gather_object(oks, (reduce_ok, broadcast_ok))
         ok = all(a and b for a, b in oks)
         error = "" if ok else f"wrong values on ranks {[i for i, (a, b) in enumerate(oks) if not (a and b)]}"
-        return {"ok": ok, "world": world_size, "backend": dist.get_backend(), "all_reduce": [a for a, _ in oks],
-                "broadcast": [b for _, b in oks], "busbw_gbs": busbw, "error": error}
-    finally:
-        dist.destroy_process_group()
+        result = {"ok": ok, "world": world_size, "backend": dist.get_backend(), "all_reduce": [a for a, _ in oks],
+                  "broadcast": [b for _, b in oks], "busbw_gbs": busbw, "error": error}
+    except BaseException:
+        dist_utils.destroy()
+        raise
+    dist_utils.destroy(synchronize=True)
+    return result
 
 
 def _bus_bandwidth(device, world: int, mib: int = 256) -> float:
