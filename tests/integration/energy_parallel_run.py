@@ -74,7 +74,7 @@ def worker(rank, out_file):
     images, masks_enc, masks_pred = batch()
     half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
     results = {}
-    try:
+    with dist_utils.leave_group_after():
         if rank == 0:
             results["single"] = step(*models(), images, masks_enc, masks_pred)
         for mode, plan in MODES.items():
@@ -86,9 +86,6 @@ def worker(rank, out_file):
                                  [m[half] for m in masks_pred])
         if rank == 0:
             torch.save(results, out_file)
-        dist_utils.destroy(synchronize=True)
-    finally:
-        dist_utils.destroy()
 
 
 if __name__ == "__main__":

@@ -38,13 +38,11 @@ def worker(rank, cfg, bad_rank, bad_steps):
     objective = NaNOnSteps(cfg.optimization.loss, rank, bad_rank, bad_steps)
     trainer = Trainer(cfg, env, objective=objective)
     objective.trainer = trainer
-    together = False
-    try:
-        trainer.train()
-        together = True
-    finally:
-        trainer.close()
-        dist_utils.destroy(synchronize=together)
+    with dist_utils.leave_group_after():
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def worker(rank, shards, out_dir, out_file, variants):
     torch.set_num_threads(1)
     env = dist_utils.init_distributed(rank, 2, torch.device("cpu"))
     results = {}
-    try:
+    with dist_utils.leave_group_after():
         for variant in variants:
             raw = tiny_config(shards, Path(out_dir) / variant["name"])
             raw["data"]["num_workers"] = 0
@@ -60,9 +60,6 @@ def worker(rank, shards, out_dir, out_file, variants):
             trainer.close()
         if rank == 0:
             torch.save(results, out_file)
-        dist_utils.destroy(synchronize=True)
-    finally:
-        dist_utils.destroy()
 
 
 if __name__ == "__main__":

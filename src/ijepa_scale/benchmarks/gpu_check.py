@@ -699,7 +699,7 @@ def _process_group_rank(rank: int, world_size: int, device_name: str, *, local_r
                                 world_size=1, device_id=device if device.type == "cuda" else None)
     else:
         dist_utils.init_distributed(rank, world_size, device, local_rank, timeout_s=60)
-    try:
+    with dist_utils.leave_group_after():
         x = torch.full((1 << 20,), float(rank + 1), device=device)
         dist.all_reduce(x)
         want = world_size * (world_size + 1) / 2
@@ -713,13 +713,8 @@ def _process_group_rank(rank: int, world_size: int, device_name: str, *, local_r
         dist.all_gather_object(oks, (reduce_ok, broadcast_ok))
         ok = all(a and b for a, b in oks)
         error = "" if ok else f"wrong values on ranks {[i for i, (a, b) in enumerate(oks) if not (a and b)]}"
-        result = {"ok": ok, "world": world_size, "backend": dist.get_backend(), "all_reduce": [a for a, _ in oks],
-                  "broadcast": [b for _, b in oks], "busbw_gbs": busbw, "error": error}
-    except BaseException:
-        dist_utils.destroy()
-        raise
-    dist_utils.destroy(synchronize=True)
-    return result
+        return {"ok": ok, "world": world_size, "backend": dist.get_backend(), "all_reduce": [a for a, _ in oks],
+                "broadcast": [b for _, b in oks], "busbw_gbs": busbw, "error": error}
 
 
 def _bus_bandwidth(device, world: int, mib: int = 256) -> float:

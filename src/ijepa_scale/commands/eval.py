@@ -84,18 +84,13 @@ def evaluate_rank(rank: int, world_size: int, device_name: str, *, local_rank: i
     if device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
     dist_utils.init_distributed(rank, world_size, device, local_rank)
-    try:
+    with dist_utils.leave_group_after():
         methods = METHODS if args.method == "both" else (args.method,)
-        rows = run_evaluation(checkpoint, args.key, methods, *sources, pool=args.pool,
+        return run_evaluation(checkpoint, args.key, methods, *sources, pool=args.pool,
                               random_init=args.random_init or args.baselines, raw_pixels=args.baselines,
                               shots=args.shots, seeds=args.seeds, crop_size=args.crop_size,
                               batch_size=args.batch_size, num_workers=args.num_workers, device=device, rank=rank,
                               world_size=world_size)
-    except BaseException:
-        dist_utils.destroy()
-        raise
-    dist_utils.destroy(synchronize=True)
-    return rows
 
 
 def main(argv=None) -> int:

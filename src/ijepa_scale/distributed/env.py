@@ -8,6 +8,7 @@ group.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -142,6 +143,18 @@ def destroy(synchronize: bool = False) -> None:
             logging.getLogger("ijepa_scale").warning("leaving the process group without the final barrier: %s",
                                                      one_line(exc))
     dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def leave_group_after():
+    """Leave the process group when the block ends: through the final barrier of `destroy` when it ended
+    without an error on this rank, at once when it raised (a peer may be gone)."""
+    try:
+        yield
+    except BaseException:
+        destroy()
+        raise
+    destroy(synchronize=True)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
